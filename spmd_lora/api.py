@@ -1,0 +1,78 @@
+"""The friendly entry point shared by users, tests and tools: ``spmd_lora.load_model``."""
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from . import sharded
+from .config import ModelConfig
+from .hf import load_hf_params
+from .mesh import BATCH_SPEC, make_mesh
+from .model import ForwardOptions
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded, sharded model. ``params``: frozen base weights laid out by the sharding plan;
+    ``lora``: replicated fp32 LoRA factors (or None); ``lora_config``: their LoraConfig."""
+
+    config: ModelConfig
+    mesh: jax.sharding.Mesh
+    params: dict
+    lora: dict | None = None
+    lora_config: object = None
+    attention: str = "auto"
+
+    @property
+    def options(self) -> ForwardOptions:
+        return ForwardOptions(cfg=self.config, tp=self.mesh.shape["tp"], lora=self.lora_config,
+                              attention_impl=self.attention)
+
+    def _batch(self, x, dtype=jnp.int32):
+        return jax.device_put(jnp.asarray(np.asarray(x), dtype), NamedSharding(self.mesh, BATCH_SPEC))
+
+    @cached_property
+    def _logits(self):
+        return jax.jit(sharded.logits_fn(self.options, self.mesh))
+
+    @cached_property
+    def _loss(self):
+        return jax.jit(sharded.loss_sum_fn(self.options, self.mesh))
+
+    def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """tokens [B, S] int -> [B, S, V] float32 logits (gathered; for inspection)."""
+        opt = lambda x: None if x is None else self._batch(x)
+        return self._logits(self.params, self.lora or {}, self._batch(tokens), opt(positions),
+                            opt(segment_ids))
+
+    def loss(self, tokens, loss_mask=None) -> jax.Array:
+        """Mean next-token cross-entropy over target tokens (loss_mask[t] = 1: token t is a target;
+        default: every token but the first)."""
+        tokens = np.asarray(tokens)
+        if loss_mask is None:
+            loss_mask = np.ones_like(tokens)
+        batch = {"tokens": self._batch(tokens), "loss_mask": self._batch(loss_mask)}
+        total, count = self._loss(self.params, self.lora or {}, batch, None)
+        return total / count
+
+
+def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
+               attention="auto", allow_pickle=False) -> Model:
+    """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
+
+    ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
+    """
+    config = ModelConfig.from_pretrained(path)
+    config.check_tp(tp)
+    mesh = make_mesh(dp, tp)
+    params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle)
+    model = Model(config=config, mesh=mesh, params=params, attention=attention)
+    if adapter is not None:
+        from .peft_io import load_adapter
+        model.lora, model.lora_config = load_adapter(adapter, config)
+    return model

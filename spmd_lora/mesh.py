@@ -1,0 +1,105 @@
+"""Device mesh and THE sharding plan.
+
+Mesh axes: ``dp`` (data parallel: the batch is split over it) and ``tp`` (tensor parallel,
+Megatron-style). Every parameter's PartitionSpec comes from ``PARAM_SPECS`` below; nothing else
+in the package decides how a weight is laid out.
+
+Parameter tree (global shapes; ``L`` layers, ``D`` hidden, ``F`` intermediate, ``H``/``KV`` heads,
+``hd`` head dim, ``Vp`` vocab padded to a multiple of tp, ``KVe`` kv heads after replication for
+tp > KV, i.e. ``tp * max(KV // tp, 1)``)::
+
+    embed        [Vp, D]        rows over tp      vocab-parallel lookup, psum of the rows
+    lm_head      [D, Vp]        columns over tp   vocab-parallel cross-entropy (absent if tied)
+    final_norm   [D]            replicated
+    layers/attn_norm [L, D]     replicated
+    layers/q_proj    [L, D, H*hd]    columns over tp (whole heads per device)
+    layers/k_proj    [L, D, KVe*hd]  columns over tp
+    layers/v_proj    [L, D, KVe*hd]  columns over tp
+    layers/o_proj    [L, H*hd, D]    rows over tp, psum(tp) after
+    layers/mlp_norm  [L, D]     replicated
+    layers/gate_proj [L, D, F]  columns over tp
+    layers/up_proj   [L, D, F]  columns over tp
+    layers/down_proj [L, F, D]  rows over tp, psum(tp) after
+
+LoRA factors (``lora/layers/<proj>/a`` [L, in, r] and ``.../b`` [L, r, out], fp32) are
+replicated on every device. The batch ``[B, S]`` is split over dp.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .errors import ConfigError
+
+DP, TP = "dp", "tp"
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+PARAM_SPECS = {
+    "embed": P(TP, None),
+    "lm_head": P(None, TP),
+    "final_norm": P(),
+    "layers": {
+        "attn_norm": P(),
+        "mlp_norm": P(),
+        **{name: P(None, None, TP) for name in COLUMN_PARALLEL},
+        **{name: P(None, TP, None) for name in ROW_PARALLEL},
+    },
+}
+
+BATCH_SPEC = P(DP, None)
+REPLICATED = P()
+
+
+def param_specs(params):
+    """PartitionSpec tree matching ``params`` (which may omit lm_head when embeddings are tied)."""
+    specs = {k: PARAM_SPECS[k] for k in params if k != "layers"}
+    specs["layers"] = {k: PARAM_SPECS["layers"][k] for k in params["layers"]}
+    return specs
+
+
+def lora_specs(lora):
+    """LoRA factors are replicated: a P() for every leaf."""
+    return jax.tree.map(lambda _: REPLICATED, lora)
+
+
+def initialize_distributed() -> None:
+    """Start multi-host JAX when launched as several processes.
+
+    Call once per process before any other JAX call. It runs ``jax.distributed.initialize()``
+    when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``),
+    or under SLURM / Open MPI, where JAX discovers the cluster itself; otherwise it does nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif "SLURM_JOB_ID" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        jax.distributed.initialize()
+
+
+def make_mesh(dp: int = 1, tp: int = 1) -> Mesh:
+    """A (dp, tp) mesh over the first dp*tp devices; tp varies fastest, so a tp group sits on
+    neighbouring devices (one node's NVLink domain)."""
+    if dp < 1 or tp < 1:
+        raise ConfigError(f"dp and tp must be >= 1, got dp={dp} tp={tp}")
+    devices = jax.devices()
+    if dp * tp > len(devices):
+        raise ConfigError(
+            f"dp*tp = {dp}*{tp} = {dp * tp} devices requested but only {len(devices)} "
+            f"{devices[0].platform} device(s) are visible (on CPU, set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
+    return jax.make_mesh((dp, tp), (DP, TP), devices=devices[:dp * tp],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def named(mesh: Mesh, spec_tree):
+    """NamedSharding tree from a PartitionSpec tree."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
+                        is_leaf=lambda x: isinstance(x, P))

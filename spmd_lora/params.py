@@ -1,0 +1,89 @@
+"""Global shapes of the base parameters, abstract (ShapeDtypeStruct) trees and random init.
+
+Used to plan memory and count collectives without weights, and to benchmark 7B/70B-shaped
+models with random weights. The layout is the one documented in ``mesh.py``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .mesh import named, param_specs
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} unsupported; choose from {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def expanded_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """kv heads stored globally: KV, or tp when tp > KV (each device keeps its own copy of the
+    kv head its q heads use)."""
+    return tp * cfg.kv_heads_per_device(tp)
+
+
+def kv_head_source(cfg: ModelConfig, tp: int) -> np.ndarray:
+    """[expanded kv heads] -> index of the HF kv head it holds. With tp > KV, device i holds kv
+    head i*KV//tp, the one HF's mapping (q head h uses kv head h // (H // KV)) gives its q heads."""
+    e = expanded_kv_heads(cfg, tp)
+    if e == cfg.num_kv_heads:
+        return np.arange(e)
+    return np.arange(e) * cfg.num_kv_heads // tp
+
+
+def param_shapes(cfg: ModelConfig, tp: int) -> dict:
+    """Global shape of every base parameter (see mesh.py for the layout)."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_heads * cfg.head_dim
+    kv = expanded_kv_heads(cfg, tp) * cfg.head_dim
+    vp = cfg.padded_vocab(tp)
+    shapes = {
+        "embed": (vp, D),
+        "final_norm": (D,),
+        "layers": {
+            "attn_norm": (L, D), "mlp_norm": (L, D),
+            "q_proj": (L, D, q), "k_proj": (L, D, kv), "v_proj": (L, D, kv), "o_proj": (L, q, D),
+            "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+        },
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, vp)
+    return shapes
+
+
+def _is_shape(x):
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16") -> dict:
+    """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype)."""
+    tp = mesh.shape["tp"]
+    shapes = param_shapes(cfg, tp)
+    shardings = named(mesh, param_specs(shapes))
+    dt = resolve_dtype(dtype)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings,
+                        is_leaf=_is_shape)
+
+
+def random_params(cfg: ModelConfig, mesh, dtype="float32", seed=0, std=0.02) -> dict:
+    """Random base weights created directly in their shards (for benchmarks and plans):
+    N(0, std) matrices, norms of ones."""
+    abstract = abstract_params(cfg, mesh, dtype)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def init():
+        keys = jax.random.split(jax.random.key(seed), len(paths))
+        return [jnp.ones(a.shape, a.dtype) if "norm" in jax.tree_util.keystr(path)
+                else (std * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
+                for k, (path, a) in zip(keys, paths)]
+
+    made = jax.jit(init, out_shardings=[a.sharding for _, a in paths])()
+    return jax.tree.unflatten(treedef, made)

@@ -1,0 +1,64 @@
+"""Test setup: 8 fake CPU devices (before jax is imported) and tiny HF Llama builders."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+# Tiny configs the parity tests run on (HF LlamaConfig kwargs).
+CONFIGS = {
+    "mha": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4),
+    "gqa4": dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2),
+    "llama3_rope": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 16}),
+    "tied": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "odd_vocab": dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def build_hf_llama(path, seed=0, max_shard_size=None, dtype="float32", **kwargs):
+    """Save a random LlamaForCausalLM (weights with std 0.1, non-trivial norms) to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(max_position_embeddings=256, rms_norm_eps=1e-5, **kwargs)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kw)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """name -> (directory, torch model) for every config in CONFIGS, built once per session."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name)
+            cache[name] = (path, build_hf_llama(path, **CONFIGS[name]))
+        return cache[name]
+
+    return get
