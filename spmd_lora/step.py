@@ -1,0 +1,100 @@
+"""The jit-compiled training step: token-weighted gradient accumulation + AdamW on LoRA only.
+
+Base weights are an input, never differentiated and never given optimizer state. The loss of
+an accumulated step is the mean over ALL target tokens of all its micro-batches: each
+micro-batch's gradient of the SUM of its token losses is accumulated, then divided by the total
+token count, so micro-batches with more loss tokens weigh more (unlike a mean of means).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import sharded
+from .mesh import DP, REPLICATED
+from .model import ForwardOptions
+
+MICRO_BATCH_SPEC = P(None, DP, None)      # [accum, batch, seq]: batch over dp
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+def lr_schedule(cfg: OptimizerConfig):
+    """Linear warmup from 0 to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
+    peak = cfg.learning_rate
+    decay_steps = max(cfg.total_steps, cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if cfg.warmup_steps else peak, peak_value=peak,
+        warmup_steps=cfg.warmup_steps, decay_steps=decay_steps, end_value=peak * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Optional global-norm clipping, then AdamW (decoupled weight decay, as torch.optim.AdamW)."""
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    if cfg.max_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw
+
+
+def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation):
+    """Returns jitted step(params, lora, opt_state, batches, key) -> (lora, opt_state, metrics).
+
+    ``batches``: dict of int32 arrays [A, B, S] (A micro-batches of B rows, B split over dp) with
+    ``tokens``, ``loss_mask`` and optionally ``positions``, ``segment_ids``. ``key``: PRNG key
+    for LoRA dropout. ``lora`` and ``opt_state`` are donated. metrics: loss (token mean),
+    grad_norm (before clipping), tokens (target tokens in the step).
+    """
+    loss_sum = sharded.loss_sum_fn(opts, mesh)
+    use_dropout = opts.lora is not None and opts.lora.dropout > 0.0
+
+    def step(params, lora, opt_state, batches, key):
+        def micro(carry, xs):
+            grad_acc, loss_acc, count_acc = carry
+            batch, index = xs
+            micro_key = jax.random.fold_in(key, index) if use_dropout else None
+            (total, count), grads = jax.value_and_grad(
+                lambda lp: loss_sum(params, lp, batch, micro_key), has_aux=True)(lora)
+            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+            return (grad_acc, loss_acc + total, count_acc + count), None
+
+        n_micro = batches["tokens"].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        (grads, total, count), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+            (batches, jnp.arange(n_micro)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return lora, opt_state, metrics
+
+    replicated = NamedSharding(mesh, REPLICATED)
+    return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated, replicated, replicated))
+
+
+def shard_micro_batches(batches: dict, mesh) -> dict:
+    """Place host arrays [A, B, S] with the batch dimension split over dp."""
+    sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
+    return {k: jax.device_put(jnp.asarray(v, jnp.int32), sharding) for k, v in batches.items()}
+
+
+def replicate(tree, mesh):
+    """Replicate a (small) tree, e.g. LoRA factors and optimizer state, on every device."""
+    return jax.device_put(tree, NamedSharding(mesh, REPLICATED))
