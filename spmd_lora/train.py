@@ -1,0 +1,260 @@
+"""LoRA fine-tuning: ``from spmd_lora.train import train, TrainConfig``.
+
+``train(cfg)`` loads the frozen base model sharded over a (dp, tp) mesh, tokenizes the dataset,
+and runs the jitted step of ``step.py`` (token-weighted gradient accumulation, AdamW on the
+replicated fp32 LoRA factors only). It writes into ``cfg.output_dir``:
+
+* ``adapter/`` - the final adapter in PEFT format (written atomically, last);
+* ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s)
+  and per evaluation (eval_loss);
+* ``checkpoints/step_N/`` - LoRA params, optimizer state, step, data position, RNG seed;
+  ``resume=True`` continues from the newest complete one, ending bit-for-bit where an
+  uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import checkpoints, data
+from .config import ModelConfig
+from .errors import ConfigError, DataError, TrainingError
+from .lora import LoraConfig, init_lora
+from .mesh import make_mesh
+from .model import REMAT_POLICIES, ForwardOptions
+from .tokenizer import load_tokenizer
+from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every field is also a ``spmd-lora train`` flag (kebab-case)."""
+
+    model: str
+    data: str
+    output_dir: str
+    template: str = "auto"                 # alpaca | rag | text | auto
+    tp: int = 1
+    dp: int = 1
+    max_seq_len: int = 2048
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1                    # rows per micro-batch (global, split over dp)
+    grad_accum_steps: int = 1
+    max_steps: int | None = None           # overrides epochs when set
+    epochs: int = 1
+    seed: int = 0
+    dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
+    remat: str = "none"                    # none | full | save-dots
+    attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
+    pack: bool = False
+    train_on_inputs: bool = False
+    eval_fraction: float = 0.0
+    eval_every: int = 0                    # steps; 0 = only at the end (when there is eval data)
+    save_every: int = 0                    # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    ce_chunk_tokens: int = 4096
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(
+                t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        positive = ("tp", "dp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
+                    "epochs", "log_every", "ce_chunk_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size % self.dp:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of dp={self.dp} "
+                              f"(each data-parallel group gets batch_size/dp rows)")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets, use_rslora=self.use_rslora)
+
+
+class Progress:
+    """A one-line progress bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, log_every: int, stream=None):
+        self.total, self.start, self.log_every = total, start, log_every
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, m: dict):
+        done = step - self.start
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        text = (f"step {step}/{self.total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                f"tok/s {m['tokens_per_s']:.0f} eta {eta:.0f}s")
+        if self.tty:
+            width = 24
+            filled = int(width * step / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}")
+            if step == self.total:
+                self.stream.write("\n")
+        elif step % self.log_every == 0 or step == self.total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str):
+        self.stream.write(("\n" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer):
+    records = data.load_records(cfg.data)
+    examples = data.tokenize_records(records, tokenizer, cfg.template, cfg.max_seq_len,
+                                     train_on_inputs=cfg.train_on_inputs)
+    train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_fraction, cfg.seed)
+    return train_ex, eval_ex
+
+
+def _check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    if not cfg.resume and (out / "checkpoints").is_dir() and checkpoints.list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) "
+                          f"to continue it, or choose a new output_dir")
+    return out
+
+
+def train(cfg: TrainConfig, progress_stream=None) -> dict:
+    """Fine-tune; returns the final metrics dict (also the last line of metrics.jsonl)."""
+    from .api import Model
+    from .hf import load_hf_params
+    from .peft_io import save_adapter
+
+    # Validate everything before writing anything.
+    model_cfg = ModelConfig.from_pretrained(cfg.model)
+    model_cfg.check_tp(cfg.tp)
+    lora_cfg = cfg.lora_config
+    out = _check_output_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ex, eval_ex = _prepare_data(cfg, tokenizer)
+    mesh = make_mesh(cfg.dp, cfg.tp)
+    batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
+                                 pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
+    steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum_steps
+    if steps_per_epoch < 1 and cfg.max_steps is None:
+        raise DataError(f"{cfg.data}: {batches.steps_per_epoch} batches per epoch is fewer than "
+                        f"grad_accum_steps={cfg.grad_accum_steps}; lower batch_size or "
+                        f"grad_accum_steps, or set max_steps")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle)
+    opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                              total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio,
+                              weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    optimizer = make_optimizer(opt_cfg)
+    schedule = lr_schedule(opt_cfg)
+    base_key = jax.random.key(cfg.seed)
+    lora = init_lora(model_cfg, lora_cfg, jax.random.fold_in(base_key, 0))
+    opt_state = optimizer.init(lora)
+
+    start_step = 0
+    ckpt_root = out / "checkpoints"
+    found = checkpoints.list_checkpoints(ckpt_root) if cfg.resume else []
+    if found:
+        lora, opt_state, state = checkpoints.load_checkpoint(found[-1], lora, opt_state)
+        start_step = state["step"]
+        batches.restore(state["data"])
+    lora, opt_state = replicate(lora, mesh), replicate(opt_state, mesh)
+
+    opts = ForwardOptions(cfg=model_cfg, tp=cfg.tp, lora=lora_cfg, attention_impl=cfg.attention,
+                          remat=cfg.remat, ce_chunk_tokens=cfg.ce_chunk_tokens)
+    step_fn = make_train_step(opts, mesh, optimizer)
+    model = Model(config=model_cfg, mesh=mesh, params=params, lora=lora, lora_config=lora_cfg,
+                  attention=cfg.attention)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+    progress = Progress(total_steps, start_step, cfg.log_every, progress_stream)
+    progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
+                     f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
+                     + (f", resumed at step {start_step}" if start_step else ""))
+
+    last = {}
+    with open(metrics_path, "a") as metrics_file:
+        def log(entry):
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+        for step in range(start_step + 1, total_steps + 1):
+            rows = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            micro = shard_micro_batches({k: np.stack([r[k] for r in rows]) for k in rows[0]}, mesh)
+            t0 = time.perf_counter()
+            lora, opt_state, m = step_fn(params, lora, opt_state, micro, jax.random.fold_in(base_key, step))
+            m = {k: float(v) for k, v in m.items()}
+            elapsed = time.perf_counter() - t0
+            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+                raise TrainingError(
+                    f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; lower "
+                    f"learning_rate or check the data. Last checkpoint: "
+                    f"{(checkpoints.list_checkpoints(ckpt_root) or ['none'])[-1]}")
+            seq_tokens = int(np.sum([np.count_nonzero(r["segment_ids"]) if "segment_ids" in r
+                                     else r["tokens"].size for r in rows]))
+            last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
+                    "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
+                    "tokens_per_s": seq_tokens / elapsed}
+            log(last)
+            progress.update(step, last)
+            if eval_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                model.lora = lora
+                log({"step": step, **_eval(model, eval_ex, cfg)})
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                checkpoints.save_checkpoint(ckpt_root, step, lora, opt_state,
+                                            {"data": batches.state(), "seed": cfg.seed,
+                                             "config": dataclasses.asdict(cfg)},
+                                            keep=cfg.keep_checkpoints)
+        if eval_ex:
+            model.lora = lora
+            ev = _eval(model, eval_ex, cfg)
+            log({"step": total_steps, **ev})
+            last = {**last, **ev}
+    save_adapter(out / "adapter", jax.device_get(lora), lora_cfg, base_model_path=str(cfg.model))
+    progress.message(f"adapter written to {out / 'adapter'}")
+    return last
+
+
+def _eval(model, examples, cfg: TrainConfig) -> dict:
+    from .evaluate import evaluate
+    result = evaluate(model, examples, batch_size=cfg.batch_size)
+    return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
