@@ -82,7 +82,7 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return lora, opt_state, metrics
 
     replicated = NamedSharding(mesh, REPLICATED)
