@@ -74,5 +74,6 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
     model = Model(config=config, mesh=mesh, params=params, attention=attention)
     if adapter is not None:
         from .peft_io import load_adapter
-        model.lora, model.lora_config = load_adapter(adapter, config)
+        model.lora, model.lora_config = load_adapter(adapter, config, mesh=mesh,
+                                                     allow_pickle=allow_pickle)
     return model

@@ -19,13 +19,14 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .errors import CheckpointError
+from .mesh import replicated_to_host
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _flatten(tree) -> dict[str, np.ndarray]:
     paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in paths}
+    return {jax.tree_util.keystr(p): replicated_to_host(v) for p, v in paths}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,10 +58,16 @@ def write_atomic_dir(final: Path, fill) -> Path:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, lora, opt_state, state: dict, keep: int) -> Path:
-    """Write checkpoints/step_<step> atomically and keep only the newest ``keep``."""
+    """Write checkpoints/step_<step> atomically and keep only the newest ``keep``. Only process 0
+    writes (LoRA and optimizer state are replicated); the others return the path."""
+    lora_host = _flatten(lora)
+    opt_host = [replicated_to_host(x) for x in jax.tree.leaves(opt_state)]
+    if jax.process_index() != 0:
+        return Path(ckpt_root) / f"step_{step}"
+
     def fill(tmp: Path):
-        save_file(_flatten(lora), str(tmp / "lora.safetensors"))
-        np.savez(tmp / "optimizer.npz", *[np.asarray(jax.device_get(x)) for x in jax.tree.leaves(opt_state)])
+        save_file(lora_host, str(tmp / "lora.safetensors"))
+        np.savez(tmp / "optimizer.npz", *opt_host)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
 
     path = write_atomic_dir(Path(ckpt_root) / f"step_{step}", fill)

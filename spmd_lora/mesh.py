@@ -103,3 +103,12 @@ def named(mesh: Mesh, spec_tree):
     """NamedSharding tree from a PartitionSpec tree."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated_to_host(x):
+    """numpy copy of a replicated array, also when it spans several processes (any local shard
+    of a replicated array is the whole of it)."""
+    import numpy as np
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_shards[0].data
+    return np.asarray(jax.device_get(x))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -194,10 +195,14 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     step_fn = make_train_step(opts, mesh, optimizer)
     model = Model(config=model_cfg, mesh=mesh, params=params, lora=lora, lora_config=lora_cfg,
                   attention=cfg.attention)
+    # With several processes (multi-host) only process 0 writes metrics, checkpoints and adapter.
+    is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-    progress = Progress(total_steps, start_step, cfg.log_every, progress_stream)
+    metrics_path = out / "metrics.jsonl" if is_main else Path(os.devnull)
+    if is_main:
+        _truncate_metrics(metrics_path, start_step)
+    progress = Progress(total_steps, start_step, cfg.log_every,
+                        progress_stream if is_main else open(os.devnull, "w"))
     progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
                      f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
                      + (f", resumed at step {start_step}" if start_step else ""))
@@ -240,7 +245,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             ev = _eval(model, eval_ex, cfg)
             log({"step": total_steps, **ev})
             last = {**last, **ev}
-    save_adapter(out / "adapter", jax.device_get(lora), lora_cfg, base_model_path=str(cfg.model))
+    save_adapter(out / "adapter", lora, lora_cfg, base_model_path=str(cfg.model))
     progress.message(f"adapter written to {out / 'adapter'}")
     return last
 
