@@ -161,8 +161,13 @@ def decoder_layer(x, p, lora, cos, sin, segment_ids, opts: ForwardOptions, key):
     """One pre-norm Llama layer: exactly two psum(tp). x [B, S, D] -> [B, S, D]."""
     keys = _dropout_keys(key, opts)
     eps = opts.cfg.rms_norm_eps
-    x = x + attention_block(rms_norm(x, p["attn_norm"], eps), p, lora, cos, sin, segment_ids, opts, keys)
-    return x + mlp_block(rms_norm(x, p["mlp_norm"], eps), p, lora, opts, keys)
+    # The normed input is replicated over tp but feeds several column-parallel projections. Marking
+    # it tp-varying once here means the backward sums their input gradients locally and needs ONE
+    # psum per block (Megatron's f operator), instead of one per projection.
+    h = jax.lax.pcast(rms_norm(x, p["attn_norm"], eps), TP, to="varying")
+    x = x + attention_block(h, p, lora, cos, sin, segment_ids, opts, keys)
+    h = jax.lax.pcast(rms_norm(x, p["mlp_norm"], eps), TP, to="varying")
+    return x + mlp_block(h, p, lora, opts, keys)
 
 
 def _dropout_keys(key, opts: ForwardOptions):
@@ -267,10 +272,10 @@ def cross_entropy_sum(h, tokens, loss_mask, params, opts: ForwardOptions):
     n_chunks = h.shape[0] // chunk
 
     @jax.checkpoint
-    def body(total, xs):
-        return total + _ce_chunk(*xs, params, opts), None
+    def chunk_loss(xs):
+        return _ce_chunk(*xs, params, opts)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), F32),
-                            (h.reshape(n_chunks, chunk, d), targets.reshape(n_chunks, chunk),
-                             weights_p.reshape(n_chunks, chunk)))
-    return total, jnp.sum(weights)
+    per_chunk = jax.lax.map(chunk_loss, (h.reshape(n_chunks, chunk, d),
+                                         targets.reshape(n_chunks, chunk),
+                                         weights_p.reshape(n_chunks, chunk)))    # [n_chunks]
+    return jnp.sum(per_chunk), jnp.sum(weights)

@@ -54,15 +54,18 @@ def test_positions_and_segments_match_separate_runs(hf_models):
     assert rel_err(out[:10], ra) <= TOL and rel_err(out[10:], rb) <= TOL
 
 
-@pytest.mark.parametrize("name,dp,tp", [("gqa4", 1, 4), ("tied", 2, 2), ("odd_vocab", 1, 2)])
-def test_param_gradients_match_torch_autograd(hf_models, name, dp, tp):
-    """d loss / d (final norm, q_proj [column-parallel], down_proj [row-parallel], embed)."""
+@pytest.mark.parametrize("name,dp,tp,ce_chunk", [("gqa4", 1, 4, 4096), ("tied", 2, 2, 20),
+                                                 ("odd_vocab", 1, 2, 32)])
+def test_param_gradients_match_torch_autograd(hf_models, name, dp, tp, ce_chunk):
+    """d loss / d (final norm, q_proj [column-parallel], down_proj [row-parallel], embed), with
+    the cross-entropy whole or in chunks (20 and 32 rows: uneven, padded last chunk)."""
     path, hf = hf_models(name)
     tokens = tokens_for(name)
     hf.zero_grad()
     hf(torch.tensor(tokens), labels=torch.tensor(tokens)).loss.backward()
     model = spmd_lora.load_model(path, tp=tp, dp=dp)
-    loss_sum = sharded.loss_sum_fn(ForwardOptions(model.config, tp), model.mesh)
+    loss_sum = sharded.loss_sum_fn(ForwardOptions(model.config, tp, ce_chunk_tokens=ce_chunk),
+                                  model.mesh)
     batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(np.ones_like(tokens))}
 
     def mean_loss(params):
