@@ -1,0 +1,385 @@
+"""Per-device memory plan of a LoRA train step, without weights: ``spmd-lora plan``.
+
+The real train step (``step.make_train_step``) is lowered on abstract shapes
+(``jax.ShapeDtypeStruct`` with the sharding plan's shardings) and compiled; XLA's
+``compiled.memory_analysis()`` then gives the per-device argument, output, alias (donated) and
+temporary sizes. The argument part is split analytically into base weights, LoRA factors,
+optimizer state and the batch. ``peak = arguments + outputs - aliased + temporaries``.
+
+Where it compiles: on the default backend when it has tp*dp devices, else on the host CPU with
+tp*dp fake devices. The CPU device count is fixed when JAX initialises its backends, so
+:func:`main` (and :func:`ensure_host_devices`) set
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (N >= tp*dp) if JAX has not initialised
+yet; a process that already initialised JAX with fewer devices gets a clear error instead.
+
+On CPU, loop-invariant code motion is disabled for the plan compile: XLA:CPU upcasts bf16
+matmuls to f32 and LICM would hoist an f32 copy of every layer's weights out of the layer scan
+(+25 GiB on a 7B plan); what remains (a layer's weights and the LM head in f32) is reported as
+``cpu_upcast_allowance`` and subtracted in ``peak_gpu_estimate``. Verdicts use ``peak``
+(conservative) unless ``--gpu-estimate``.
+
+Caveats: the numbers are XLA's for the backend it compiled for. A CPU compile of a GPU plan
+differs in fusion and in the attention implementation (no Pallas kernel on CPU: "blockwise"
+is the CPU stand-in of the fused kernel, and "auto" picks whatever the CPU registry picks), and
+XLA:CPU may keep bf16 matmul temporaries in f32; treat CPU plans as estimates (typically
+within some percent of a GPU compile) and leave headroom (``--usable-fraction``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+GiB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------- devices
+
+def ensure_host_devices(n: int) -> None:
+    """Ask for >= n fake CPU devices if JAX has not initialised its backends yet."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    m = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if m and int(m.group(1)) >= n:
+        return
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return                       # too late; plan_devices() reports what is missing
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def plan_devices(n: int):
+    """n devices to compile for: the default backend's, else fake CPU devices."""
+    import jax
+    from .errors import ConfigError
+
+    devices = jax.devices()
+    if len(devices) >= n:
+        return devices[:n]
+    cpus = jax.devices("cpu")
+    if len(cpus) >= n:
+        return cpus[:n]
+    raise ConfigError(
+        f"planning tp*dp = {n} devices needs {n} devices but only {len(devices)} "
+        f"{devices[0].platform} and {len(cpus)} CPU device(s) exist: set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX initialises "
+        f"(spmd-lora plan does this itself when run as a fresh process)")
+
+
+def plan_mesh(dp: int, tp: int):
+    import jax
+    from .mesh import DP, TP
+    devices = plan_devices(dp * tp)
+    return jax.make_mesh((dp, tp), (DP, TP), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+# ----------------------------------------------------------------------------- lowering
+
+def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=None,
+                        dtype="bfloat16", micro_batches: int = 1, optimizer=None):
+    """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings.
+    ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from .lora import LoraConfig, init_lora
+    from .params import abstract_params
+    from .step import MICRO_BATCH_SPEC, OptimizerConfig, make_optimizer
+
+    lora = lora or LoraConfig()
+    optimizer = optimizer or make_optimizer(OptimizerConfig())
+    rep = NamedSharding(mesh, P())
+
+    def put(tree, sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+    params = abstract_params(cfg, mesh, dtype)
+    lora_p = put(jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0))), rep)
+    opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
+    bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
+    batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, max_seq_len), jnp.int32, sharding=bs)
+               for k in ("tokens", "loss_mask")}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    return params, lora_p, opt_state, batches, key
+
+
+def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int = 1, lora=None,
+                     dtype="bfloat16", remat="full", attention="blockwise", micro_batches=1,
+                     ce_chunk_tokens: int = 4096, mesh=None, optimizer=None):
+    """Lower the real train step on abstract inputs. Returns (lowered, mesh, args)."""
+    from .lora import LoraConfig
+    from .model import ForwardOptions
+    from .step import OptimizerConfig, make_optimizer, make_train_step
+
+    cfg.check_tp(tp)
+    lora = lora or LoraConfig()
+    mesh = mesh or plan_mesh(dp, tp)
+    optimizer = optimizer or make_optimizer(OptimizerConfig())
+    opts = ForwardOptions(cfg=cfg, tp=tp, lora=lora, attention_impl=attention, remat=remat,
+                          ce_chunk_tokens=ce_chunk_tokens)
+    args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
+                               dtype=dtype, micro_batches=micro_batches, optimizer=optimizer)
+    return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args
+
+
+# XLA:CPU has no bf16 matmul: it converts bf16 weights to f32 first, and loop-invariant code
+# motion then hoists those converts out of the layer scan, i.e. an f32 copy of ALL layers'
+# weights appears in the temporaries (a 7B plan grew by ~25 GiB). A GPU compile has neither.
+# With LICM off, the copies stay per layer (see cpu_upcast_allowance).
+CPU_PLAN_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compile_train_step(cfg, tp: int, dp: int = 1, *, compiler_options=None, **kw):
+    """Lower + compile the real train step on abstract inputs (keywords as
+    :func:`lower_train_step`). Returns (compiled, mesh, args)."""
+    lowered, mesh, args = lower_train_step(cfg, tp, dp, **kw)
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    return compiled, mesh, args
+
+
+def cpu_upcast_allowance(params, dtype) -> int:
+    """Bytes of the f32 weight copies XLA:CPU makes for bf16/f16 matmuls (with LICM off):
+    two sets of one layer's local weights (the rematerialised forward and the backward convert
+    their own) or the f32 LM head, whichever is larger. An estimate of what a CPU plan
+    overstates against a GPU compile; 0 for float32."""
+    import jax
+    import numpy as np
+    if np.dtype(jax.numpy.dtype(dtype) if isinstance(dtype, str) else dtype).itemsize >= 4:
+        return 0
+
+    def local(a, drop_layer=False):
+        shape = a.sharding.shard_shape(a.shape)
+        return int(np.prod(shape[1:] if drop_layer else shape, dtype=np.int64)) * 4
+
+    layer = sum(local(a, True) for k, a in params["layers"].items() if "norm" not in k)
+    head = local(params["lm_head"]) if "lm_head" in params else local(params["embed"])
+    return max(2 * layer, head)
+
+
+def _local_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (shard shape x itemsize)."""
+    import jax
+    import numpy as np
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) is not None else a.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int = 1, lora=None,
+                dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
+                ce_chunk_tokens: int = 4096) -> dict:
+    """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
+    (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
+    activations (= temporaries: activations, saved residuals, attention/CE workspaces,
+    gradients), peak (= arguments + outputs - aliased + temporaries), compile_s, and the inputs.
+    Compiled on CPU: with loop-invariant code motion off (``CPU_PLAN_OPTIONS``), plus
+    cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights, absent on GPU) and
+    peak_gpu_estimate = peak - cpu_upcast_allowance. ``peak`` is the conservative figure.
+    """
+    t0 = time.perf_counter()
+    mesh = plan_mesh(dp, tp)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
+        cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
+        attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
+        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None)
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    out = {
+        "tp": tp, "dp": dp, "max_seq_len": max_seq_len, "batch": batch, "dtype": str(dtype),
+        "remat": remat, "attention": attention, "micro_batches": micro_batches,
+        "lora_rank": (lora.rank if lora else None),
+        "lora_targets": list(lora.targets) if lora else None,
+        "backend": mesh.devices.flat[0].platform,
+        "weights": _local_bytes(params), "lora": _local_bytes(lora_p),
+        "optimizer": _local_bytes(opt_state), "batch_bytes": _local_bytes(batches),
+        "arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes),
+        "code": int(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
+        "compile_s": round(compile_s, 2),
+    }
+    out["activations"] = out["temporaries"]
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    out["cpu_upcast_allowance"] = cpu_upcast_allowance(params, dtype) if on_cpu else 0
+    out["peak_gpu_estimate"] = out["peak"] - out["cpu_upcast_allowance"]
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80GiB', '80G', '81920MB', '8.5e10' -> bytes (GB = GiB = 2**30, as GPU specs
+    quote 80 GB for 80 GiB-class cards' 79.x GiB usable; use MB/GiB explicitly if it matters)."""
+    m = re.fullmatch(r"\s*([\d.eE+]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GB, 40GiB, 24000MB)")
+    mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 1024 ** 2:9.1f} MiB"
+
+
+def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> None:
+    file = file or sys.stdout
+    rows = [("base weights (per device)", p["weights"]), ("LoRA params (fp32)", p["lora"]),
+            ("optimizer state (AdamW, fp32)", p["optimizer"]), ("batch", p["batch_bytes"]),
+            ("arguments (XLA)", p["arguments"]), ("outputs (XLA)", p["outputs"]),
+            ("  of which aliased/donated", -p["aliased"]),
+            ("activations + temporaries (XLA)", p["temporaries"]), ("peak per device", p["peak"])]
+    if p.get("cpu_upcast_allowance"):
+        rows += [("  of which CPU-only f32 weight copies", -p["cpu_upcast_allowance"]),
+                 ("peak per device, GPU estimate", p["peak_gpu_estimate"])]
+    print(f"tp={p['tp']} dp={p['dp']} max_seq_len={p['max_seq_len']} batch={p['batch']} "
+          f"dtype={p['dtype']} remat={p['remat']} attention={p['attention']} "
+          f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])} "
+          f"(compiled on {p['backend']} in {p['compile_s']} s)", file=file)
+    for name, n in rows:
+        print(f"  {name:34s} {_fmt(n)}", file=file)
+    if budget:
+        verdict = "fits" if p[key] <= budget else "does NOT fit"
+        print(f"  usable device memory               {_fmt(budget)}  -> {verdict} (by {key})",
+              file=file)
+
+
+def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 20,
+                     step: int = 1024, log=None, key: str = "peak"):
+    """Largest multiple of ``step`` whose plan fits ``budget``: double from ``start`` until it
+    does not fit (or ``limit``), then bisect between the last fit and the first miss on
+    multiples of ``step``. ``plan_at(S) -> plan dict``. Returns (S or None, {S: plan})."""
+    tried = {}
+
+    def fits(s):
+        if s not in tried:
+            tried[s] = plan_at(s)
+            if log:
+                log(s, tried[s])
+        return tried[s][key] <= budget
+
+    if not fits(start):
+        lo, hi = 0, start
+    else:
+        lo, hi = start, None
+        s = start * 2
+        while s <= limit:
+            if not fits(s):
+                hi = s
+                break
+            lo, s = s, s * 2
+        if hi is None:
+            return lo, tried
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return (lo or None), tried
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="spmd-lora plan",
+        description="Per-device memory of a LoRA train step (no weights needed): compiles the "
+                    "real step on abstract shapes and reads XLA's memory analysis.")
+    ap.add_argument("--model", required=True, help="HF model directory or preset "
+                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--max-seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1, help="global batch per micro-batch (split over dp)")
+    ap.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--targets", default="all", help="comma list of projections, or 'all'")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
+    ap.add_argument("--attention", default="blockwise",
+                    help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn)")
+    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--device-memory", type=parse_bytes, default=None,
+                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict")
+    ap.add_argument("--usable-fraction", type=float, default=0.9,
+                    help="fraction of --device-memory the step may use (the rest: CUDA "
+                         "context, allocator fragmentation, NCCL buffers); default 0.9")
+    ap.add_argument("--gpu-estimate", action="store_true",
+                    help="on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent "
+                         "on GPU) instead of the conservative raw peak")
+    ap.add_argument("--find-max-seq-len", action="store_true",
+                    help="search the longest --max-seq-len that fits (powers of two, then "
+                         "multiples of 1024); needs --device-memory")
+    ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spmd-lora plan``: print the per-device breakdown and whether it fits. Returns 0, or
+    1 when it does not fit, 2 on a usage/config error."""
+    args = build_parser().parse_args(argv)
+    ensure_host_devices(args.tp * args.dp)
+    import json
+
+    from .config import resolve_model_config
+    from .errors import SpmdLoraError
+    from .lora import LoraConfig
+
+    try:
+        cfg = resolve_model_config(args.model)
+        cfg.check_tp(args.tp)
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
+        if args.find_max_seq_len and not args.device_memory:
+            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB)")
+        budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
+        key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
+
+        def plan_at(s):
+            return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
+                               dtype=args.dtype, remat=args.remat, attention=args.attention,
+                               micro_batches=args.micro_batches,
+                               ce_chunk_tokens=args.ce_chunk_tokens)
+
+        print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+              f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
+        if not args.find_max_seq_len:
+            p = plan_at(args.max_seq_len)
+            print_plan(p, budget, key=key)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(p, f, indent=1)
+            return 0 if budget is None or p[key] <= budget else 1
+
+        def log(s, p):
+            mark = "fits" if p[key] <= budget else "too big"
+            print(f"  S={s:7d}: peak {_fmt(p['peak'])} (GPU estimate {_fmt(p['peak_gpu_estimate'])}, "
+                  f"activations+temp {_fmt(p['temporaries'])}, compile {p['compile_s']} s) {mark}",
+                  flush=True)
+
+        best, tried = find_max_seq_len(plan_at, budget, log=log, key=key)
+        if best is None:
+            print(f"no max_seq_len >= 1024 fits in {_fmt(budget)} per device")
+        else:
+            print(f"longest trainable max_seq_len: {best} (multiple of 1024) within "
+                  f"{_fmt(budget)} per device")
+            print_plan(tried[best], budget, key=key)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"max_seq_len": best, "budget": budget,
+                           "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
+        return 0 if best else 1
+    except SpmdLoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""HLO collective census, memory plan, tools/profile.py and tools/bench.py."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spmd_lora import hlo, plan
+from spmd_lora.config import PRESETS, ModelConfig
+from spmd_lora.lora import LoraConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dimensions chosen so no activation shape has the LoRA rank (4) as a dimension.
+TINY = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=3,
+                   num_heads=4, num_kv_heads=4, head_dim=12)
+S, RANK, MICRO = 40, 4, 2
+
+
+def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None):
+    lora = LoraConfig(rank=RANK, alpha=8.0, targets=targets)
+    lowered, mesh, _ = plan.lower_train_step(
+        TINY, tp, dp, max_seq_len=S, batch=batch or dp, lora=lora, dtype="float32", remat=remat,
+        attention="xla", micro_batches=micro)
+    census = hlo.collective_census(lowered.compile(), mesh, lowered)
+    expected = hlo.megatron_minimum(TINY, tp, dp, lora=lora, remat=remat, micro_batches=micro)
+    return census, hlo.measured(census, RANK), expected
+
+
+# ----------------------------------------------------------------------------- census on the real step
+
+@pytest.mark.parametrize("remat,targets", [("full", "all"), ("none", "q_proj,v_proj")])
+def test_census_matches_formula(remat, targets):
+    census, meas, exp = _census(tp=2, dp=1, remat=remat, targets=targets)
+    assert meas["tp_activation_reductions"] == exp["tp_activation_reductions"]
+    # only all-reduces: no weight is ever all-gathered, nothing else is emitted
+    assert {r["kind"] for r in census} == {"all-reduce"}
+    assert meas["non_all_reduce_ops"] == 0
+    # exactly two forward psums per layer per micro-batch, all after the row-parallel layers
+    fwd = sum(r["count"] for r in census
+              if r["phase"] == "forward" and "row_linear" in r["source"] and r["axis"] == "tp")
+    assert fwd == 2 * TINY.num_layers * MICRO
+    # layer collectives sit in the layer scan inside the accumulation scan
+    assert all(len(r["loops"]) == 2 for r in census if "row_linear" in r["source"])
+    # activation all-reduces over tp are exactly the Megatron minimum (nothing extra)
+    assert exp["extra_tp"] == 0 and meas["tp_activation_reductions"] == exp["megatron_tp"]
+
+
+def test_census_dp_gradient_reduction():
+    census, meas, exp = _census(tp=2, dp=2, batch=2)
+    assert meas["tp_activation_reductions"] == exp["tp_activation_reductions"]
+    assert meas["dp_lora_grad_reductions"] > 0                 # LoRA grads summed over dp
+    assert meas["dp_scalars"] == exp["dp_scalars"] == 2 * MICRO
+    axes = {r["axis"] for r in census}
+    assert "tp" in axes and any("dp" in a for a in axes)
+    assert {r["kind"] for r in census} == {"all-reduce"}
+
+
+# ----------------------------------------------------------------------------- parser units
+
+SYNTHETIC = """HloModule m, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %r = f32[] add(%a, %b)
+}
+
+%inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = (f32[8]{0}, bf16[2,3]{1,0}) all-reduce(%x, %x), channel_id=1, replica_groups=[2,2]<=[4], use_global_device_ids=true, to_apply=%add, metadata={op_name="jit(step)/transpose(jvp())/psum"}
+  ROOT %t = (s32[], f32[8]) tuple(%p, %x)
+}
+
+%inner_cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%outer_body (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]) parameter(0)
+  %w = (s32[], f32[8]) while(%q), condition=%inner_cond, body=%inner_body
+  %y = f32[8]{0} get-tuple-element(%q), index=1
+  %ags = (f32[4]{0}, f32[8]{0}) all-gather-start(%y), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}, use_global_device_ids=true
+  %agd = f32[8]{0} all-gather-done(%ags)
+  ROOT %t2 = (s32[], f32[8]) tuple(%q, %agd)
+}
+
+%outer_cond (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]) parameter(0)
+  ROOT %k = pred[] constant(true)
+}
+
+ENTRY %main (z: f32[8]) -> f32[8] {
+  %z = f32[8]{0} parameter(0)
+  %cp = f32[8]{0} collective-permute(%z), channel_id=3, source_target_pairs={{0,1},{1,0},{2,3},{3,2}}
+  %ar0 = f32[8]{0} all-reduce(%cp), channel_id=4, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  %init = (s32[], f32[8]) tuple(%z, %ar0)
+  %wl = (s32[], f32[8]) while(%init), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %o = f32[8]{0} get-tuple-element(%wl), index=1
+}
+"""
+
+
+def test_parser_loops_groups_async():
+    rows = {r["name"]: r for r in hlo.collective_census(SYNTHETIC, {"dp": 2, "tp": 2})}
+    assert set(rows) == {"ar", "ags", "cp", "ar0"}          # -done not counted again
+    ar = rows["ar"]
+    assert ar["count"] == 15                                # 3 (known) x 5 (from the condition)
+    assert ar["axis"] == "tp" and ar["operands"] == 2 and ar["bytes"] == 8 * 4 + 6 * 2
+    assert ar["phase"] == "backward"
+    assert rows["ags"]["count"] == 3 and rows["ags"]["axis"] == "dp"
+    assert rows["ags"]["shapes"] == ["f32[8]"]              # shape of the -done result
+    assert rows["cp"]["axis"] == "tp" and rows["cp"]["count"] == 1
+    assert rows["ar0"]["axis"] == "dp+tp" and rows["ar0"]["group_size"] == 4
+    summary = {(s["kind"], s["axis"]): s for s in hlo.summarize(list(rows.values()))}
+    assert summary[("all-reduce", "tp")]["operands"] == 30
+
+
+def test_program_dtypes_from_stablehlo():
+    text = ('%1 = "stablehlo.all_reduce"(%0) <{replica_groups = dense<[[0, 1]]> : '
+            'tensor<1x2xi64>}> ({\n  ^bb0(%a: tensor<bf16>, %b: tensor<bf16>):\n'
+            '    "stablehlo.return"(%a) : (tensor<bf16>) -> ()\n'
+            '  }) : (tensor<1x40x48xbf16>) -> tensor<1x40x48xbf16>\n')
+    assert hlo.program_dtypes(text) == {(1, 40, 48): {"bf16"}}
+
+
+# ----------------------------------------------------------------------------- plan
+
+def test_plan_preset_sane_and_grows_with_seq_len():
+    cfg = PRESETS["llama2-7b"]
+    lora = LoraConfig(rank=16, targets="all")
+    small = plan.plan_memory(cfg, tp=1, max_seq_len=1024, lora=lora, attention="blockwise")
+    big = plan.plan_memory(cfg, tp=1, max_seq_len=2048, lora=lora, attention="blockwise")
+    n_params = 6_738_415_616                                  # Llama-2-7B
+    assert small["weights"] == 2 * n_params                   # bf16
+    lora_params = 16 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert small["lora"] == 4 * lora_params
+    assert small["optimizer"] >= 2 * small["lora"]            # Adam mu + nu
+    for p in (small, big):
+        assert all(p[k] > 0 for k in ("arguments", "temporaries", "peak"))
+        assert p["peak"] >= p["weights"] + p["lora"] + p["optimizer"]
+    assert big["temporaries"] > small["temporaries"]
+    # XLA:CPU's f32 weight copies stay per layer (LICM off): far below an f32 copy of the model
+    assert 0 < small["cpu_upcast_allowance"] < small["temporaries"] < small["weights"]
+    assert small["peak_gpu_estimate"] == small["peak"] - small["cpu_upcast_allowance"]
+
+
+def test_find_max_seq_len_search():
+    # peak = 1 GiB per 1024 tokens; budget 37.5 GiB -> 37 * 1024
+    calls = []
+
+    def fake(s):
+        calls.append(s)
+        return {"peak": s * 2 ** 20}
+
+    best, tried = plan.find_max_seq_len(fake, int(37.5 * 2 ** 30))
+    assert best == 37 * 1024
+    assert calls[:7] == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    assert all(s % 1024 == 0 for s in calls)
+    assert plan.find_max_seq_len(fake, 100)[0] is None
+    assert plan.parse_bytes("80GB") == 80 * 2 ** 30 and plan.parse_bytes("512MiB") == 2 ** 29
+
+
+def _tiny_dir(tmp_path):
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    return d
+
+
+def test_plan_main_on_model_dir(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = plan.main(["--model", str(_tiny_dir(tmp_path)), "--tp", "2", "--max-seq-len", "64",
+                    "--device-memory", "1GB", "--lora-rank", "4", "--attention", "xla",
+                    "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "fits" in text and "peak per device" in text
+    p = json.loads(out.read_text())
+    assert p["tp"] == 2 and p["peak"] > 0
+    assert plan.main(["--model", "no-such-model", "--max-seq-len", "64"]) == 2
+
+
+# ----------------------------------------------------------------------------- scripts
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def test_profile_script_writes_json(tmp_path):
+    out = tmp_path / "census.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", str(_tiny_dir(tmp_path)),
+         "--tp", "2", "--dp", "2", "--batch", "2", "--max-seq-len", str(S), "--lora-rank", "4",
+         "--dtype", "float32", "--attention", "xla", "--json", str(out)],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "vs Megatron" in p.stdout
+    res = json.loads(out.read_text())
+    assert res["measured"]["tp_activation_reductions"] == res["expected"]["tp_activation_reductions"]
+    assert {r["axis"] for r in res["census"]} >= {"tp", "dp"}
+
+
+@pytest.mark.slow
+def test_profile_script_time_and_trace(tmp_path):
+    out = tmp_path / "census.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", str(_tiny_dir(tmp_path)),
+         "--tp", "2", "--max-seq-len", str(S), "--lora-rank", "4", "--dtype", "float32",
+         "--json", str(out), "--time", "--time-iters", "2", "--trace", str(tmp_path / "trace"),
+         "--trace-steps", "1"], capture_output=True, text=True, env=_env(), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["timings"]["rows"]
+    assert rows and all(r.get("seconds", 0) > 0 or "skipped" in r for r in rows)
+    assert res["trace"]["step_seconds"] and any((tmp_path / "trace").rglob("*"))
+
+
+@pytest.mark.slow
+def test_bench_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "tiny", "--steps", "1",
+         "--warmup", "1", "--remat", "full", "--json", str(out)],
+        capture_output=True, text=True, env=_env(), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())["results"][0]
+    assert res["best_ours"]["tokens_per_s"] > 0 and res["peft"]["tokens_per_s"] > 0
+    assert res["best_ours"]["peak_rss_bytes"] > 0 and res["speed_ratio"] > 0

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Side-by-side LoRA train-step speed and peak memory: spmd_lora (JAX) vs HF transformers+PEFT.
+
+    python tools/bench.py --config tiny|small|long|long8k|all [--steps 5] [--warmup 2]
+
+Same model and step on both sides: a random Llama (``CONFIGS`` below: 2-4 layers, heads =
+d/64, intermediate = 2.6875 d as Llama-2, vocab 32000), LoRA r=8 alpha=16 on all linear
+projections (``--targets``), no dropout, AdamW (lr 2e-4, no weight decay, no clipping),
+batch 1, loss on every token. CPU: fp32; GPU: bf16 base weights (LoRA and optimizer fp32).
+
+Each measurement runs in its own subprocess (``--worker``), so peak memory (the process's
+``ru_maxrss``, which includes the framework's own footprint) and thread pools never mix.
+After ``--warmup`` steps (compilation for JAX), ``--steps`` steps are timed one by one;
+tokens/s uses the median step. Ours runs at tp=1 dp=1 with attention ``--attention``
+(default auto) under each ``--remat`` policy (default: full and save-dots; the best is
+reported). HF runs in eager mode with its default attention (sdpa) and no gradient
+checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# Run as a script, this folder is sys.path[0], where profile.py would shadow the standard
+# library's `profile` (imported by cProfile, e.g. through transformers): drop it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+CONFIGS = {
+    "tiny": dict(layers=2, d=256, seq=256),
+    "small": dict(layers=4, d=512, seq=512),
+    "long": dict(layers=4, d=512, seq=2048),
+    "long8k": dict(layers=4, d=512, seq=8192),
+}
+VOCAB = 32000
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MARK = "BENCH_RESULT "
+
+
+def model_dims(name):
+    c = CONFIGS[name]
+    d = c["d"]
+    return dict(layers=c["layers"], hidden=d, heads=d // 64, intermediate=int(d * 2.6875),
+                vocab=VOCAB, seq=c["seq"])
+
+
+def _targets(text):
+    return TARGETS if text in ("all", "all-linear") else tuple(t for t in text.split(",") if t)
+
+
+def _peak_rss_bytes():
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _timed(step_fn, warmup, steps):
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step_fn()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step_fn()
+        times.append(time.perf_counter() - t)
+    return warm, times, loss
+
+
+# ----------------------------------------------------------------------------- workers
+
+def worker_ours(args):
+    import jax
+    import numpy as np
+
+    from spmd_lora.config import ModelConfig
+    from spmd_lora.lora import LoraConfig, init_lora
+    from spmd_lora.mesh import make_mesh
+    from spmd_lora.model import ForwardOptions
+    from spmd_lora.params import random_params
+    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
+                                shard_micro_batches)
+
+    m = model_dims(args.config)
+    gpu = jax.default_backend() != "cpu"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    cfg = ModelConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
+                      intermediate_size=m["intermediate"], num_layers=m["layers"],
+                      num_heads=m["heads"], num_kv_heads=m["heads"], head_dim=64,
+                      max_position_embeddings=max(4096, m["seq"]))
+    lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=_targets(args.targets))
+    mesh = make_mesh(1, 1)
+    opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, attention_impl=args.attention,
+                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens)
+    opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0, max_grad_norm=None,
+                                         total_steps=10 ** 6))
+    params = random_params(cfg, mesh, dtype)
+    state = {"lora": replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)}
+    state["opt"] = replicate(opt.init(state["lora"]), mesh)
+    rng = np.random.default_rng(0)
+    shape = (1, args.batch, m["seq"])
+    batches = shard_micro_batches({"tokens": rng.integers(0, m["vocab"], shape),
+                                   "loss_mask": np.ones(shape, np.int32)}, mesh)
+    step = make_train_step(opts, mesh, opt)
+    key = jax.random.key(1)
+
+    def one():
+        state["lora"], state["opt"], metrics = step(params, state["lora"], state["opt"], batches, key)
+        return float(metrics["loss"])                       # blocks until done
+
+    warm, times, loss = _timed(one, args.warmup, args.steps)
+    return {"framework": "ours", "remat": args.remat, "attention": args.attention,
+            "dtype": dtype, "backend": jax.default_backend(), "warmup_s": warm,
+            "step_s": times, "loss": loss, "jax": jax.__version__}
+
+
+def worker_peft(args):
+    import peft
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = model_dims(args.config)
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    dev = "cuda" if gpu else "cpu"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
+                      intermediate_size=m["intermediate"], num_hidden_layers=m["layers"],
+                      num_attention_heads=m["heads"], num_key_value_heads=m["heads"],
+                      max_position_embeddings=max(4096, m["seq"]), use_cache=False)
+    model = LlamaForCausalLM(cfg).to(device=dev, dtype=getattr(torch, dtype))
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(_targets(args.targets))))
+    for n, p in model.named_parameters():               # LoRA params in fp32, as ours
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
+                            weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m["vocab"], (args.batch, m["seq"]), generator=g).to(dev)
+
+    def one():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(out.loss)
+        if gpu:
+            torch.cuda.synchronize()
+        return loss
+
+    warm, times, loss = _timed(one, args.warmup, args.steps)
+    res = {"framework": "peft", "dtype": dtype, "backend": dev, "warmup_s": warm, "step_s": times,
+           "loss": loss, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "attn_implementation": model.config._attn_implementation,
+           "torch_threads": torch.get_num_threads()}
+    if gpu:
+        res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+def run_worker(args):
+    fn = worker_ours if args.worker == "ours" else worker_peft
+    try:
+        res = fn(args)
+        res["median_step_s"] = statistics.median(res["step_s"])
+        m = model_dims(args.config)
+        res["tokens_per_s"] = args.batch * m["seq"] / res["median_step_s"]
+        res["peak_rss_bytes"] = _peak_rss_bytes()
+        if res["framework"] == "ours":
+            try:
+                import jax
+                stats = jax.devices()[0].memory_stats() or {}
+                if "peak_bytes_in_use" in stats:
+                    res["device_peak_bytes"] = stats["peak_bytes_in_use"]
+            except Exception:                             # noqa: BLE001 - optional detail
+                pass
+    except Exception as e:                                # noqa: BLE001 - reported to the parent
+        res = {"framework": args.worker, "error": f"{type(e).__name__}: {e}"[:2000],
+               "peak_rss_bytes": _peak_rss_bytes()}
+    print(MARK + json.dumps(res), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent
+
+def spawn(config, framework, args, remat=None, timeout=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--targets", args.targets,
+           "--rank", str(args.rank), "--batch", str(args.batch), "--attention", args.attention,
+           "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
+    if remat:
+        cmd += ["--remat", remat]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One host device for ours: do not inherit a test harness's fake-device count.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"framework": framework, "remat": remat, "error": f"timed out after {timeout} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith(MARK):
+            res = json.loads(line[len(MARK):])
+            res["wall_s"] = time.perf_counter() - t0
+            return res
+    tail = (p.stderr or p.stdout)[-1500:]
+    return {"framework": framework, "remat": remat,
+            "error": f"worker exited {p.returncode} without a result: {tail}"}
+
+
+def _mib(n):
+    return f"{n / 2 ** 20:,.0f} MiB" if n else "-"
+
+
+def bench_config(config, args, log=print):
+    m = model_dims(config)
+    log(f"== {config}: {m['layers']} layers, d={m['hidden']}, heads={m['heads']}, "
+        f"F={m['intermediate']}, V={m['vocab']}, S={m['seq']}, batch {args.batch}, "
+        f"LoRA r={args.rank} on {args.targets}")
+    runs = []
+    if "ours" in args.frameworks:
+        for remat in args.remat.split(","):
+            r = spawn(config, "ours", args, remat=remat, timeout=args.timeout)
+            runs.append(r)
+            log("  " + _line(r))
+    if "peft" in args.frameworks:
+        r = spawn(config, "peft", args, timeout=args.timeout)
+        runs.append(r)
+        log("  " + _line(r))
+    ours = [r for r in runs if r["framework"] == "ours" and "error" not in r]
+    theirs = next((r for r in runs if r["framework"] == "peft" and "error" not in r), None)
+    best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
+    out = {"config": config, "dims": m, "runs": runs, "best_ours": best, "peft": theirs}
+    if best and theirs:
+        out["speed_ratio"] = best["tokens_per_s"] / theirs["tokens_per_s"]
+        out["memory_ratio"] = best["peak_rss_bytes"] / theirs["peak_rss_bytes"]
+        log(f"  ours (remat={best['remat']}) / PEFT: speed x{out['speed_ratio']:.2f}, "
+            f"peak RSS x{out['memory_ratio']:.2f}")
+    return out
+
+
+def _line(r):
+    name = r["framework"] + (f"[remat={r['remat']}]" if r.get("remat") else "")
+    if "error" in r:
+        return f"{name:24s} FAILED: {r['error'][:300]}"
+    return (f"{name:24s} {r['tokens_per_s']:9.0f} tokens/s  median step "
+            f"{r['median_step_s'] * 1e3:8.1f} ms  peak RSS {_mib(r['peak_rss_bytes']):>10}  "
+            f"(warm-up {r['warmup_s']:.1f} s, loss {r['loss']:.3f})")
+
+
+def machine_info():
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="tiny", choices=[*CONFIGS, "all"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--targets", default="all")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--remat", default="full,save-dots",
+                    help="comma list of remat policies to run for ours (best is reported)")
+    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--frameworks", default="ours,peft")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        if args.remat is None or "," in args.remat:
+            args.remat = args.remat.split(",")[0] if args.remat else "full"
+        return run_worker(args)
+    configs = list(CONFIGS) if args.config == "all" else [args.config]
+    info = machine_info()
+    print(f"machine: {info}")
+    results = [bench_config(c, args) for c in configs]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "argv": sys.argv, "results": results}, f, indent=1)
+    failed = any("error" in r for res in results for r in res["runs"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Collective census (and optional per-collective timing) of the real LoRA train step.
+
+    python tools/profile.py --model llama2-7b --tp 4 --max-seq-len 4096 --lora-rank 16 \
+        --targets all --dtype bfloat16 --json census.json [--time]
+
+Compiles ``step.make_train_step`` on abstract shapes (presets need no weights; a model
+directory only needs config.json), parses the compiled HLO (``spmd_lora.hlo``) and prints
+every collective with its mesh axis, shape, bytes and count per step (collectives inside the
+layer / cross-entropy / accumulation scans are multiplied by the trip counts), totals per
+(kind, axis), and the comparison with the Megatron minimum (``hlo.megatron_minimum``).
+
+``--time``
+    CPU: times each distinct collective at its shape with a small jitted shard_map on the same
+    mesh (fake host devices sharing the CPU cores: this measures XLA:CPU's in-process
+    collectives, useful to check the tool, not a network); shapes whose arrays on all devices
+    exceed ``--time-max-bytes`` are skipped with a note.
+    GPU (untested here, no GPU on the development machine): the same micro-benchmarks run on
+    the GPUs (NCCL), and ``--trace DIR`` additionally records a ``jax.profiler`` trace of a few
+    real steps with random weights (open it with TensorBoard/XProf or Perfetto to read each
+    collective's device time inside the step).
+
+On CPU the fake device count must be fixed before JAX starts: this script sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=tp*dp`` itself when it is not set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Run as a script, this folder is sys.path[0], where profile.py would shadow the standard
+# library's `profile` (imported by cProfile, e.g. through transformers): drop it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="HF model dir (config.json) or preset")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--max-seq-len", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=1, help="global rows per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--targets", default="all")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--json", default=None, help="write census, totals and timings here")
+    ap.add_argument("--time", action="store_true", help="time each distinct collective")
+    ap.add_argument("--time-iters", type=int, default=5)
+    ap.add_argument("--time-max-bytes", type=float, default=2 ** 30,
+                    help="skip timing shapes whose arrays (all devices together) exceed this")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="record a jax.profiler trace of --trace-steps real steps (random "
+                         "weights; meant for GPUs) into DIR")
+    ap.add_argument("--trace-steps", type=int, default=3)
+    return ap
+
+
+def _fmt_bytes(n):
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _shape_str(shapes):
+    if len(shapes) <= 2:
+        return " + ".join(shapes)
+    return f"{shapes[0]} + {len(shapes) - 1} more"
+
+
+def print_census(census, out=sys.stdout):
+    rows = sorted(census, key=lambda r: (-r["count"] * r["bytes"], r["kind"], r["axis"]))
+    head = f"{'count/step':>10}  {'kind':<18} {'axis':<9} {'n':>2}  {'shape(s)':<34} {'bytes/op':>10} {'bytes/step':>11}  {'phase':<8} source"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    widened = False
+    for r in rows:
+        shapes, nbytes = r.get("program_shapes", r["shapes"]), r.get("program_bytes", r["bytes"])
+        mark = "*" if shapes != r["shapes"] else " "
+        widened |= mark == "*"
+        print(f"{r['count']:>10}  {r['kind']:<18} {r['axis']:<9} {r['group_size']:>2}  "
+              f"{_shape_str(shapes):<33}{mark} {_fmt_bytes(nbytes):>10} "
+              f"{_fmt_bytes(r['count'] * nbytes):>11}  {r['phase']:<8} {r['source']}", file=out)
+    if widened:
+        print("* dtype as the program emits it; XLA:CPU widened it (bf16 -> f32) in this compile, "
+              "a GPU compile keeps it", file=out)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _bench_fn(kind, axes, mesh, n_arrays):
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    spec = P(tuple(mesh.axis_names))
+    if kind == "all-reduce":
+        def f(*xs):
+            return jax.lax.psum(xs, axes)
+    elif kind == "all-gather":
+        def f(*xs):
+            return tuple(jax.lax.all_gather(x, axes, tiled=True) for x in xs)
+    elif kind == "reduce-scatter":
+        def f(*xs):
+            return tuple(jax.lax.psum_scatter(x, axes, tiled=True) for x in xs)
+    else:
+        return None
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * n_arrays,
+                                 out_specs=(spec,) * n_arrays, check_vma=False))
+
+
+def time_collectives(census, mesh, iters=5, max_bytes=2 ** 30):
+    """Median wall time of each distinct (kind, axis, shapes) on ``mesh``. Returns rows with
+    seconds per op, and per step (x count), or a skip note."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from spmd_lora.hlo import DTYPE_BYTES
+
+    jdt = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32, "s32": jnp.int32,
+           "f64": jnp.float64, "u32": jnp.uint32, "pred": jnp.bool_}
+    n_dev = mesh.devices.size
+    groups = {}
+    for r in census:
+        if r["axis"] in ("self", "?") or "partial" in r["axis"]:
+            continue
+        key = (r["kind"], r["axis"], tuple(r["shapes"]))
+        groups.setdefault(key, 0)
+        groups[key] += r["count"]
+    results = []
+    for (kind, axis, shapes), count in sorted(groups.items(), key=lambda kv: -kv[1]):
+        row = {"kind": kind, "axis": axis, "shapes": list(shapes), "count": count}
+        locals_ = []
+        for s in shapes:
+            dt, dims = s.split("[")
+            dims = [int(d) for d in dims.rstrip("]").split(",") if d]
+            gs = int(np.prod([mesh.shape[a] for a in axis.split("+")]))
+            if kind == "all-gather":
+                dims[0] //= gs
+            elif kind == "reduce-scatter":
+                dims[0] *= gs
+            locals_.append((dt, dims or [1]))
+        total = n_dev * sum(DTYPE_BYTES[dt] * int(np.prod(d)) for dt, d in locals_)
+        fn = _bench_fn(kind, tuple(axis.split("+")), mesh, len(locals_))
+        if fn is None or any(dt not in jdt for dt, _ in locals_):
+            row["skipped"] = f"no micro-benchmark for {kind} / dtype"
+        elif total > max_bytes:
+            row["skipped"] = f"arrays need {total / 2 ** 30:.1f} GiB on all devices (> --time-max-bytes)"
+        if "skipped" in row:
+            results.append(row)
+            continue
+        sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+        xs = [jax.jit(lambda d=d, dt=dt: jnp.ones((n_dev * d[0], *d[1:]), jdt[dt]),
+                      out_shardings=sharding)() for dt, d in locals_]
+        jax.block_until_ready(fn(*xs))                      # compile + warm up
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*xs))
+            times.append(time.perf_counter() - t)
+        del xs
+        row["seconds"] = statistics.median(times)
+        row["seconds_per_step"] = row["seconds"] * count
+        results.append(row)
+    return results
+
+
+def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
+    """GPU path (also runs on CPU for tiny models): real steps with random weights under
+    jax.profiler.trace. Needs the weights to fit on the devices."""
+    import jax
+    import numpy as np
+
+    from spmd_lora.lora import init_lora
+    from spmd_lora.model import ForwardOptions
+    from spmd_lora.params import random_params
+    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
+                                shard_micro_batches)
+
+    opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
+                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens)
+    opt = make_optimizer(OptimizerConfig())
+    params = random_params(cfg, mesh, args.dtype)
+    lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
+    state = replicate(opt.init(lora), mesh)
+    rng = np.random.default_rng(0)
+    shape = (args.micro_batches, args.batch, args.max_seq_len)
+    batches = shard_micro_batches({"tokens": rng.integers(0, cfg.vocab_size, shape),
+                                   "loss_mask": np.ones(shape)}, mesh)
+    step = make_train_step(opts, mesh, opt)
+    key = jax.random.key(1)
+    lora, state, m = step(params, lora, state, batches, key)        # compile
+    jax.block_until_ready(m)
+    times = []
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            t = time.perf_counter()
+            lora, state, m = step(params, lora, state, batches, key)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+    return {"trace_dir": trace_dir, "step_seconds": times, "loss": float(m["loss"])}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from spmd_lora import plan                      # imports no jax at module level
+    plan.ensure_host_devices(args.tp * args.dp)
+
+    from spmd_lora import hlo
+    from spmd_lora.config import resolve_model_config
+    from spmd_lora.errors import SpmdLoraError
+    from spmd_lora.lora import LoraConfig
+
+    try:
+        cfg = resolve_model_config(args.model)
+        lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=args.targets)
+        t0 = time.perf_counter()
+        lowered, mesh, _ = plan.lower_train_step(
+            cfg, args.tp, args.dp, max_seq_len=args.max_seq_len, batch=args.batch, lora=lora_cfg,
+            dtype=args.dtype, remat=args.remat, attention=args.attention,
+            micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens)
+        compiled = lowered.compile()
+    except SpmdLoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    compile_s = time.perf_counter() - t0
+    census = hlo.collective_census(compiled, mesh, lowered)
+    summary = hlo.summarize(census)
+    tokens = args.batch // args.dp * args.max_seq_len
+    ce_chunks = -(-tokens // args.ce_chunk_tokens) if tokens > args.ce_chunk_tokens else 1
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    expected = hlo.megatron_minimum(cfg, args.tp, args.dp, lora=lora_cfg, remat=args.remat,
+                                    micro_batches=args.micro_batches, ce_chunks=ce_chunks,
+                                    tokens=tokens, dtype_bytes=dtype_bytes)
+    meas = hlo.measured(census, lora_cfg.rank)
+
+    print(f"{args.model}: tp={args.tp} dp={args.dp} S={args.max_seq_len} batch={args.batch} "
+          f"micro_batches={args.micro_batches} r={args.lora_rank} targets={','.join(lora_cfg.targets)} "
+          f"{args.dtype} remat={args.remat} (compiled on {mesh.devices.flat[0].platform} in "
+          f"{compile_s:.1f} s)\n")
+    print_census(census)
+    print("\nper step, by kind and axis ('self' = size-1 groups, no traffic):")
+    for s in summary:
+        cpu = (f"  (as compiled here: {_fmt_bytes(s['bytes'])})"
+               if s["bytes"] != s["program_bytes"] else "")
+        print(f"  {s['kind']:<18} {s['axis']:<9} ops {s['ops']:>6}  arrays {s['operands']:>6}  "
+              f"bytes {_fmt_bytes(s['program_bytes']):>11}  ring bytes sent/device "
+              f"{_fmt_bytes(s['program_wire_bytes']):>11}{cpu}")
+    print("\nvs Megatron (logical all-reduces of activations over tp, per step):")
+    print(f"  measured {meas['tp_activation_reductions']}  ({_fmt_bytes(meas['tp_activation_bytes'])})"
+          f"   our formula {expected['tp_activation_reductions']}"
+          f"   Megatron minimum {expected['megatron_tp']}"
+          f" ({_fmt_bytes(expected.get('megatron_tp_bytes', 0))})")
+    flags = []
+    if meas["tp_activation_reductions"] != expected["tp_activation_reductions"]:
+        flags.append("census differs from the formula in spmd_lora/hlo.py: update one of them")
+    if expected["extra_tp"]:
+        terms = {k: v - expected["megatron"][k] for k, v in expected["ours"].items()
+                 if v != expected["megatron"][k]}
+        flags.append(f"{expected['extra_tp']} extra tp all-reduces per step: {terms} (see "
+                     "hlo.megatron_minimum: one pcast to varying per block removes them)")
+    if meas["non_all_reduce_ops"]:
+        flags.append(f"{meas['non_all_reduce_ops']} non-all-reduce collectives per step "
+                     "(all-gather of a weight?): "
+                     + ", ".join(sorted({f"{r['kind']}@{r['source']}" for r in census
+                                         if r['kind'] != 'all-reduce'})))
+    if meas["lora_grad_bytes"] > expected["lora_grad_bytes_minimum"] > 0:
+        flags.append(f"LoRA gradient reductions move {_fmt_bytes(meas['lora_grad_bytes'])}/step "
+                     f"({meas['lora_grad_reductions']} arrays, inside the layer scan, per "
+                     f"micro-batch) vs {_fmt_bytes(expected['lora_grad_bytes_minimum'])} for one "
+                     "reduction of all LoRA gradients per step")
+    for f in flags:
+        print("  ! " + f)
+
+    result = {"args": vars(args), "compile_s": compile_s, "census": census, "summary": summary,
+              "measured": meas, "expected": expected, "flags": flags,
+              "backend": mesh.devices.flat[0].platform}
+    if args.time:
+        import jax
+        backend = jax.default_backend()
+        note = ("CPU: fake host devices share the CPU cores; times are XLA:CPU in-process "
+                "collectives, not a network" if backend == "cpu" else f"{backend} micro-benchmarks")
+        print(f"\ncollective micro-benchmarks ({note}):")
+        timings = time_collectives(census, mesh, iters=args.time_iters, max_bytes=args.time_max_bytes)
+        total = 0.0
+        for t in timings:
+            if "skipped" in t:
+                print(f"  {t['kind']:<14} {t['axis']:<6} {_shape_str(t['shapes']):<34} skipped: {t['skipped']}")
+            else:
+                total += t["seconds_per_step"]
+                print(f"  {t['kind']:<14} {t['axis']:<6} {_shape_str(t['shapes']):<34} "
+                      f"{t['seconds'] * 1e3:9.3f} ms x {t['count']:>5} = {t['seconds_per_step'] * 1e3:10.1f} ms/step")
+        print(f"  total (timed shapes): {total * 1e3:.1f} ms/step")
+        result["timings"] = {"backend": backend, "note": note, "rows": timings,
+                             "total_seconds_per_step": total}
+        if backend == "gpu" and not args.trace:
+            args.trace = "profile_trace"
+    if args.trace:
+        # GPU path (runs on CPU too for small models): real steps under jax.profiler.trace.
+        res = trace_steps(args, cfg, lora_cfg, mesh, args.trace, args.trace_steps)
+        print(f"\njax.profiler trace of {args.trace_steps} steps in {res['trace_dir']} "
+              f"(median step {statistics.median(res['step_seconds']) * 1e3:.1f} ms); open with "
+              "TensorBoard's profile plugin / XProf to read each collective's device time")
+        result["trace"] = res
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
