@@ -35,7 +35,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING
         hint = hints[field.name]
-        if hint is bool:
+        if field.name == "output_dir":
+            parser.add_argument(flag, "--output", dest="output_dir", required=True)
+        elif hint is bool:
             parser.add_argument(flag, action="store_true", default=field.default)
         elif field.name == "lora_targets":
             parser.add_argument(flag, default=",".join(field.default),
@@ -181,6 +183,9 @@ def main(argv=None) -> int:
         from .plan import main as plan_main
         return _guard(lambda: plan_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "generate"):
+        from .mesh import initialize_distributed
+        initialize_distributed()
     _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)))
     return _guard(lambda: args.func(args))
 

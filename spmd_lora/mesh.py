@@ -71,7 +71,8 @@ def initialize_distributed() -> None:
 
     Call once per process before any other JAX call. It runs ``jax.distributed.initialize()``
     when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``),
-    or under SLURM / Open MPI, where JAX discovers the cluster itself; otherwise it does nothing.
+    or under SLURM / Open MPI with more than one task, where JAX discovers the cluster itself;
+    otherwise it does nothing. The ``spmd-lora`` CLI calls it for train/eval/generate.
     """
     if jax.distributed.is_initialized():
         return
@@ -80,7 +81,8 @@ def initialize_distributed() -> None:
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif "SLURM_JOB_ID" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
+            int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         jax.distributed.initialize()
 
 
