@@ -1,9 +1,10 @@
-"""Reading HF weight files slice by slice.
+"""Reading and writing HF weight files.
 
 ``WeightFiles`` indexes a model directory (``model.safetensors``, or a sharded set listed in
 ``model.safetensors.index.json``) and hands out memory-mapped numpy views, so reading one
 device's shard touches only those bytes. Pickle ``.bin`` checkpoints can run arbitrary code when
-loaded and are refused unless ``allow_pickle=True``.
+loaded and are refused unless ``allow_pickle=True``. ``write_safetensors_checkpoint`` writes
+the same layout tensor by tensor (merged exports, tiny test models).
 """
 from __future__ import annotations
 
@@ -118,3 +119,85 @@ class WeightFiles:
             raise CheckpointError(
                 f"{self.dir}: tensor {name!r} has shape {list(found)}, config.json implies "
                 f"{list(shape)}; the weights do not match the config")
+
+
+# ----------------------------------------------------------------------------- writing
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a HF-style size string ("200KB", "5GB", "10MiB")."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return int(float(text[:-len(unit)]) * _SIZE_UNITS[unit])
+            except ValueError:
+                break
+    raise CheckpointError(f"max_shard_size {size!r} is not a size like 200KB, 5GB or 10MiB")
+
+
+def _plan_shards(names, nbytes, max_shard_size):
+    """Greedy split of ``names`` (in order) into shards of at most ``max_shard_size`` bytes
+    (a tensor larger than that gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for n in names:
+        if current and size + nbytes[n] > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(n)
+        size += nbytes[n]
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_shard(path: Path, names, shapes, dtypes, produce) -> None:
+    """Write one safetensors file, producing each tensor only while it is written."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        size = int(np.prod(shapes[n])) * dtypes[n].itemsize
+        header[n] = {"dtype": _DTYPE_NAMES[dtypes[n]], "shape": list(shapes[n]),
+                     "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for n in names:
+            t = np.ascontiguousarray(produce(n))
+            if t.shape != tuple(shapes[n]) or t.dtype != dtypes[n]:
+                raise CheckpointError(f"internal: {n} produced {t.dtype}{list(t.shape)}")
+            f.write(memoryview(t.reshape(-1).view(np.uint8)))
+            del t
+
+
+def write_safetensors_checkpoint(out_dir, names, shapes, dtypes, produce, max_shard_size) -> None:
+    """Write tensors ``names`` (in that order) into ``out_dir`` as ``model.safetensors``, or as
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` when they exceed
+    ``max_shard_size`` (bytes or "200KB"-style). ``produce(name)`` returns the numpy array of
+    ``shapes[name]`` / ``dtypes[name]``; it is called once per tensor, while that tensor is
+    written, so at most one tensor is in memory at a time."""
+    out = Path(out_dir)
+    for n in names:
+        if np.dtype(dtypes[n]) not in _DTYPE_NAMES:
+            raise CheckpointError(f"tensor {n!r} has dtype {dtypes[n]}, which safetensors cannot hold")
+    dtypes = {n: np.dtype(dtypes[n]) for n in names}
+    nbytes = {n: int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names}
+    shards = _plan_shards(names, nbytes, parse_size(max_shard_size))
+    if len(shards) == 1:
+        _write_shard(out / "model.safetensors", shards[0], shapes, dtypes, produce)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(out / fname, shard, shapes, dtypes, produce)
+        weight_map.update({n: fname for n in shard})
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

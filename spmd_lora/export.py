@@ -10,16 +10,14 @@ The whole directory appears atomically (written in a temporary directory next to
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint_io import SAFETENSORS_DTYPES, WeightFiles
+from .checkpoint_io import WeightFiles, write_safetensors_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hf import hf_layer_key
@@ -29,47 +27,10 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                 "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _plan_shards(names, nbytes, max_shard_size):
-    """Greedy split of ``names`` (in order) into shards of at most ``max_shard_size`` bytes
-    (a tensor larger than that gets a shard of its own)."""
-    shards, current, size = [], [], 0
-    for n in names:
-        if current and size + nbytes[n] > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(n)
-        size += nbytes[n]
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _write_shard(path: Path, names, shapes, dtypes, produce) -> None:
-    """Write one safetensors file, producing each tensor only while it is written."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for n in names:
-        size = int(np.prod(shapes[n])) * dtypes[n].itemsize
-        header[n] = {"dtype": _DTYPE_NAMES[dtypes[n]], "shape": list(shapes[n]),
-                     "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for n in names:
-            t = np.ascontiguousarray(produce(n))
-            if t.shape != tuple(shapes[n]) or t.dtype != dtypes[n]:
-                raise CheckpointError(f"internal: {n} produced {t.dtype}{list(t.shape)}")
-            f.write(memoryview(t.reshape(-1).view(np.uint8)))
-            del t
 
 
 def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
@@ -108,13 +69,7 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
 
     names = sorted(files.names(), key=_natural_key)
     shapes = {n: files.shape(n) for n in names}
-    dtypes = {}
-    for n in names:
-        dt = np.dtype(files.get(n).dtype)
-        if dt not in _DTYPE_NAMES:
-            raise CheckpointError(f"{model_dir}: tensor {n!r} has dtype {dt}, which cannot be exported")
-        dtypes[n] = dt
-    nbytes = {n: int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names}
+    dtypes = {n: np.dtype(files.get(n).dtype) for n in names}
 
     def produce(n):
         w = files.get(n)
@@ -126,20 +81,10 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
         delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
         return (np.asarray(w, np.float32) + delta).astype(w.dtype)
 
-    shards = _plan_shards(names, nbytes, max_shard_size_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        if len(shards) == 1:
-            _write_shard(tmp / "model.safetensors", shards[0], shapes, dtypes, produce)
-        else:
-            weight_map = {}
-            for k, shard in enumerate(shards):
-                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(tmp / fname, shard, shapes, dtypes, produce)
-                weight_map.update({n: fname for n in shard})
-            index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_safetensors_checkpoint(tmp, names, shapes, dtypes, produce, max_shard_size_bytes)
         for fname in COPIED_FILES:
             if (model_dir / fname).is_file():
                 shutil.copy2(model_dir / fname, tmp / fname)

@@ -122,6 +122,26 @@ def _check_tokenizer(tok, out: Path) -> None:
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _tiny_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """HF LlamaForCausalLM tensor names -> shapes ([out, in] for linears), in HF's order."""
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+    shapes["model.norm.weight"] = (d,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
 def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
                      intermediate_size: int = 128, num_hidden_layers: int = 2,
                      num_attention_heads: int = 4, num_key_value_heads: int = 2,
@@ -130,18 +150,21 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
                      seed: int = 0, max_shard_size="200KB", with_tokenizer: bool = True,
                      dtype: str = "float32", init_std: float = 0.1,
                      tokenizer_vocab_size: int | None = None) -> Path:
-    """Save a random tiny ``LlamaForCausalLM`` (sharded safetensors) to ``out_dir``.
+    """Save a random tiny HF ``LlamaForCausalLM`` checkpoint (config.json + sharded safetensors)
+    to ``out_dir``, with numpy only (no torch needed, so the demo runs on a bare install).
 
-    Weights are re-initialised with ``torch.manual_seed(seed)``: every Linear / Embedding
+    Weights come from ``numpy.random.default_rng(seed)``: every Linear / Embedding
     ``N(0, init_std)`` and every RMSNorm weight ``1 + 0.1 * N(0, 1)``, so logits are far from
     flat and norm weights matter. With ``with_tokenizer`` the tokenizer of
     :func:`build_tokenizer` with
     ``tokenizer_vocab_size`` pieces (default: ``vocab_size``) is saved alongside; the model's
     ``vocab_size`` may be larger than the tokenizer's, never smaller. Returns ``Path(out_dir)``.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+    import ml_dtypes
+    import numpy as np
+    from transformers import LlamaConfig
+
+    from .checkpoint_io import write_safetensors_checkpoint
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {_DTYPES}")
@@ -164,23 +187,19 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
                       max_position_embeddings=max_position_embeddings, rope_theta=rope_theta,
                       tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-5,
                       bos_token_id=1, eos_token_id=2, pad_token_id=None, **kwargs)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(init_std * torch.randn_like(p))
-    model = model.to(getattr(torch, dtype)).eval()
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.dtype = dtype
+    cfg.save_pretrained(str(out))
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    shapes = _tiny_tensor_shapes(cfg.to_dict())
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in shapes.items():                     # drawn in a fixed order: reproducible
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        tensors[name] = (1.0 + 0.1 * noise if "norm" in name else init_std * noise).astype(np_dtype)
+    write_safetensors_checkpoint(out, list(shapes), shapes, {n: np_dtype for n in shapes},
+                                 tensors.pop, max_shard_size)
     return out
 
 

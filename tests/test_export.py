@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_lora import export as export_mod
+from spmd_lora import checkpoint_io
 from spmd_lora.errors import CheckpointError
 from spmd_lora.export import export_merged
 
@@ -82,7 +82,7 @@ def test_export_is_atomic_and_refuses_non_empty_output(hf_models, tmp_path, monk
         export_merged(path, tmp_path / "adapter", tmp_path / "busy")
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
 
-    real = export_mod._write_shard
+    real = checkpoint_io._write_shard
     calls = []
 
     def failing(*args, **kw):
@@ -91,12 +91,12 @@ def test_export_is_atomic_and_refuses_non_empty_output(hf_models, tmp_path, monk
             raise OSError("disk full")
         return real(*args, **kw)
 
-    monkeypatch.setattr(export_mod, "_write_shard", failing)
+    monkeypatch.setattr(checkpoint_io, "_write_shard", failing)
     with pytest.raises(OSError, match="disk full"):
         export_merged(path, tmp_path / "adapter", tmp_path / "out", max_shard_size_bytes=20_000)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "busy"]   # no temp dir left
-    monkeypatch.setattr(export_mod, "_write_shard", real)
+    monkeypatch.setattr(checkpoint_io, "_write_shard", real)
 
     out = export_merged(path, tmp_path / "adapter", tmp_path / "busy", overwrite=True)
     assert not (out / "x").exists() and (out / "config.json").is_file()

@@ -20,7 +20,8 @@ def test_tiny_llama_loads_with_transformers(tiny_dir):
     index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((tiny_dir / s).exists() for s in shards)
-    model = LlamaForCausalLM.from_pretrained(str(tiny_dir))
+    model, info = LlamaForCausalLM.from_pretrained(str(tiny_dir), output_loading_info=True)
+    assert not any(info.values()), info                 # every tensor found, none left over
     cfg = model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
             cfg.num_attention_heads, cfg.num_key_value_heads) == (512, 64, 128, 2, 4, 2)
@@ -36,6 +37,9 @@ def test_tiny_llama_loads_with_transformers(tiny_dir):
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 512) and torch.isfinite(logits).all()
     assert logits.std() > 0.2  # not trivially flat
+    import spmd_lora                                    # and our loader reads the same model
+    ours = np.asarray(spmd_lora.load_model(tiny_dir, tp=2).logits(np.array([ids])))
+    assert np.abs(ours - logits.numpy()).max() <= 1e-4 * np.abs(logits.numpy()).max()
 
 
 def test_tiny_llama_deterministic_and_options(tmp_path, tiny_dir):

@@ -146,7 +146,9 @@ def test_tp_and_dp_give_the_same_training(tiny_model, tmp_path):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         assert adapter.keys() == ref_adapter.keys()
         for name in adapter:
-            np.testing.assert_allclose(adapter[name], ref_adapter[name], rtol=1e-5, atol=1e-6,
+            # entries within 1e-5 (Adam's 1/sqrt(v) amplifies reduction-order rounding of
+            # near-zero gradient entries, so no tighter elementwise bound holds)
+            np.testing.assert_allclose(adapter[name], ref_adapter[name], rtol=0, atol=1e-5,
                                        err_msg=f"{key} {name}")
 
 
