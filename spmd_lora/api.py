@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from . import sharded
 from .config import ModelConfig
 from .hf import load_hf_params
-from .mesh import BATCH_SPEC, make_mesh
+from .mesh import BATCH_SPEC, make_mesh, put_global
 from .model import ForwardOptions
 
 
@@ -34,7 +34,7 @@ class Model:
                               attention_impl=self.attention)
 
     def _batch(self, x, dtype=jnp.int32):
-        return jax.device_put(jnp.asarray(np.asarray(x), dtype), NamedSharding(self.mesh, BATCH_SPEC))
+        return put_global(np.asarray(x, dtype), NamedSharding(self.mesh, BATCH_SPEC))
 
     @cached_property
     def _logits(self):

@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import model as M
 from .errors import ConfigError, DataError
 from .kernels import attention
-from .mesh import DP, TP, lora_specs, param_specs
+from .mesh import DP, TP, lora_specs, param_specs, put_global
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
@@ -291,7 +291,7 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
     opts = model.options
     cache_dtype = np.dtype(model.params["layers"]["k_proj"].dtype)
     prefill, decode = _programs(opts, mesh, mode, cache_dtype)
-    put = lambda x, spec: jax.device_put(jnp.asarray(x), NamedSharding(mesh, spec))
+    put = lambda x, spec: put_global(x, NamedSharding(mesh, spec))
     lora = model.lora or {}
     seed_arr = jnp.asarray(np.uint32(seed % 2 ** 32))
     pmask_d = put(pmask, P(DP, None))

@@ -107,6 +107,14 @@ def named(mesh: Mesh, spec_tree):
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def put_global(x, sharding):
+    """Place a host value that every process holds in full onto ``sharding``. Works with one
+    process and with several (each process fills only its own devices' shards)."""
+    import numpy as np
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicated_to_host(x):
     """numpy copy of a replicated array, also when it spans several processes (any local shard
     of a replicated array is the whole of it)."""

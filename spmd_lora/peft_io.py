@@ -29,7 +29,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError
 from .lora import TARGETS, LoraConfig, projection_dims
-from .mesh import replicated_to_host
+from .mesh import put_global, replicated_to_host
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -353,5 +353,5 @@ def load_adapter(adapter_dir, config: ModelConfig, mesh=None, allow_pickle: bool
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
         rep = NamedSharding(mesh, PartitionSpec())
-        return jax.tree.map(lambda x: jax.device_put(x, rep), tree), cfg
+        return jax.tree.map(lambda x: put_global(x, rep), tree), cfg
     return jax.tree.map(jnp.asarray, tree), cfg

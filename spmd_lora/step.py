@@ -11,11 +11,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import sharded
-from .mesh import DP, REPLICATED
+from .mesh import DP, REPLICATED, put_global
 from .model import ForwardOptions
 
 MICRO_BATCH_SPEC = P(None, DP, None)      # [accum, batch, seq]: batch over dp
@@ -92,9 +93,10 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
 def shard_micro_batches(batches: dict, mesh) -> dict:
     """Place host arrays [A, B, S] with the batch dimension split over dp."""
     sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    return {k: jax.device_put(jnp.asarray(v, jnp.int32), sharding) for k, v in batches.items()}
+    return {k: put_global(np.asarray(v, np.int32), sharding) for k, v in batches.items()}
 
 
 def replicate(tree, mesh):
     """Replicate a (small) tree, e.g. LoRA factors and optimizer state, on every device."""
-    return jax.device_put(tree, NamedSharding(mesh, REPLICATED))
+    replicated = NamedSharding(mesh, REPLICATED)
+    return jax.tree.map(lambda x: put_global(x, replicated), tree)
