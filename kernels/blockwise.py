@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from . import _vma
+from ._custom_vjp import attention_with_saved_lse
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 DEFAULT_BLOCK_Q = 512
@@ -205,23 +206,7 @@ def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise(q, k, v, seg, cfg):
-    return _forward(q, k, v, seg, cfg)[0]
-
-
-def _blockwise_fwd(q, k, v, seg, cfg):
-    out, lse = _forward(q, k, v, seg, cfg)
-    return out, (q, k, v, seg, out, lse)
-
-
-def _blockwise_bwd(cfg, res, do):
-    q, k, v, seg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, out, lse, do, cfg)
-    return dq, dk, dv, None
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise = attention_with_saved_lse(_forward, _backward)
 
 
 def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, block_q=None, block_k=None,

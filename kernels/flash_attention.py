@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _vma
+from ._custom_vjp import attention_with_saved_lse
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # tl.dot needs every tile dim >= 16
@@ -123,6 +124,16 @@ def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
 
 def _cdiv(a, b):
     return lax.div(a + (b - 1), b)
+
+
+def _tile_probs(q, k, lse, q_pos, k_pos, q_seg, k_seg, *, cfg, masked, kv_len, seq_pad):
+    """Backward: the [bq, bk] softmax probabilities exp(q k^T * scale - lse), recomputed from the
+    saved log-sum-exp and zeroed where masked. ``masked=False``: the tile lies wholly below the
+    causal diagonal and inside the real keys, so only segment ids can mask it."""
+    p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
+    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal=cfg.causal and masked,
+                 kv_len=kv_len if masked else seq_pad, seq_pad=seq_pad)
+    return p if mask is None else jnp.where(mask, p, 0.0)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -231,14 +242,10 @@ def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s = _dot_nt(q, k) * cfg.sm_scale
-        p = jnp.exp(s - lse[:, None])
         k_seg = seg_ref[pl.ds(k_start, bk)] if has_seg else None
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        mask = _mask(q_pos, k_pos, q_seg, k_seg, causal=cfg.causal and masked,
-                     kv_len=kv_len if masked else seq_pad, seq_pad=seq_pad)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
+        p = _tile_probs(q, k, lse, q_pos, k_pos, q_seg, k_seg, cfg=cfg, masked=masked,
+                        kv_len=kv_len, seq_pad=seq_pad)
         dp = _dot_nt(do, v)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
@@ -280,14 +287,10 @@ def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, grou
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        s = _dot_nt(q, k) * cfg.sm_scale
-        p = jnp.exp(s - lse[:, None])
         q_seg = seg_ref[pl.ds(q_start, bq)] if has_seg else None
         q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq,), 0)
-        mask = _mask(q_pos, k_pos, q_seg, k_seg, causal=cfg.causal and masked,
-                     kv_len=kv_len if masked else seq_pad, seq_pad=seq_pad)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
+        p = _tile_probs(q, k, lse, q_pos, k_pos, q_seg, k_seg, cfg=cfg, masked=masked,
+                        kv_len=kv_len, seq_pad=seq_pad)
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         dp = _dot_nt(do, v)
         ds = p * (dp - delta[:, None])
@@ -441,23 +444,7 @@ def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
     return dq[:, :s, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg):
-    return _forward(q, k, v, seg, cfg)[0]
-
-
-def _flash_fwd(q, k, v, seg, cfg):
-    out, lse = _forward(q, k, v, seg, cfg)
-    return out, (q, k, v, seg, out, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    q, k, v, seg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, out, lse, do, cfg)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = attention_with_saved_lse(_forward, _backward)
 
 
 def _clamp_block(block: int, seq_len: int) -> int:
