@@ -476,13 +476,13 @@ COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 def operand_role(shape, lora_rank: int | None) -> str:
-    """'scalar', 'lora_grad' (a rank-2 array with a dimension equal to the LoRA rank: the
-    per-layer gradient of an A [in, r] or B [r, out], whole or sliced) or 'activation'
-    (everything else: [B, S, D] / [B, S, r] inside layers, [N] / [N, D] in the cross-entropy).
-    Shape-based, so pick test dimensions that differ from r."""
+    """'scalar', 'lora_grad' (a LoRA gradient: A [L, in, r] / B [L, r, out] stacked over layers,
+    or one layer's [in, r] / [r, out]) or 'activation' (everything else: [B, S, D] inside
+    layers, [N] / [N, D] in the cross-entropy). Shape-based, so pick test dimensions that
+    differ from r."""
     if len(shape) == 0:
         return "scalar"
-    if lora_rank and len(shape) == 2 and lora_rank in shape:
+    if lora_rank and len(shape) in (2, 3) and lora_rank in shape[-2:]:
         return "lora_grad"
     return "activation"
 
@@ -524,15 +524,13 @@ def megatron_minimum(cfg, tp: int, dp: int = 1, *, lora=None, remat: str = "full
 
     Without the per-block ``pcast`` JAX transposes each implicit ``pvary`` of the replicated
     layer input separately (one psum per use): 5 L backward plus one [B,S,r] psum per
-    LoRA-targeted column projection. With it, the LoRA A gradients of column projections are
-    psummed over tp instead (weight-sized [in, r] arrays, counted as LoRA gradient reductions).
+    LoRA-targeted column projection.
 
-    LoRA weight gradients are all-reduced over tp and/or dp inside the backward layer scan,
-    i.e. once per layer per micro-batch, with XLA choosing how to split them between tp, dp and
-    dp+tp groups (so their count is measured, not predicted). The minimum is one reduction of
-    all LoRA gradients per step after accumulation: ``lora_grad_bytes_minimum`` (fp32 LoRA
-    size when tp*dp > 1). Over **dp** also the loss sum and token count (2 scalars) per
-    micro-batch.
+    LoRA weight gradients are accumulated per device over all micro-batches (the step takes
+    them w.r.t. a (dp, tp)-varying copy of the factors, so the backward emits no LoRA
+    collective) and all-reduced ONCE per step over the whole mesh after the accumulation scan:
+    ``lora_grad_bytes_minimum`` (fp32 LoRA size when tp*dp > 1). Over **dp** also the loss sum
+    and token count (2 scalars) per step.
 
     ``tokens``: local tokens per micro-batch (B_local * S) to also return byte estimates with
     ``dtype_bytes`` per activation element.
@@ -555,7 +553,7 @@ def megatron_minimum(cfg, tp: int, dp: int = 1, *, lora=None, remat: str = "full
         "extra_tp": sum(ours.values()) - sum(mega.values()),
         "lora_grad_bytes_minimum": (4 * r * L * sum(sum(_proj_dims(cfg, t)) for t in targets)
                                     if (tp > 1 or dp > 1) else 0),
-        "dp_scalars": 2 * A if dp > 1 else 0,
+        "dp_scalars": 2 if dp > 1 else 0,
     }
     if tokens:
         D = cfg.hidden_size

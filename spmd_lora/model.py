@@ -252,6 +252,14 @@ def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
     return jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
 
 
+def loss_sum(params, lora, tokens, loss_mask, positions, segment_ids, opts: ForwardOptions,
+             key=None):
+    """Per-device loss of this device's batch rows: (sum of token losses, number of target
+    tokens), both tp-invariant and local to this dp shard."""
+    h = hidden_states(params, lora, tokens, positions, segment_ids, opts, key)
+    return cross_entropy_sum(h, tokens, loss_mask, params, opts)
+
+
 def cross_entropy_sum(h, tokens, loss_mask, params, opts: ForwardOptions):
     """Next-token loss. h [B, S, D]; tokens, loss_mask [B, S] (loss_mask[t] = 1 when token t is a
     target, i.e. HF labels != -100). Returns (sum of losses, number of target tokens), local to

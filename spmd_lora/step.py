@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import sharded
-from .mesh import DP, REPLICATED, put_global
+from . import model, sharded
+from .mesh import DP, REPLICATED, TP, lora_specs, param_specs, put_global
 from .model import ForwardOptions
 
 MICRO_BATCH_SPEC = P(None, DP, None)      # [accum, batch, seq]: batch over dp
@@ -60,25 +60,47 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
     ``tokens``, ``loss_mask`` and optionally ``positions``, ``segment_ids``. ``key``: PRNG key
     for LoRA dropout. ``lora`` and ``opt_state`` are donated. metrics: loss (token mean),
     grad_norm (before clipping), tokens (target tokens in the step).
+
+    Gradients are taken per device inside the shard_map, w.r.t. a copy of the LoRA factors cast
+    to varying over (dp, tp): the backward then emits no LoRA-gradient collective at all, the
+    micro-batch gradients accumulate locally, and ONE psum over the mesh per step reduces them
+    (instead of one per layer and micro-batch).
     """
-    loss_sum = sharded.loss_sum_fn(opts, mesh)
     use_dropout = opts.lora is not None and opts.lora.dropout > 0.0
 
-    def step(params, lora, opt_state, batches, key):
+    def accumulate(params, lora, batches, key):
+        """Per device. Returns (LoRA gradients of the summed token loss, loss sum, token count),
+        all summed over the mesh."""
+        lora_v = jax.lax.pcast(lora, (DP, TP), to="varying")
+        varying = lambda x, axes: jax.lax.pcast(x, axes, to="varying")
+
         def micro(carry, xs):
             grad_acc, loss_acc, count_acc = carry
             batch, index = xs
             micro_key = jax.random.fold_in(key, index) if use_dropout else None
+            positions, segment_ids = sharded.batch_extras(
+                batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
             (total, count), grads = jax.value_and_grad(
-                lambda lp: loss_sum(params, lp, batch, micro_key), has_aux=True)(lora)
+                lambda lp: model.loss_sum(params, lp, batch["tokens"], batch["loss_mask"],
+                                          positions, segment_ids, opts, micro_key),
+                has_aux=True)(lora_v)
             grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
             return (grad_acc, loss_acc + total, count_acc + count), None
 
         n_micro = batches["tokens"].shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, lora)
+        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), (DP, TP)), lora)
+        scalar0 = varying(jnp.zeros((), jnp.float32), (DP,))
         (grads, total, count), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-            (batches, jnp.arange(n_micro)))
+            micro, (zeros, scalar0, scalar0), (batches, jnp.arange(n_micro)))
+        return jax.lax.psum(grads, (DP, TP)), jax.lax.psum(total, DP), jax.lax.psum(count, DP)
+
+    def step(params, lora, opt_state, batches, key):
+        per_device = jax.shard_map(
+            accumulate, mesh=mesh,
+            in_specs=(param_specs(params), lora_specs(lora),
+                      {k: MICRO_BATCH_SPEC for k in batches}, REPLICATED),
+            out_specs=(lora_specs(lora), REPLICATED, REPLICATED), check_vma=True)
+        grads, total, count = per_device(params, lora, batches, key)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
