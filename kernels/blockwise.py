@@ -26,6 +26,7 @@ from jax import lax
 
 from . import _vma
 from ._custom_vjp import attention_with_saved_lse
+from ._masks import position_mask
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 DEFAULT_BLOCK_Q = 512
@@ -55,12 +56,7 @@ def _pad_seq(x, seq_pad, value=0):
 
 def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
     """Mask broadcastable to [B, KV, G, bq, bk], or None."""
-    mask = None
-    if causal:
-        mask = q_pos[:, None] >= k_pos[None, :]
-    if kv_len < seq_pad:
-        m = jnp.broadcast_to(k_pos[None, :] < kv_len, (q_pos.shape[0], k_pos.shape[0]))
-        mask = m if mask is None else mask & m
+    mask = position_mask(q_pos, k_pos, causal=causal, kv_len=kv_len, seq_pad=seq_pad)
     if mask is not None:
         mask = mask[None, None, None]
     if q_seg is not None:  # [B, bq], [B, bk]

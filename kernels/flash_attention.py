@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 
 from . import _vma
 from ._custom_vjp import attention_with_saved_lse
+from ._masks import position_mask
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # tl.dot needs every tile dim >= 16
@@ -108,14 +109,15 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _with_seg_ref(refs, has_seg: bool):
+    """A kernel's refs with the segment-id ref (4th, after q, k, v) set to None when the call
+    has no segment ids, so every kernel unpacks one fixed layout."""
+    return refs if has_seg else (*refs[:3], None, *refs[3:])
+
+
 def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
     """Boolean [bq, bk] mask or None. q_pos/k_pos: absolute positions (int32 vectors)."""
-    mask = None
-    if causal:
-        mask = q_pos[:, None] >= k_pos[None, :]
-    if kv_len < seq_pad:
-        m = jnp.broadcast_to(k_pos[None, :] < kv_len, (q_pos.shape[0], k_pos.shape[0]))
-        mask = m if mask is None else mask & m
+    mask = position_mask(q_pos, k_pos, causal=causal, kv_len=kv_len, seq_pad=seq_pad)
     if q_seg is not None:
         m = q_seg[:, None] == k_seg[None, :]
         mask = m if mask is None else mask & m
@@ -139,11 +141,7 @@ def _tile_probs(q, k, lse, q_pos, k_pos, q_seg, k_seg, *, cfg, masked, kv_len, s
 # ----------------------------------------------------------------------------- forward
 
 def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
-    if has_seg:
-        q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-        seg_ref = None
+    q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref = _with_seg_ref(refs, has_seg)
     bq, bk = cfg.bq, cfg.bk
     nk = seq_pad // bk
     i = pl.program_id(0)
@@ -222,11 +220,7 @@ def _fwd_call(q, k, v, seg, cfg: _Cfg, kv_len: int):
 # ----------------------------------------------------------------------------- backward: dq
 
 def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
-    if has_seg:
-        q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-        seg_ref = None
+    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref = _with_seg_ref(refs, has_seg)
     bq, bk = cfg.bq_bwd, cfg.bk_bwd
     nk = seq_pad // bk
     i = pl.program_id(0)
@@ -266,11 +260,8 @@ def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
 # ----------------------------------------------------------------------------- backward: dk, dv
 
 def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, group: int):
-    if has_seg:
-        q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-        seg_ref = None
+    (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref,
+     dv_ref) = _with_seg_ref(refs, has_seg)
     bq, bk = cfg.bq_bwd, cfg.bk_bwd
     nq = seq_pad // bq
     j = pl.program_id(0)

@@ -15,6 +15,25 @@ from .errors import ConfigError
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def read_json_config(directory, filename: str, kind: str, needed_by: str, error):
+    """(path, dict) of ``directory/filename``; ``error`` (an SpmdLoraError class) with a clear
+    message when the directory or file is missing, not JSON, or not a JSON object. ``kind``
+    names the directory ("model"), ``needed_by`` what needs the file ("a HF model")."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise error(f"{kind} directory not found: {directory}")
+    path = directory / filename
+    if not path.is_file():
+        raise error(f"{path} not found: {needed_by} directory needs {filename}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return path, data
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Rotary-embedding frequency scaling (HF ``rope_scaling`` / ``rope_parameters``)."""
@@ -142,15 +161,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not Path(model_dir).is_dir():
-            raise ConfigError(f"model directory not found: {model_dir}")
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: a HF model directory needs config.json")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        path, d = read_json_config(model_dir, "config.json", "model", "a HF model", ConfigError)
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:

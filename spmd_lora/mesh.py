@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .errors import ConfigError
@@ -110,7 +111,6 @@ def named(mesh: Mesh, spec_tree):
 def put_global(x, sharding):
     """Place a host value that every process holds in full onto ``sharding``. Works with one
     process and with several (each process fills only its own devices' shards)."""
-    import numpy as np
     x = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
@@ -118,7 +118,6 @@ def put_global(x, sharding):
 def replicated_to_host(x):
     """numpy copy of a replicated array, also when it spans several processes (any local shard
     of a replicated array is the whole of it)."""
-    import numpy as np
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_shards[0].data
     return np.asarray(jax.device_get(x))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_config
 from .errors import CheckpointError
 from .lora import TARGETS, LoraConfig, projection_dims
 from .mesh import put_global, replicated_to_host
@@ -183,18 +183,8 @@ def save_adapter(out_dir, lora: dict, lora_config: LoraConfig, base_model_path=N
 def read_adapter_config(adapter_dir) -> tuple[dict, LoraConfig]:
     """(raw adapter_config.json dict, validated LoraConfig); CheckpointError on anything we
     cannot represent."""
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"adapter directory not found: {d}")
-    path = d / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: a PEFT adapter directory needs {ADAPTER_CONFIG}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    path, raw = read_json_config(adapter_dir, ADAPTER_CONFIG, "adapter", "a PEFT adapter",
+                                 CheckpointError)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported; only LORA")
     for field, (ok, why) in _UNSUPPORTED_FIELDS.items():

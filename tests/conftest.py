@@ -50,6 +50,27 @@ def build_hf_llama(path, seed=0, max_shard_size=None, dtype="float32", **kwargs)
     return model
 
 
+def make_peft_adapter(hf, out_dir, seed=0, **lora_kwargs):
+    """Save a PEFT LoRA adapter for the torch model ``hf`` (default: r=4, alpha=8 on all seven
+    projections) with random non-zero B (std 0.2) to ``out_dir``; returns the PeftModel."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"])
+    kw.update(lora_kwargs)
+    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(**kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn_like(p))
+    pm.save_pretrained(str(out_dir))
+    return pm.eval()
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """name -> (directory, torch model) for every config in CONFIGS, built once per session."""

@@ -1,5 +1,4 @@
 """Merged export: base + adapter -> a standalone sharded HF checkpoint."""
-import copy
 import json
 import shutil
 
@@ -10,27 +9,13 @@ import torch
 from spmd_lora import checkpoint_io
 from spmd_lora.errors import CheckpointError
 from spmd_lora.export import export_merged
+from conftest import make_peft_adapter
 
 TOL = 1e-4
 
 
 def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
-
-
-def make_peft_adapter(hf, out_dir, **kw):
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(0)
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                  "gate_proj", "up_proj", "down_proj"])
-    cfg.update(kw)
-    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.2 * torch.randn_like(p))
-    pm.save_pretrained(str(out_dir))
-    return pm.eval()
 
 
 @pytest.mark.parametrize("name,rslora", [("gqa4", False), ("tied", True)])

@@ -104,6 +104,12 @@ def test_config_errors(tmp_path):
         ModelConfig.from_hf_dict({"hidden_size": 8})
     with pytest.raises(ConfigError, match="neither a model directory nor a preset"):
         resolve_model_config("llama9-1t")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        ModelConfig.from_pretrained(tmp_path)
 
 
 def test_presets_and_hf_round_trip(tmp_path):

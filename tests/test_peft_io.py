@@ -12,6 +12,7 @@ import spmd_lora
 from spmd_lora.errors import CheckpointError
 from spmd_lora.lora import TARGETS, LoraConfig, init_lora
 from spmd_lora.peft_io import load_adapter, read_adapter, save_adapter
+from conftest import make_peft_adapter
 
 TOL = 1e-4
 
@@ -76,20 +77,6 @@ def test_our_adapter_loads_in_peft_with_equal_logits(hf_models, tmp_path, name, 
         for f in "ab":
             np.testing.assert_array_equal(np.asarray(lora2["layers"][proj][f]),
                                           np.asarray(model.lora["layers"][proj][f]))
-
-
-def make_peft_adapter(hf, out_dir, seed=0, **lora_kwargs):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    torch.manual_seed(seed)
-    kw = dict(r=4, lora_alpha=8, target_modules=list(TARGETS))
-    kw.update(lora_kwargs)
-    pm = get_peft_model(copy.deepcopy(hf), PeftLoraConfig(**kw))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.2 * torch.randn_like(p))
-    pm.save_pretrained(str(out_dir))
-    return pm.eval()
 
 
 @pytest.mark.parametrize("rslora", [False, True])
