@@ -28,6 +28,7 @@ by a 32-step bisection over float32 bit patterns, each step one ``psum`` of [B] 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,7 +43,6 @@ from .mesh import DP, TP, lora_specs, param_specs, put_global
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
-_NO_KEYS = (None,) * 7
 
 
 # ----------------------------------------------------------------------------- per device
@@ -78,8 +78,8 @@ def _layer(x, p, lora, ck, cv, cos, sin, mask, start, segments, opts: M.ForwardO
         o = attention(q, k, v, causal=True, segment_ids=segments, impl=opts.attention_impl)
     else:
         o = _cached_attention(q, ck, cv, mask)
-    x = x + M.row_linear(o.reshape(b, t, -1), p["o_proj"], lora.get("o_proj"), opts)
-    return x + M.mlp_block(M.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p, lora, opts, _NO_KEYS), ck, cv
+    x = x + jax.lax.psum(M.row_linear(o.reshape(b, t, -1), p["o_proj"], lora.get("o_proj"), opts), TP)
+    return x + M.mlp_block(x, p, lora, opts.layout(t), opts), ck, cv
 
 
 def _forward_cached(params, lora, ck, cv, tokens, positions, pmask, start, opts, prefill=False):
@@ -288,7 +288,8 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
         pmask[i, :plen - len(p)] = False
     positions = np.maximum(np.cumsum(pmask[:, :plen], axis=1) - 1, 0).astype(np.int32)
 
-    opts = model.options
+    # The KV cache holds whole sequences: generation runs the replicated (non-SP) layout.
+    opts = dataclasses.replace(model.options, sequence_parallel=False, mlp_chunk_tokens=0)
     cache_dtype = np.dtype(model.params["layers"]["k_proj"].dtype)
     prefill, decode = _programs(opts, mesh, mode, cache_dtype)
     put = lambda x, spec: put_global(x, NamedSharding(mesh, spec))

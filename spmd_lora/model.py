@@ -4,11 +4,19 @@ Every function here sees the LOCAL shard of one (dp, tp) device and communicates
 explicit collectives over the ``tp`` axis, Megatron-style:
 
 * column-parallel q/k/v/gate/up: local output columns, no collective;
-* row-parallel o/down: local input rows, one ``psum(tp)`` each (LoRA's rank-r term folded into it);
-* vocab-parallel embedding (one ``psum``) and vocab-parallel cross-entropy (``pmax`` + ``psum``
-  of sum-exp and of the target logit) that never gathers the full logits.
+* row-parallel o/down: local input rows; the partial outputs are summed over tp (LoRA's rank-r
+  term folded into that sum);
+* vocab-parallel embedding and vocab-parallel cross-entropy (``pmax`` + ``psum`` of sum-exp and
+  of the target logit) that never gathers the full logits.
 
-Shapes in comments are local: ``B`` local batch, ``S`` sequence, ``D`` hidden, ``Hl``/``KVl``
+Where the residual stream lives is the sequence layout's business
+(:mod:`spmd_lora.sequence_parallel`): replicated ``[B, S, D]`` on every tp device (the column
+block input is ``pcast`` to tp-varying, the row block output ``psum``-ed), or, with sequence
+parallelism, ``[B, S/tp, D]`` (``all_gather`` before a column block, ``psum_scatter`` after a row
+block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_tokens``).
+
+Shapes in comments are local: ``B`` local batch, ``S`` sequence (padded to a multiple of tp
+under sequence parallelism), ``R`` residual rows held (S/tp or S), ``D`` hidden, ``Hl``/``KVl``
 local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
 Norms, rotary tables and softmax run in float32 whatever the weight dtype.
 """
@@ -20,19 +28,31 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from . import dropout as lora_dropout
 from .config import ModelConfig
+from .dropout import Dropout
 from .kernels import attention
 from .lora import LoraConfig
 from .mesh import DP, TP
+from .sequence_parallel import SeqLayout, tiled
 
 F32 = jnp.float32
-REMAT_POLICIES = ("none", "full", "save-dots")
+REMAT_POLICIES = ("none", "full", "save-dots", "offload")
+# Names of the per-layer values the ``offload`` remat policy keeps in host memory.
+LAYER_INPUT, MLP_INPUT = "layer_input", "mlp_input"
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
-    """Static (compile-time) settings of the per-device forward."""
+    """Static (compile-time) settings of the per-device forward.
+
+    ``sequence_parallel``: shard the residual stream along the sequence over tp (only matters
+    when tp > 1). ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole
+    sequence at once). ``remat``: none | full | save-dots | offload (full, with the saved layer
+    inputs in host memory).
+    """
 
     cfg: ModelConfig
     tp: int
@@ -40,11 +60,21 @@ class ForwardOptions:
     attention_impl: str = "auto"
     remat: str = "none"
     ce_chunk_tokens: int = 4096
+    sequence_parallel: bool = True
+    mlp_chunk_tokens: int = 0
 
     def __post_init__(self):
+        from .errors import ConfigError
         if self.remat not in REMAT_POLICIES:
-            from .errors import ConfigError
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
+        if self.mlp_chunk_tokens < 0:
+            raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = off), got {self.mlp_chunk_tokens}")
+        if self.ce_chunk_tokens < 1:
+            raise ConfigError(f"ce_chunk_tokens must be >= 1, got {self.ce_chunk_tokens}")
+
+    def layout(self, seq_len: int) -> SeqLayout:
+        """The sequence layout of a batch of ``seq_len`` tokens."""
+        return SeqLayout(seq_len=seq_len, tp=self.tp, sp=self.sequence_parallel and self.tp > 1)
 
 
 # ----------------------------------------------------------------------------- basic layers
@@ -94,130 +124,189 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- LoRA-aware linears
 
-def _lora_delta(x, lora, b_cols, opts: ForwardOptions, key):
-    """dropout(x) [.., in] @ a [in, r] @ b[:, b_cols] [r, out_l] * scaling, in x.dtype."""
-    if opts.lora.dropout > 0.0 and key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - opts.lora.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - opts.lora.dropout), 0).astype(x.dtype)
+def _lora_delta(x, lora, b_cols, opts: ForwardOptions, drop: Dropout | None, cols):
+    """dropout(x) [.., in] @ a [in, r] @ b_cols [r, out_l] * scaling, in x.dtype. ``cols`` are
+    the global input-feature ids of x's columns (for the layout-independent dropout mask)."""
+    x = lora_dropout.apply(x, drop, cols, opts.lora.dropout)
     h = x @ lora["a"].astype(x.dtype)                                        # [.., r]
     return (h @ b_cols.astype(x.dtype)) * jnp.asarray(opts.lora.scaling, x.dtype)
 
 
-def column_linear(x, w, lora, unit, opts: ForwardOptions, key=None):
-    """Column-parallel projection. x [B, S, in] (replicated over tp); w [in, out_l] local columns.
-
-    ``unit`` = (units_total, unit_size) of the GLOBAL LoRA output (heads and head dim, or F and
-    1): this device's slice of b starts at unit ``axis_index(tp) * units_total // tp`` (so with
-    tp > KV, the devices sharing a kv head read the same columns of b). Returns [B, S, out_l].
-    """
+def column_linear(x, w, lora, unit, opts: ForwardOptions, drop: Dropout | None = None):
+    """Column-parallel projection. x [B, S, in] (the same on every tp device); w [in, out_l]
+    local columns. ``unit`` = (units_total, unit_size) of the GLOBAL LoRA output (heads and head
+    dim, or F and 1): this device's slice of b starts at unit ``axis_index(tp) * units_total //
+    tp`` (so with tp > KV, the devices sharing a kv head read the same columns of b).
+    Returns [B, S, out_l]; no collective."""
     y = x @ w
     if lora is not None:
         units, size = unit
-        width = w.shape[-1]
+        width = y.shape[-1]
         start = (jax.lax.axis_index(TP) * units // opts.tp) * size
         b_local = jax.lax.dynamic_slice_in_dim(lora["b"], start, width, axis=1)
-        y = y + _lora_delta(x, lora, b_local, opts, key)
+        cols = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        y = y + _lora_delta(x, lora, b_local, opts, drop, cols)
     return y
 
 
-def row_linear(x, w, lora, opts: ForwardOptions, key=None):
-    """Row-parallel projection. x [B, S, in_l] (local slice of the input features);
-    w [in_l, out] local rows. LoRA uses the local rows of a; its rank-r term is added before
-    the single psum(tp). Returns [B, S, out], replicated over tp."""
+def row_linear(x, w, lora, opts: ForwardOptions, drop: Dropout | None = None):
+    """Row-parallel projection. x [B, S, in_l] (local slice of the input features); w
+    [in_l, out] local rows. LoRA uses the local rows of a. Returns this device's PARTIAL sum
+    [B, S, out] (the caller reduces it over tp: psum or psum_scatter), so LoRA's rank-r term
+    rides in the same single reduction."""
     y = x @ w
     if lora is not None:
-        in_l = w.shape[0]
-        a_local = jax.lax.dynamic_slice_in_dim(lora["a"], jax.lax.axis_index(TP) * in_l, in_l, axis=0)
-        y = y + _lora_delta(x, {"a": a_local}, lora["b"], opts, key)
-    return jax.lax.psum(y, TP)
+        in_l = x.shape[-1]
+        start = jax.lax.axis_index(TP) * in_l
+        a_local = jax.lax.dynamic_slice_in_dim(lora["a"], start, in_l, axis=0)
+        cols = start + jnp.arange(in_l, dtype=jnp.int32)
+        y = y + _lora_delta(x, {"a": a_local}, lora["b"], opts, drop, cols)
+    return y
 
 
 # ----------------------------------------------------------------------------- blocks
 
-def attention_block(x, p, lora, cos, sin, segment_ids, opts: ForwardOptions, keys):
-    """x [B, S, D] -> [B, S, D] (after the o_proj psum)."""
+@dataclasses.dataclass(frozen=True)
+class SequenceInputs:
+    """Per-token inputs every layer reads, whole sequence on every tp device.
+
+    positions [B, S] int32 (rotary), segment_ids [B, S] int32 or None, rows [B, S] uint32 global
+    token row ids for LoRA dropout (or None without dropout)."""
+
+    layout: SeqLayout
+    positions: jax.Array
+    segment_ids: jax.Array | None
+    rows: jax.Array | None
+
+
+def _drop(key, rows, index):
+    """Dropout of projection ``index`` (q k v o gate up down = 0..6), or None."""
+    if key is None:
+        return None
+    return Dropout(jax.random.fold_in(key, index), rows)
+
+
+def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
+    """x [B, R, D] local residual rows -> [B, R, D] (after the o_proj reduction)."""
     cfg = opts.cfg
-    b, s, _ = x.shape
     hd = cfg.head_dim
-    q = column_linear(x, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts, keys[0])
-    k = column_linear(x, p["k_proj"], lora.get("k_proj"), (cfg.num_kv_heads, hd), opts, keys[1])
-    v = column_linear(x, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts, keys[2])
-    q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                         # [B, S, Hl, hd]
-    k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                         # [B, S, KVl, hd]
-    v = v.reshape(b, s, -1, hd)                                               # [B, S, KVl, hd]
-    o = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=opts.attention_impl)
-    return row_linear(o.reshape(b, s, -1), p["o_proj"], lora.get("o_proj"), opts, keys[3])
+    h = seq.layout.gather(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))    # [B, S, D]
+    b, s, _ = h.shape
+    q = column_linear(h, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
+                      _drop(key, seq.rows, 0))
+    k = column_linear(h, p["k_proj"], lora.get("k_proj"), (cfg.num_kv_heads, hd), opts,
+                      _drop(key, seq.rows, 1))
+    v = column_linear(h, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts,
+                      _drop(key, seq.rows, 2))
+    cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
+    q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
+    k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
+    v = v.reshape(b, s, -1, hd)                                             # [B, S, KVl, hd]
+    o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids, impl=opts.attention_impl)
+    y = row_linear(o.reshape(b, s, -1), p["o_proj"], lora.get("o_proj"), opts,
+                   _drop(key, seq.rows, 3))
+    return seq.layout.scatter(y)
 
 
-def mlp_block(x, p, lora, opts: ForwardOptions, keys):
-    """SwiGLU MLP. x [B, S, D] -> [B, S, D] (after the down_proj psum)."""
-    f = (opts.cfg.intermediate_size, 1)
-    gate = column_linear(x, p["gate_proj"], lora.get("gate_proj"), f, opts, keys[4])   # [B, S, Fl]
-    up = column_linear(x, p["up_proj"], lora.get("up_proj"), f, opts, keys[5])         # [B, S, Fl]
-    return row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts, keys[6])
+def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, rows=None):
+    """SwiGLU MLP of the local residual rows x [B, R, D] -> [B, R, D] (after the down_proj
+    reduction), over tiles of ``opts.mlp_chunk_tokens`` gathered tokens when set. ``rows``
+    [B, S] global token row ids for dropout."""
+    cfg = opts.cfg
+    f = (cfg.intermediate_size, 1)
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+
+    def mlp(h_tile, start):                                                 # [B, c, D] local
+        hg = layout.gather(h_tile)                                          # [B, g*c, D]
+        tile_rows = None
+        if key is not None:
+            idx = layout.tile_rows(start, h_tile.shape[1])
+            tile_rows = jnp.take(rows, idx, axis=1, mode="clip")
+        gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
+                             _drop(key, tile_rows, 4))                      # [B, g*c, Fl]
+        up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,
+                           _drop(key, tile_rows, 5))                        # [B, g*c, Fl]
+        y = row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts,
+                       _drop(key, tile_rows, 6))
+        return layout.scatter(y)
+
+    chunk = opts.mlp_chunk_tokens // layout.gather_factor
+    if opts.mlp_chunk_tokens and chunk < h.shape[1]:
+        return tiled(mlp, h, max(chunk, 1))
+    return mlp(h, 0)
 
 
-def decoder_layer(x, p, lora, cos, sin, segment_ids, opts: ForwardOptions, key):
-    """One pre-norm Llama layer: exactly two psum(tp). x [B, S, D] -> [B, S, D]."""
-    keys = _dropout_keys(key, opts)
-    eps = opts.cfg.rms_norm_eps
-    # The normed input is replicated over tp but feeds several column-parallel projections. Marking
-    # it tp-varying once here means the backward sums their input gradients locally and needs ONE
-    # psum per block (Megatron's f operator), instead of one per projection.
-    h = jax.lax.pcast(rms_norm(x, p["attn_norm"], eps), TP, to="varying")
-    x = x + attention_block(h, p, lora, cos, sin, segment_ids, opts, keys)
-    h = jax.lax.pcast(rms_norm(x, p["mlp_norm"], eps), TP, to="varying")
-    return x + mlp_block(h, p, lora, opts, keys)
+def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
+    """One pre-norm Llama layer on the local residual rows x [B, R, D] -> [B, R, D]: one
+    reduction over tp after o_proj and one after down_proj (psum, or psum_scatter with
+    sequence parallelism), and the matching gathers before the column blocks."""
+    x = checkpoint_name(x, LAYER_INPUT)
+    x = x + attention_block(x, p, lora, seq, opts, key)
+    x = checkpoint_name(x, MLP_INPUT)
+    return x + mlp_block(x, p, lora, seq.layout, opts, key, seq.rows)
 
 
-def _dropout_keys(key, opts: ForwardOptions):
-    """Seven per-projection keys (q k v o gate up down). Column-parallel inputs are identical on
-    every tp device, so their masks must be too; row-parallel inputs are per-device slices, so
-    their keys also fold in the tp index."""
-    if key is None or opts.lora is None or opts.lora.dropout == 0.0:
-        return (None,) * 7
-    keys = [jax.random.fold_in(key, i) for i in range(7)]
-    tp_index = jax.lax.axis_index(TP)
-    for i in (3, 6):
-        keys[i] = jax.random.fold_in(keys[i], tp_index)
-    return tuple(keys)
-
-
-def embed(tokens, table_local, opts: ForwardOptions):
-    """Vocab-parallel lookup. tokens [B, S]; table_local [Vl, D] -> [B, S, D] (psum over tp)."""
+def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = None):
+    """Vocab-parallel lookup. tokens [B, S]; table_local [Vl, D] -> the looked-up rows summed
+    over tp: [B, S, D] (psum), or this device's rows [B, R, D] under sequence parallelism."""
     vl = table_local.shape[0]
     local = tokens - jax.lax.axis_index(TP) * vl
     hit = (local >= 0) & (local < vl)
     rows = jnp.take(table_local, jnp.clip(local, 0, vl - 1), axis=0)
-    return jax.lax.psum(jnp.where(hit[..., None], rows, 0), TP)
+    rows = jnp.where(hit[..., None], rows, 0)
+    return layout.scatter(rows) if layout is not None else jax.lax.psum(rows, TP)
 
 
-def _remat(fn, policy: str):
-    if policy == "none":
+def _remat(fn, opts: ForwardOptions, layout: SeqLayout):
+    policies = jax.checkpoint_policies
+    if opts.remat == "none":
         return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if opts.remat == "full":
+        return jax.checkpoint(fn, policy=policies.nothing_saveable)
+    if opts.remat == "save-dots":
+        return jax.checkpoint(fn, policy=policies.dots_with_no_batch_dims_saveable)
+    # offload: recompute everything but the named layer inputs, which wait in host memory.
+    # Under sequence parallelism the MLP input (the residual after attention) is offloaded too,
+    # so the recompute needs no reduce-scatter: the step then moves exactly the bytes of the
+    # replicated layout's all-reduces.
+    names = [LAYER_INPUT, MLP_INPUT] if layout.sp else [LAYER_INPUT]
+    policy = policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+        offload_src="device", offload_dst="pinned_host")
+    return jax.checkpoint(fn, policy=policy)
+
+
+def dropout_rows(batch: int, seq_len: int, padded_len: int):
+    """[B, S_pad] uint32 global token row ids of this device's batch rows (dp-sharded)."""
+    first = jax.lax.axis_index(DP) * batch
+    b = (first + jnp.arange(batch, dtype=jnp.int32)).astype(jnp.uint32)
+    s = jnp.arange(padded_len, dtype=jnp.uint32)
+    return b[:, None] * jnp.uint32(seq_len) + s[None, :]
 
 
 def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOptions, key=None):
     """Embedding + all decoder layers (lax.scan over the stacked layers) + final norm.
 
-    tokens, positions [B, S] int32; segment_ids [B, S] int32 or None -> [B, S, D].
+    tokens, positions [B, S] int32; segment_ids [B, S] int32 or None. Returns this device's
+    residual rows [B, R, D] (``opts.layout(S)``: R = S, or S_pad/tp with sequence parallelism).
     """
-    x = embed(tokens, params["embed"], opts)
-    cos, sin = rope_tables(positions, opts.cfg)
+    b, s = tokens.shape
+    layout = opts.layout(s)
+    use_dropout = key is not None and opts.lora is not None and opts.lora.dropout > 0.0
+    seq = SequenceInputs(
+        layout=layout, positions=layout.pad(positions),
+        segment_ids=None if segment_ids is None else layout.pad(segment_ids, -1),
+        rows=dropout_rows(b, s, layout.padded_len) if use_dropout else None)
+    x = embed(layout.pad(tokens), params["embed"], opts, layout)            # [B, R, D]
     lora_layers = (lora or {}).get("layers", {})
-    if key is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(DP))
 
     def body(h, xs):
         p, lp, idx = xs
-        layer_key = None if key is None else jax.random.fold_in(key, idx)
-        return decoder_layer(h, p, lp, cos, sin, segment_ids, opts, layer_key), None
+        layer_key = jax.random.fold_in(key, idx) if use_dropout else None
+        return decoder_layer(h, p, lp, seq, opts, layer_key), None
 
     idx = jnp.arange(opts.cfg.num_layers)
-    x, _ = jax.lax.scan(_remat(body, opts.remat), x, (params["layers"], lora_layers, idx))
+    x, _ = jax.lax.scan(_remat(body, opts, layout), x, (params["layers"], lora_layers, idx))
     return rms_norm(x, params["final_norm"], opts.cfg.rms_norm_eps)
 
 
@@ -239,8 +328,8 @@ def local_logits(h, params, opts: ForwardOptions):
 
 
 def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
-    """Vocab-parallel cross-entropy of one chunk. h [N, D]; targets, weights [N].
-    Returns the weighted sum of per-token losses (replicated over tp)."""
+    """Vocab-parallel cross-entropy of one chunk. h [N, D] (the same rows on every tp device);
+    targets, weights [N]. Returns the weighted sum of per-token losses (replicated over tp)."""
     logits = local_logits(h, params, opts)                                   # [N, Vl]
     vl = logits.shape[-1]
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), TP)    # [N]
@@ -261,29 +350,41 @@ def loss_sum(params, lora, tokens, loss_mask, positions, segment_ids, opts: Forw
 
 
 def cross_entropy_sum(h, tokens, loss_mask, params, opts: ForwardOptions):
-    """Next-token loss. h [B, S, D]; tokens, loss_mask [B, S] (loss_mask[t] = 1 when token t is a
-    target, i.e. HF labels != -100). Returns (sum of losses, number of target tokens), local to
-    this dp shard. Runs over chunks of ``ce_chunk_tokens`` rows with rematerialisation, so the
-    [tokens, Vl] logits of only one chunk are ever live."""
-    b, s, d = h.shape
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1).reshape(-1)
+    """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); tokens, loss_mask
+    [B, S] whole (loss_mask[t] = 1 when token t is a target, i.e. HF labels != -100). Returns
+    (sum of losses, number of target tokens), local to this dp shard.
+
+    Runs over chunks of ``ce_chunk_tokens`` tokens with rematerialisation, so the [tokens, Vl]
+    logits of only one chunk are ever live. Under sequence parallelism a chunk is gathered from
+    every tp device's rows (all_gather; reduce-scatter of its gradient), so each token's loss is
+    computed once and the LM head is never gathered."""
+    b, s = tokens.shape
+    layout = opts.layout(s)
+    rows, d = h.shape[1], h.shape[2]
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
     weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-    weights = weights.reshape(-1).astype(F32)
-    h = h.reshape(-1, d)
-    n = h.shape[0]
-    chunk = min(opts.ce_chunk_tokens, n)
-    if chunk == n:
-        return _ce_chunk(h, targets, weights, params, opts), jnp.sum(weights)
-    pad = (-n) % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    targets, weights_p = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-    n_chunks = h.shape[0] // chunk
+    targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
+    count = jnp.sum(weights)
+    n = b * rows                                                              # local rows
+    g = layout.gather_factor
+    chunk = max(1, min(opts.ce_chunk_tokens // g, n))
+    n_chunks = -(-n // chunk)
+    hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
 
-    @jax.checkpoint
-    def chunk_loss(xs):
-        return _ce_chunk(*xs, params, opts)
+    def chunk_loss(h_chunk, j):
+        """Loss of local flat rows [j*chunk, (j+1)*chunk), gathered over tp when SP."""
+        flat = j * chunk + jnp.arange(chunk, dtype=jnp.int32)                # [c]
+        bi, local = flat // rows, flat % rows
+        seq_idx = (jnp.arange(g, dtype=jnp.int32)[:, None] * rows + local[None, :]).reshape(-1)
+        bi = jnp.tile(jnp.minimum(bi, b - 1), g)                             # [g*c]
+        valid = jnp.tile(flat < n, g)
+        t = targets[bi, seq_idx]
+        w = jnp.where(valid, weights[bi, seq_idx], 0.0)
+        hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
+        return _ce_chunk(hg, t, w, params, opts)
 
-    per_chunk = jax.lax.map(chunk_loss, (h.reshape(n_chunks, chunk, d),
-                                         targets.reshape(n_chunks, chunk),
-                                         weights_p.reshape(n_chunks, chunk)))    # [n_chunks]
-    return jnp.sum(per_chunk), jnp.sum(weights)
+    if n_chunks == 1:
+        return chunk_loss(hf, 0), count
+    per_chunk = jax.lax.map(jax.checkpoint(lambda xs: chunk_loss(*xs)),
+                            (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
+    return jnp.sum(per_chunk), count

@@ -54,6 +54,9 @@ def logits_fn(opts: model.ForwardOptions, mesh):
 
     def per_device(params, lora, tokens, positions, segment_ids):
         h = model.hidden_states(params, lora, tokens, positions, segment_ids, opts)
+        layout = opts.layout(tokens.shape[1])
+        if layout.sp:                                   # gather the sequence back: [B, S, D]
+            h = layout.gather(h)[:, :tokens.shape[1]]
         return model.local_logits(h, params, opts)                            # [B, S, Vl]
 
     def f(params, lora, tokens, positions=None, segment_ids=None):

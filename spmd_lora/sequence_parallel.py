@@ -1,0 +1,131 @@
+"""Sequence layout of the residual stream over the ``tp`` axis, and its collectives.
+
+Two layouts, chosen once per model by :class:`SeqLayout` (static, compile time):
+
+* **replicated** (plain Megatron tensor parallelism, or tp = 1): every tp device holds the whole
+  sequence, ``[B, S, D]``. A column-parallel block's input is marked tp-varying with
+  ``pcast`` (Megatron's ``f``: identity forward, one psum of the input gradient backward) and a
+  row-parallel block's partial output is summed with ``psum`` (Megatron's ``g``).
+* **sequence-parallel** (Megatron-SP, Korthikanti et al. 2022): device ``d`` holds rows
+  ``[d*R, (d+1)*R)`` of the sequence padded to ``S_pad = tp*R``, i.e. ``[B, R, D]``. A column
+  block's input is ``all_gather``-ed along S over tp (backward: ``psum_scatter``), a row block's
+  partial output is ``psum_scatter``-ed along S (backward: ``all_gather``). Same bytes on the
+  wire as the all-reduce (an all-reduce is a reduce-scatter plus an all-gather), tp x less
+  memory for everything outside the column -> row blocks: the residual stream, the norms and the
+  remat-saved layer inputs.
+
+Token-level inputs (tokens, positions, segment ids, loss mask) stay whole ``[B, S]`` on every tp
+device in both layouts (a few bytes per token): the vocab-parallel embedding needs every token
+on every device, and attention needs every position. With sequence parallelism the sequence is
+padded to ``S_pad`` internally: padded tokens come last, get loss weight 0, and causal masking
+keeps every real token from seeing them.
+
+**Tiles.** Position-wise work (the MLP, the cross-entropy) may run over tiles of the local rows
+so no ``[S, F/tp]`` or ``[S, V/tp]`` intermediate is ever whole: tile ``j`` of ``n`` takes local
+rows ``[j*c, (j+1)*c)``; gathered, it holds global rows ``d*R + j*c + i`` (d-major), which
+:meth:`SeqLayout.tile_rows` returns. The replicated layout tiles the same way with tp = 1 rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .mesh import TP
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqLayout:
+    """How one device holds a sequence of ``seq_len`` tokens. Static (hashable)."""
+
+    seq_len: int          # S: the sequence length of the batch
+    tp: int
+    sp: bool              # sequence-parallel (only meaningful with tp > 1)
+
+    @property
+    def padded_len(self) -> int:
+        """S_pad: S rounded up to a multiple of tp under sequence parallelism, else S."""
+        if not self.sp:
+            return self.seq_len
+        return -(-self.seq_len // self.tp) * self.tp
+
+    @property
+    def local_rows(self) -> int:
+        """R: residual-stream rows this device holds (S_pad / tp, or S)."""
+        return self.padded_len // self.tp if self.sp else self.seq_len
+
+    @property
+    def gather_factor(self) -> int:
+        """How many devices' rows one gather brings together (tp, or 1)."""
+        return self.tp if self.sp else 1
+
+    # ------------------------------------------------------------------ token-level inputs
+
+    def pad(self, x, value=0):
+        """[B, S, ...] -> [B, S_pad, ...] (padding last, filled with ``value``)."""
+        extra = self.padded_len - x.shape[1]
+        if extra == 0:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, extra)
+        return jnp.pad(x, widths, constant_values=value)
+
+    def local(self, x):
+        """This device's rows of a whole-sequence array [B, S_pad, ...] -> [B, R, ...]."""
+        if not self.sp:
+            return x
+        r = self.local_rows
+        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TP) * r, r, axis=1)
+
+    def tile_rows(self, start, size: int):
+        """Global sequence indices [gather_factor * size] of the gathered tile whose local rows
+        are ``[start, start + size)`` (d-major; ``start`` may be traced)."""
+        local = start + jnp.arange(size, dtype=jnp.int32)
+        if not self.sp:
+            return local
+        devices = jnp.arange(self.tp, dtype=jnp.int32)[:, None] * self.local_rows
+        return (devices + local[None, :]).reshape(-1)
+
+    # ------------------------------------------------------------------ collectives
+
+    def gather(self, x, axis: int = 1):
+        """Column-block input: local rows -> the rows of every tp device along ``axis``
+        (all_gather), or, replicated, the same array marked tp-varying (pcast)."""
+        if self.sp:
+            return jax.lax.all_gather(x, TP, axis=axis, tiled=True)
+        return jax.lax.pcast(x, TP, to="varying")
+
+    def scatter(self, y, axis: int = 1):
+        """Row-block partial output: sum over tp, keeping this device's rows along ``axis``
+        (psum_scatter), or, replicated, the whole sum (psum)."""
+        if self.sp:
+            return jax.lax.psum_scatter(y, TP, scatter_dimension=axis, tiled=True)
+        return jax.lax.psum(y, TP)
+
+
+def tiled(fn, x, chunk: int, *, axis: int = 1):
+    """Run a row-wise ``fn`` over tiles of ``chunk`` rows of ``x`` (along ``axis``) inside a
+    rematerialised ``lax.scan``: ``fn(tile, start) -> out tile`` (same rows, any trailing
+    shape). Rows are zero-padded up to a multiple of ``chunk`` and the padding is cut off
+    again, so any length works. Only one tile's intermediates are ever live, forward or backward
+    (each tile is recomputed from its input in the backward pass)."""
+    rows = x.shape[axis]
+    chunk = max(1, min(chunk, rows))
+    n = -(-rows // chunk)
+    pad = n * chunk - rows
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = jnp.pad(x, widths)
+    tiles = jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        tile, j = xs
+        return carry, fn(tile, j * chunk)
+
+    _, out = jax.lax.scan(body, None, (tiles, jnp.arange(n, dtype=jnp.int32)))
+    out = jnp.moveaxis(out, 0, axis)                                    # [.., n, chunk, ..]
+    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2:])
+    return jax.lax.slice_in_dim(out, 0, rows, axis=axis) if pad else out
