@@ -487,85 +487,159 @@ def operand_role(shape, lora_rank: int | None) -> str:
     return "activation"
 
 
-def megatron_minimum(cfg, tp: int, dp: int = 1, *, lora=None, remat: str = "full",
-                     micro_batches: int = 1, ce_chunks: int = 1, tokens: int | None = None,
-                     dtype_bytes: int = 2) -> dict:
-    """Logical all-reduces of activations over tp per step: what our code emits and the
-    Megatron minimum, with the terms explained. Counted per array reduced (XLA's combiner may
-    merge several into one op; see the module docstring). Checked against the compiled HLO of
-    tiny models by tests/test_tools.py (remat none/full/save-dots, LoRA targets, tp, dp).
+def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool = False,
+                         lora=None, remat: str = "full", micro_batches: int = 1,
+                         mlp_tiles: int = 1, ce_chunks: int = 1, tokens: int | None = None,
+                         padded_tokens: int | None = None, dtype_bytes: int = 2) -> dict:
+    """Collectives over tp per step that our train step emits, and the Megatron(-SP) minimum,
+    with the terms explained. Counted per array (logical collective; XLA's combiner may merge
+    several into one op, see the module docstring). Checked against the compiled HLO of tiny
+    models by tests/test_tools.py (both layouts; remat none/full/save-dots/offload; tiles).
 
-    Per micro-batch, over **tp** (L layers, C cross-entropy chunks):
+    Per micro-batch, L layers, n MLP tiles (``mlp_tiles``; 1 = untiled), C cross-entropy chunks.
+    ``t`` = 1 when the layer is rematerialised (remat full | save-dots | offload), else 0.
 
-    ============================  ==========  =========  ====================================
-    term                          ours        Megatron   what
-    ============================  ==========  =========  ====================================
-    forward, per layer            2 L         2 L        [B,S,D] psum after o_proj, down_proj
-                                                         (LoRA's rank-r term of a row layer is
-                                                         folded into that psum)
-    remat, per layer              1 L / 0     same       remat full|save-dots recompute the
-                                                         o_proj psum inside the backward scan
-                                                         (the down_proj psum only feeds the
-                                                         residual the scan carries); none: 0
-    backward, per layer           2 L         2 L        [B,S,D] psum of the input gradient of
-                                                         the attention and MLP blocks: the
-                                                         normed input is pcast to tp-varying
-                                                         once per block, so the q/k/v (and
-                                                         gate/up) input gradients are summed
-                                                         locally first (Megatron's f operator)
-    embedding                     1           1          psum of the looked-up rows (frozen
-                                                         table: no backward collective)
-    cross-entropy fwd, per chunk  3 C         3 C        pmax, psum of sum-exp, psum of the
-                                                         target logit ([N] each)
-    cross-entropy bwd, per chunk  1 C (+2 C)  1 C        [N,D] psum of dL/dh (column-parallel
-                                                         LM head); with C > 1 the checkpointed
-                                                         chunk recomputes pmax and sum-exp (2C)
-    ============================  ==========  =========  ====================================
+    **Replicated layout** (plain Megatron TP; every collective an all-reduce ``AR``):
 
-    Without the per-block ``pcast`` JAX transposes each implicit ``pvary`` of the replicated
-    layer input separately (one psum per use): 5 L backward plus one [B,S,r] psum per
-    LoRA-targeted column projection.
+    ============================  ============  ==========  ==================================
+    term                          ours          Megatron    what
+    ============================  ============  ==========  ==================================
+    forward, per layer            (1 + n) L     2 L         [B,S,D] psum after o_proj and after
+                                                            down_proj (one per MLP tile)
+    remat, per layer              t L           t L         the recompute needs the o_proj psum
+                                                            (the down_proj one only feeds the
+                                                            carried residual: dead)
+    backward, per layer           (1 + n) L     2 L         psum of the input gradient of the
+                                                            attention / MLP block (Megatron f:
+                                                            the normed input is pcast once)
+    embedding                     1             1           psum of the looked-up rows
+    cross-entropy                 3C + C (+2C)  3C + C      pmax, psum sum-exp, psum target
+                                                            ([N] each) + [N,D] psum of dL/dh;
+                                                            C > 1: checkpointed chunks redo
+                                                            pmax and sum-exp (2C)
+    ============================  ============  ==========  ==================================
 
-    LoRA weight gradients are accumulated per device over all micro-batches (the step takes
-    them w.r.t. a (dp, tp)-varying copy of the factors, so the backward emits no LoRA
-    collective) and all-reduced ONCE per step over the whole mesh after the accumulation scan:
-    ``lora_grad_bytes_minimum`` (fp32 LoRA size when tp*dp > 1). Over **dp** also the loss sum
-    and token count (2 scalars) per step.
+    **Sequence-parallel layout** (Megatron-SP; all-gather ``AG`` before a column block,
+    reduce-scatter ``RS`` after a row block, swapped in the backward; no activation AR inside
+    the layers):
 
-    ``tokens``: local tokens per micro-batch (B_local * S) to also return byte estimates with
-    ``dtype_bytes`` per activation element.
+    ============================  ==================  ===================================
+    term                          ours                what
+    ============================  ==================  ===================================
+    forward, per layer            AG (1+n) L,         gather before q/k/v and before the
+                                  RS (1+n) L          MLP (per tile); scatter after o_proj
+                                                      and down_proj (per tile)
+    remat, per layer              AG (t + m) L,       the recompute re-gathers the block
+                                  RS r L              inputs (m = n with tiles, whose
+                                                      checkpointed tiles re-gather even
+                                                      without remat; else t) and re-scatters
+                                                      o_proj (r = 1 for full/save-dots; 0 for
+                                                      none and offload, which keeps the MLP
+                                                      input in host memory)
+    backward, per layer           AG (1+n) L,         transposes of the forward ones
+                                  RS (1+n) L
+    embedding                     RS 1                the looked-up rows, scattered
+    cross-entropy                 AG C (+C),          each chunk of rows gathered (again
+                                  RS C,               in the recompute when C > 1), its
+                                  AR 3C (+2C)         gradient scattered; the [N] softmax
+                                                      statistics stay all-reduces
+    ============================  ==================  ===================================
+
+    The Megatron-SP minimum is the untiled count with remat's re-gathers: per layer AG 6 / RS 5
+    (remat full), AG 6 / RS 4 (offload), AG 4 / RS 4 (none). In bytes on a ring (all-reduce
+    = 2 (tp-1)/tp of the array, all-gather and reduce-scatter (tp-1)/tp each), a layer of the
+    SP step moves 11/10 of the replicated step's bytes under remat full (the re-scatter of the
+    recompute), the same bytes under offload and none.
+
+    LoRA weight gradients are accumulated per device over all micro-batches and all-reduced
+    ONCE per step over the whole mesh: ``lora_grad_bytes_minimum`` (fp32 LoRA size when
+    tp*dp > 1). Over **dp** also the loss sum and token count (2 scalars) per step.
+
+    ``tokens``: local tokens per micro-batch (B_local * S) and ``padded_tokens`` (B_local *
+    S_pad, default ``tokens``) for byte estimates with ``dtype_bytes`` per activation element.
+    Returned keys: ``counts`` {(kind, term): arrays per step}, ``megatron`` (the same for the
+    minimum), totals per kind (``all_reduce``, ``all_gather``, ``reduce_scatter``),
+    ``tp_activation_reductions`` (activation all-reduces, the replicated layout's census number),
+    ``megatron_tp``, ``extra_tp``, and with ``tokens`` the bytes and ring wire bytes.
     """
-    L, A, C = cfg.num_layers, micro_batches, ce_chunks
+    L, A, C, n = cfg.num_layers, micro_batches, ce_chunks, mlp_tiles
+    sp = sequence_parallel and tp > 1
     targets = tuple(lora.targets) if lora is not None else ()
     r = lora.rank if lora is not None else 0
-    remat_l = 0 if remat == "none" else 1
-    ours, mega = {}, {}
-    if tp > 1:
-        ours = {"forward": 2 * L, "remat": remat_l * L, "backward": 2 * L,
-                "embedding": 1, "ce_forward": 3 * C, "ce_backward": C + (2 * C if C > 1 else 0)}
-        mega = dict(ours)
-    ours = {k: v * A for k, v in ours.items()}
-    mega = {k: v * A for k, v in mega.items()}
+    t = 0 if remat == "none" else 1
+    ce_re = 2 * C if C > 1 else 0
+    # Bytes of one op's RESULT on one device, from the local token counts (0 without tokens).
+    D = cfg.hidden_size
+    tok = tokens or 0
+    full = padded_tokens or tok                      # S_pad-based token count under SP
+    whole = (full if sp else tok) * D * dtype_bytes  # one [B, S, D] activation
+    tile = whole / n                                 # one MLP tile's gathered activation
+    stats = (full if sp else tok) / C * 4            # one chunk's [N] f32 softmax statistic
+    chunk = whole / C                                # one CE chunk's [N, D]
+    ours, mega = [], []                              # (kind, term, count, result bytes)
+    if tp > 1 and not sp:
+        AR = "all-reduce"
+        common = [(AR, "remat", t * L, whole), (AR, "embedding", 1, whole),
+                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", C, chunk),
+                  (AR, "ce_backward", ce_re, stats)]
+        ours = [(AR, "forward", L, whole), (AR, "forward", n * L, tile),
+                (AR, "backward", L, whole), (AR, "backward", n * L, tile)] + common
+        mega = [(AR, "forward", 2 * L, whole), (AR, "backward", 2 * L, whole)] + common
+    elif sp:
+        AG, RS, AR = "all-gather", "reduce-scatter", "all-reduce"
+        re_scatter = 1 if remat in ("full", "save-dots") else 0
+        common = [(RS, "remat", re_scatter * L, whole / tp), (RS, "embedding", 1, whole / tp),
+                  (AG, "ce_forward", C + (C if C > 1 else 0), chunk),
+                  (RS, "ce_backward", C, chunk / tp),
+                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", ce_re, stats)]
+        ours = [(AG, "forward", L, whole), (AG, "forward", n * L, tile),
+                (RS, "forward", L, whole / tp), (RS, "forward", n * L, tile / tp),
+                (AG, "remat", t * L, whole),
+                (AG, "remat", n * L if n > 1 else t * L, tile),
+                (AG, "backward", L, whole), (AG, "backward", n * L, tile),
+                (RS, "backward", L, whole / tp), (RS, "backward", n * L, tile / tp)] + common
+        mega = [(AG, "forward", 2 * L, whole), (RS, "forward", 2 * L, whole / tp),
+                (AG, "remat", 2 * t * L, whole),
+                (AG, "backward", 2 * L, whole), (RS, "backward", 2 * L, whole / tp)] + common
+
+    def counts(entries):
+        out = {}
+        for kind, term, v, _ in entries:
+            out[(kind, term)] = out.get((kind, term), 0) + v * A
+        return {k: v for k, v in out.items()}
+
+    def total(entries, kind):
+        return sum(v for k, _, v, _ in entries if k == kind) * A
+
+    def nbytes(entries):
+        """(result bytes, ring wire bytes sent per device) per step."""
+        frac = (tp - 1) / tp if tp > 1 else 0.0
+        res = wire = 0.0
+        for kind, _, v, b in entries:
+            res += v * A * b
+            if kind == "all-reduce":
+                wire += v * A * 2 * frac * b
+            elif kind == "all-gather":
+                wire += v * A * frac * b
+            else:                                    # reduce-scatter: (tp-1) x its result
+                wire += v * A * (tp - 1) * b
+        return int(res), int(wire)
+
     out = {
-        "ours": ours, "megatron": mega,
-        "tp_activation_reductions": sum(ours.values()),
-        "megatron_tp": sum(mega.values()),
-        "extra_tp": sum(ours.values()) - sum(mega.values()),
-        "lora_grad_bytes_minimum": (4 * r * L * sum(sum(_proj_dims(cfg, t)) for t in targets)
+        "layout": "sequence-parallel" if sp else "replicated",
+        "counts": counts(ours), "megatron": counts(mega),
+        "all_reduce": total(ours, "all-reduce"), "all_gather": total(ours, "all-gather"),
+        "reduce_scatter": total(ours, "reduce-scatter"),
+        "tp_activation_reductions": total(ours, "all-reduce"),
+        "megatron_tp": total(mega, "all-reduce"),
+        "extra_tp": total(ours, "all-reduce") - total(mega, "all-reduce"),
+        "lora_grad_bytes_minimum": (4 * r * L * sum(sum(_proj_dims(cfg, tg)) for tg in targets)
                                     if (tp > 1 or dp > 1) else 0),
         "dp_scalars": 2 if dp > 1 else 0,
     }
     if tokens:
-        D = cfg.hidden_size
-        n_chunk = math.ceil(tokens / C)
-
-        def nbytes(t):
-            layer = (t["forward"] + t["remat"] + t["backward"]) * tokens * D * dtype_bytes
-            emb = t["embedding"] * tokens * D * dtype_bytes
-            ce = (t["ce_forward"] + t["ce_backward"] - A * C) * n_chunk * 4 + A * C * n_chunk * D * dtype_bytes
-            return int(layer + emb + ce)
-        out["tp_bytes"] = nbytes(ours) if ours else 0
-        out["megatron_tp_bytes"] = nbytes(mega) if mega else 0
+        out["tp_bytes"], out["tp_wire_bytes"] = nbytes(ours)
+        out["megatron_tp_bytes"], out["megatron_tp_wire_bytes"] = nbytes(mega)
     return out
 
 
@@ -574,24 +648,42 @@ def _proj_dims(cfg, name):
     return projection_dims(cfg, name)
 
 
+CE_SOURCES = ("_ce_chunk", "local_logits", "cross_entropy_sum", "chunk_loss")
+
+
 def measured(census: list[dict], lora_rank: int | None) -> dict:
-    """Per-step logical reductions by role from a census: tp activation reductions, LoRA
-    gradient reductions (any axis), dp scalars, and anything that is not an all-reduce. Bytes
-    are in the program's dtypes (``program_shapes``)."""
-    out = {"tp_activation_reductions": 0, "tp_activation_bytes": 0, "lora_grad_reductions": 0,
-           "lora_grad_bytes": 0, "dp_lora_grad_reductions": 0, "dp_scalars": 0,
-           "non_all_reduce_ops": 0, "ops": 0}
+    """Per-step logical collectives by role from a census (bytes in the program's dtypes,
+    ``program_shapes``): tp activation all-reduces (all, and those outside the cross-entropy,
+    i.e. in the layers and the embedding), tp all-gathers and reduce-scatters (arrays, result
+    bytes), ring wire bytes over tp, LoRA gradient reductions (any axis), dp scalars, and ops
+    that are neither all-reduce, all-gather nor reduce-scatter."""
+    out = {"tp_activation_reductions": 0, "tp_activation_bytes": 0,
+           "tp_layer_activation_reductions": 0, "tp_all_gathers": 0, "tp_all_gather_bytes": 0,
+           "tp_reduce_scatters": 0, "tp_reduce_scatter_bytes": 0, "tp_wire_bytes": 0,
+           "lora_grad_reductions": 0, "lora_grad_bytes": 0, "dp_lora_grad_reductions": 0,
+           "dp_scalars": 0, "non_all_reduce_ops": 0, "other_ops": 0, "ops": 0}
     for r in census:
         if r["axis"] == "self":
             continue
         out["ops"] += r["count"]
         if r["kind"] != "all-reduce":
             out["non_all_reduce_ops"] += r["count"]
+        if r["kind"] not in ("all-reduce", "all-gather", "reduce-scatter"):
+            out["other_ops"] += r["count"]
             continue
-        for s in r.get("program_shapes", r["shapes"]):
-            dt, dims = s.split("[")
+        fn = r["source"].split()[-1] if r.get("source") else ""
+        for sh in r.get("program_shapes", r["shapes"]):
+            dt, dims = sh.split("[")
             shape = tuple(int(d) for d in dims.rstrip("]").split(",") if d)
             nbytes = DTYPE_BYTES[dt] * int(np.prod(shape))
+            wire = r["count"] * _wire_bytes(r["kind"], nbytes, r["group_size"])
+            if r["kind"] != "all-reduce":
+                if r["axis"] == "tp":
+                    out["tp_wire_bytes"] += wire
+                    key = "all_gathers" if r["kind"] == "all-gather" else "reduce_scatters"
+                    out[f"tp_{key}"] += r["count"]
+                    out[f"tp_{key[:-1]}_bytes"] += r["count"] * nbytes
+                continue
             role = operand_role(shape, lora_rank)
             if role == "lora_grad":
                 out["lora_grad_reductions"] += r["count"]
@@ -604,6 +696,9 @@ def measured(census: list[dict], lora_rank: int | None) -> dict:
             elif r["axis"] == "tp":
                 out["tp_activation_reductions"] += r["count"]
                 out["tp_activation_bytes"] += r["count"] * nbytes
+                out["tp_wire_bytes"] += wire
+                if fn not in CE_SOURCES:
+                    out["tp_layer_activation_reductions"] += r["count"]
     return out
 
 

@@ -110,7 +110,8 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
 
 def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int = 1, lora=None,
                      dtype="bfloat16", remat="full", attention="blockwise", micro_batches=1,
-                     ce_chunk_tokens: int = 4096, mesh=None, optimizer=None):
+                     ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
+                     mlp_chunk_tokens: int = 0, mesh=None, optimizer=None):
     """Lower the real train step on abstract inputs. Returns (lowered, mesh, args)."""
     from .lora import LoraConfig
     from .model import ForwardOptions
@@ -121,7 +122,8 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
     mesh = mesh or plan_mesh(dp, tp)
     optimizer = optimizer or make_optimizer(OptimizerConfig())
     opts = ForwardOptions(cfg=cfg, tp=tp, lora=lora, attention_impl=attention, remat=remat,
-                          ce_chunk_tokens=ce_chunk_tokens)
+                          ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+                          mlp_chunk_tokens=mlp_chunk_tokens)
     args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
                                dtype=dtype, micro_batches=micro_batches, optimizer=optimizer)
     return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args

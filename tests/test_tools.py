@@ -18,13 +18,24 @@ TINY = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_laye
 S, RANK, MICRO = 40, 4, 2
 
 
-def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None):
+def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None, sp=False,
+            mlp_chunk=0, ce_chunk=4096, seq=S):
     lora = LoraConfig(rank=RANK, alpha=8.0, targets=targets)
     lowered, mesh, _ = plan.lower_train_step(
-        TINY, tp, dp, max_seq_len=S, batch=batch or dp, lora=lora, dtype="float32", remat=remat,
-        attention="xla", micro_batches=micro)
+        TINY, tp, dp, max_seq_len=seq, batch=batch or dp, lora=lora, dtype="float32", remat=remat,
+        attention="xla", micro_batches=micro, sequence_parallel=sp, mlp_chunk_tokens=mlp_chunk,
+        ce_chunk_tokens=ce_chunk)
     census = hlo.collective_census(lowered.compile(), mesh, lowered)
-    expected = hlo.megatron_minimum(TINY, tp, dp, lora=lora, remat=remat, micro_batches=micro)
+    b_local = (batch or dp) // dp
+    s_pad = -(-seq // tp) * tp if sp else seq
+    rows = s_pad // tp if sp else seq
+    g = tp if sp else 1
+    tiles = -(-rows // max(mlp_chunk // g, 1)) if mlp_chunk and mlp_chunk // g < rows else 1
+    ce_chunks = -(-(b_local * rows) // max(ce_chunk // g, 1))
+    expected = hlo.expected_collectives(
+        TINY, tp, dp, sequence_parallel=sp, lora=lora, remat=remat, micro_batches=micro,
+        mlp_tiles=tiles, ce_chunks=ce_chunks, tokens=b_local * seq, padded_tokens=b_local * s_pad,
+        dtype_bytes=4)
     return census, hlo.measured(census, RANK), expected
 
 
@@ -39,13 +50,58 @@ def test_census_matches_formula(remat, targets):
     assert meas["non_all_reduce_ops"] == 0
     # exactly two forward psums per layer per micro-batch, all after the row-parallel layers
     fwd = sum(r["count"] for r in census
-              if r["phase"] == "forward" and "row_linear" in r["source"] and r["axis"] == "tp")
-    assert fwd == 2 * TINY.num_layers * MICRO
-    # layer collectives sit in the layer scan inside the accumulation scan
-    assert all(len(r["loops"]) == 2 for r in census if "row_linear" in r["source"])
+              if r["phase"] == "forward" and r["source"].endswith(" scatter") and r["axis"] == "tp")
+    assert fwd == (2 * TINY.num_layers + 1) * MICRO                   # + the embedding's
+    # layer collectives sit in the layer scan inside the accumulation scan (all but the
+    # embedding's psum, which is in the accumulation scan only)
+    layer = [r for r in census if r["source"].endswith((" scatter", " gather"))]
+    assert sum(r["count"] for r in layer if len(r["loops"]) == 1) == MICRO
+    assert all(len(r["loops"]) in (1, 2) for r in layer)
     # activation all-reduces over tp are exactly the Megatron minimum (nothing extra)
     assert exp["extra_tp"] == 0 and meas["tp_activation_reductions"] == exp["megatron_tp"]
     assert meas["lora_grad_bytes"] == exp["lora_grad_bytes_minimum"]     # once per step
+    assert meas["tp_activation_bytes"] == exp["tp_bytes"]
+
+
+SP_CASES = [  # remat, MLP tile tokens, CE chunk tokens, sequence length
+    ("full", 0, 4096, S), ("offload", 0, 4096, S), ("none", 0, 4096, S),
+    ("full", 16, 16, S), ("save-dots", 16, 4096, 39)]
+
+
+@pytest.mark.parametrize("remat,mlp_chunk,ce_chunk,seq", SP_CASES)
+def test_census_sequence_parallel_matches_formula(remat, mlp_chunk, ce_chunk, seq):
+    """Megatron-SP: all-gathers before column blocks, reduce-scatters after row blocks, no
+    activation all-reduce in the layers, nothing gathered but activations, and the bytes of the
+    formula (S = 39 is padded to 40 internally)."""
+    census, meas, exp = _census(tp=2, dp=1, remat=remat, sp=True, mlp_chunk=mlp_chunk,
+                                ce_chunk=ce_chunk, seq=seq)
+    assert meas["tp_layer_activation_reductions"] == 0
+    assert meas["tp_activation_reductions"] == exp["all_reduce"]     # CE softmax statistics
+    assert meas["tp_all_gathers"] == exp["all_gather"]
+    assert meas["tp_reduce_scatters"] == exp["reduce_scatter"]
+    assert meas["other_ops"] == 0 and meas["lora_grad_bytes"] == exp["lora_grad_bytes_minimum"]
+    # every gather and scatter is of activations (our sequence layout), never of a weight
+    assert {r["source"].split()[-1] for r in census if r["kind"] != "all-reduce"} <= {
+        "gather", "scatter"}
+    if mlp_chunk == 0:
+        assert (meas["tp_all_gather_bytes"] + meas["tp_reduce_scatter_bytes"]
+                + meas["tp_activation_bytes"]) == exp["tp_bytes"]
+        assert meas["tp_wire_bytes"] == pytest.approx(exp["tp_wire_bytes"], rel=1e-6)
+
+
+def test_sequence_parallel_moves_no_more_bytes_than_replicated():
+    """Ring bytes per device over tp: SP equals the replicated layout's all-reduces with remat
+    none and offload, and is 11/10 of them (+ a CE gather) under remat full (the recompute's
+    re-scatter; see hlo.expected_collectives)."""
+    for remat in ("none", "offload", "full"):
+        _, sp, exp_sp = _census(tp=2, dp=1, remat=remat, sp=True)
+        _, rep, exp_rep = _census(tp=2, dp=1, remat=remat, sp=False)
+        assert sp["tp_wire_bytes"] == pytest.approx(exp_sp["tp_wire_bytes"], rel=1e-6)
+        assert rep["tp_wire_bytes"] == pytest.approx(exp_rep["tp_wire_bytes"], rel=1e-6)
+        if remat != "full":
+            assert sp["tp_wire_bytes"] <= rep["tp_wire_bytes"]
+        else:
+            assert sp["tp_wire_bytes"] <= 1.12 * rep["tp_wire_bytes"]
 
 
 def test_census_dp_gradient_reduction():
