@@ -27,11 +27,15 @@ class Model:
     lora: dict | None = None
     lora_config: object = None
     attention: str = "auto"
+    sequence_parallel: bool = True
+    mlp_chunk_tokens: int = 8192
 
     @property
     def options(self) -> ForwardOptions:
         return ForwardOptions(cfg=self.config, tp=self.mesh.shape["tp"], lora=self.lora_config,
-                              attention_impl=self.attention)
+                              attention_impl=self.attention,
+                              sequence_parallel=self.sequence_parallel,
+                              mlp_chunk_tokens=self.mlp_chunk_tokens)
 
     def _batch(self, x, dtype=jnp.int32):
         return put_global(np.asarray(x, dtype), NamedSharding(self.mesh, BATCH_SPEC))
@@ -62,16 +66,21 @@ class Model:
 
 
 def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
-               attention="auto", allow_pickle=False) -> Model:
+               attention="auto", allow_pickle=False, sequence_parallel: bool = True,
+               mlp_chunk_tokens: int = 8192) -> Model:
     """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
 
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
+    ``sequence_parallel``: with tp > 1, keep activations sharded along the sequence over tp
+    (the same function, less memory). ``mlp_chunk_tokens``: run the MLP over tiles of this many
+    tokens when the sequence is longer (0 = never).
     """
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
     mesh = make_mesh(dp, tp)
     params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle)
-    model = Model(config=config, mesh=mesh, params=params, attention=attention)
+    model = Model(config=config, mesh=mesh, params=params, attention=attention,
+                  sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens)
     if adapter is not None:
         from .peft_io import load_adapter
         model.lora, model.lora_config = load_adapter(adapter, config, mesh=mesh,

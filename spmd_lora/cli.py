@@ -38,7 +38,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
         if field.name == "output_dir":
             parser.add_argument(flag, "--output", dest="output_dir", required=True)
         elif hint is bool:
-            parser.add_argument(flag, action="store_true", default=field.default)
+            action = argparse.BooleanOptionalAction if field.default else "store_true"
+            parser.add_argument(flag, action=action, default=field.default)
         elif field.name == "lora_targets":
             parser.add_argument(flag, default=",".join(field.default),
                                 help="comma-separated projections or 'all' (default %(default)s)")
@@ -92,7 +93,9 @@ def cmd_eval(args) -> int:
     from .api import load_model
     from .evaluate import evaluate
     from .tokenizer import load_tokenizer
-    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter)
+    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
+                       sequence_parallel=args.sequence_parallel,
+                       mlp_chunk_tokens=args.mlp_chunk_tokens)
     tokenizer = load_tokenizer(args.model)
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs)
@@ -151,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--train-on-inputs", action="store_true")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="shard activations along the sequence over tp (default on)")
+    p.add_argument("--mlp-chunk-tokens", type=int, default=8192,
+                   help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")

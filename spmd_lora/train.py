@@ -61,7 +61,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
-    remat: str = "none"                    # none | full | save-dots
+    remat: str = "none"                    # none | full | save-dots | offload
     attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
     pack: bool = False
     train_on_inputs: bool = False
@@ -73,6 +73,8 @@ class TrainConfig:
     log_every: int = 1
     ce_chunk_tokens: int = 4096
     allow_pickle: bool = False
+    sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
+    mlp_chunk_tokens: int = 8192           # tile the MLP above this many tokens; 0 = never
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -83,6 +85,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_chunk_tokens < 0:
+            raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = never tile), got "
+                              f"{self.mlp_chunk_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size % self.dp:
@@ -191,10 +196,13 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     lora, opt_state = replicate(lora, mesh), replicate(opt_state, mesh)
 
     opts = ForwardOptions(cfg=model_cfg, tp=cfg.tp, lora=lora_cfg, attention_impl=cfg.attention,
-                          remat=cfg.remat, ce_chunk_tokens=cfg.ce_chunk_tokens)
+                          remat=cfg.remat, ce_chunk_tokens=cfg.ce_chunk_tokens,
+                          sequence_parallel=cfg.sequence_parallel,
+                          mlp_chunk_tokens=cfg.mlp_chunk_tokens)
     step_fn = make_train_step(opts, mesh, optimizer)
     model = Model(config=model_cfg, mesh=mesh, params=params, lora=lora, lora_config=lora_cfg,
-                  attention=cfg.attention)
+                  attention=cfg.attention, sequence_parallel=cfg.sequence_parallel,
+                  mlp_chunk_tokens=cfg.mlp_chunk_tokens)
     # With several processes (multi-host) only process 0 writes metrics, checkpoints and adapter.
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,164 @@
+"""Sequence parallelism, tiled MLP and remat offload: the same function as the replicated layout.
+
+Oracles: transformers + PEFT (torch autograd) for logits and every LoRA gradient, the tp=1 /
+replicated run, and remat "full" for "offload" (bit for bit on CPU).
+"""
+import jax
+import numpy as np
+import pytest
+import torch
+
+import spmd_lora
+from spmd_lora import sharded
+from spmd_lora.lora import LoraConfig
+from spmd_lora.model import ForwardOptions
+
+from conftest import CONFIGS, make_peft_adapter
+
+TOL = 1e-4
+SEQ = 23            # divisible by neither 2 nor 4: padded to 24 internally
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _tokens(name, batch=2, seq=SEQ, seed=0):
+    return np.random.RandomState(seed).randint(0, CONFIGS[name]["vocab_size"], (batch, seq))
+
+
+def _peft_reference(hf, adapter_dir, tokens, mask):
+    """(logits, loss, {(proj, 'a'|'b'): [L, ...] gradient in our layout}) from PEFT + autograd."""
+    pm = make_peft_adapter(hf, adapter_dir)
+    labels = torch.tensor(np.where(mask, tokens, -100))
+    pm.zero_grad()
+    out = pm(input_ids=torch.tensor(tokens), labels=labels)
+    out.loss.backward()
+    grads = {}
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            proj = name.split(".lora_")[0].rsplit(".", 1)[1]
+            factor = "a" if ".lora_A." in name else "b"
+            grads.setdefault((proj, factor), {})[layer] = p.grad.numpy().T
+    stacked = {k: np.stack([v[i] for i in sorted(v)]) for k, v in grads.items()}
+    return out.logits.detach().numpy(), out.loss.item(), stacked
+
+
+def _our_grads(model, opts, tokens, mask, key=None):
+    loss_sum = sharded.loss_sum_fn(opts, model.mesh)
+    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask)}
+
+    def mean_loss(lora):
+        total, count = loss_sum(model.params, lora, batch, key)
+        return total / count
+
+    return jax.jit(jax.value_and_grad(mean_loss))(model.lora)
+
+
+# (dp, tp, MLP tile tokens, CE chunk tokens): tiles and chunks on and off
+MESHES = [(1, 2, 8, 4096), (1, 4, 0, 16), (2, 2, 8, 12)]
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa4", "llama3_rope", "tied", "odd_vocab"])
+@pytest.mark.parametrize("dp,tp,mlp_chunk,ce_chunk", MESHES)
+def test_sp_logits_and_lora_grads_match_peft(hf_models, tmp_path, name, dp, tp, mlp_chunk,
+                                             ce_chunk):
+    path, hf = hf_models(name)
+    tokens = _tokens(name)
+    mask = (np.random.RandomState(1).rand(*tokens.shape) > 0.3).astype(np.int32)
+    ref_logits, ref_loss, ref_grads = _peft_reference(hf, tmp_path / "adapter", tokens, mask)
+    model = spmd_lora.load_model(path, tp=tp, dp=dp, adapter=tmp_path / "adapter",
+                                 sequence_parallel=True, mlp_chunk_tokens=mlp_chunk)
+    assert model.options.layout(SEQ).sp and model.options.layout(SEQ).padded_len == 24
+    assert rel_err(model.logits(tokens), ref_logits) <= TOL
+    opts = ForwardOptions(model.config, tp, model.lora_config, ce_chunk_tokens=ce_chunk,
+                          sequence_parallel=True, mlp_chunk_tokens=mlp_chunk)
+    loss, grads = _our_grads(model, opts, tokens, mask)
+    assert abs(float(loss) - ref_loss) <= TOL * ref_loss
+    for (proj, factor), ref in ref_grads.items():
+        assert rel_err(grads["layers"][proj][factor], ref) <= TOL, (proj, factor)
+
+
+def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
+    """Packed rows (segment ids, restarted positions), GQA with tp > kv heads: SP (tiled and
+    not) and the replicated layout at tp=4 equal the tp=1 run in loss and every LoRA gradient."""
+    path, hf = hf_models("gqa4")
+    make_peft_adapter(hf, tmp_path / "adapter")
+    tokens = _tokens("gqa4", seq=22, seed=3)
+    seg = np.array([[1] * 9 + [2] * 13, [1] * 15 + [2] * 5 + [0] * 2])
+    pos = np.array([list(range(9)) + list(range(13)), list(range(15)) + list(range(5)) + [0, 0]])
+    mask = (seg > 0).astype(np.int32)
+    results = {}
+    for tp, sp, chunk in ((1, False, 0), (4, False, 0), (4, True, 0), (4, True, 4)):
+        model = spmd_lora.load_model(path, tp=tp, adapter=tmp_path / "adapter")
+        opts = ForwardOptions(model.config, tp, model.lora_config, sequence_parallel=sp,
+                              mlp_chunk_tokens=chunk)
+        fn = sharded.loss_sum_fn(opts, model.mesh)
+        batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask),
+                 "positions": model._batch(pos), "segment_ids": model._batch(seg)}
+        results[(tp, sp, chunk)] = jax.jit(jax.value_and_grad(
+            lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora)
+    base = results.pop((1, False, 0))
+    for k, (loss, grads) in results.items():
+        assert rel_err(loss, base[0]) <= 1e-6, k
+        errs = jax.tree.leaves(jax.tree.map(rel_err, grads, base[1]))
+        assert max(errs) <= 1e-5, (k, max(errs))
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
+def test_offload_equals_full(hf_models, tmp_path, tp, sp):
+    """remat offload (saved layer inputs in pinned_host memory) == remat full: bit for bit on
+    CPU when both keep the same residuals (tp=1, replicated layout). Under sequence parallelism
+    offload also keeps the mid-layer residual (so its recompute needs no reduce-scatter), which
+    full recomputes: equal to float rounding. The jaxpr places the saved residuals in host
+    memory."""
+    path, hf = hf_models("mha")
+    make_peft_adapter(hf, tmp_path / "adapter")
+    tokens = _tokens("mha")
+    mask = np.ones_like(tokens)
+    model = spmd_lora.load_model(path, tp=tp, adapter=tmp_path / "adapter")
+    out = {}
+    for remat in ("full", "offload"):
+        opts = ForwardOptions(model.config, tp, model.lora_config, remat=remat,
+                              mlp_chunk_tokens=8, sequence_parallel=sp)
+        out[remat] = _our_grads(model, opts, tokens, mask)
+    if not sp:
+        assert np.array_equal(out["full"][0], out["offload"][0])
+        for a, b in zip(jax.tree.leaves(out["full"][1]), jax.tree.leaves(out["offload"][1])):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    else:
+        assert rel_err(out["offload"][0], out["full"][0]) <= 1e-6
+        errs = jax.tree.leaves(jax.tree.map(rel_err, out["offload"][1], out["full"][1]))
+        assert max(errs) <= 1e-5
+    opts = ForwardOptions(model.config, tp, model.lora_config, remat="offload",
+                          sequence_parallel=sp)
+    fn = sharded.loss_sum_fn(opts, model.mesh)
+    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask)}
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora))
+    assert "<host>" in jaxpr                          # residuals typed as host memory
+
+
+def test_lora_dropout_is_layout_independent(hf_models, tmp_path):
+    """The dropout mask of a token depends only on (key, global row, feature): the same loss and
+    gradients at dp1/tp1, tp4 replicated, dp2 x tp2 with SP and tiles."""
+    path, hf = hf_models("gqa4")
+    make_peft_adapter(hf, tmp_path / "adapter", lora_dropout=0.3)
+    tokens = _tokens("gqa4", batch=2, seq=20, seed=5)
+    mask = np.ones_like(tokens)
+    key = jax.random.key(7)
+    runs = {}
+    for dp, tp, sp, chunk in ((1, 1, False, 0), (1, 4, False, 0), (2, 2, True, 4)):
+        model = spmd_lora.load_model(path, tp=tp, dp=dp, adapter=tmp_path / "adapter")
+        assert model.lora_config.dropout == 0.3
+        opts = ForwardOptions(model.config, tp, model.lora_config, sequence_parallel=sp,
+                              mlp_chunk_tokens=chunk)
+        runs[(dp, tp)] = _our_grads(model, opts, tokens, mask, key)
+    no_drop = _our_grads(model, ForwardOptions(model.config, 2, LoraConfig(
+        rank=4, alpha=8.0, targets="all")), tokens, mask, key)
+    base = runs.pop((1, 1))
+    assert abs(float(no_drop[0]) - float(base[0])) > 1e-4          # dropout did something
+    for k, (loss, grads) in runs.items():
+        assert rel_err(loss, base[0]) <= 1e-6, k
+        assert max(jax.tree.leaves(jax.tree.map(rel_err, grads, base[1]))) <= 1e-5, k
