@@ -648,15 +648,14 @@ def _proj_dims(cfg, name):
     return projection_dims(cfg, name)
 
 
-CE_SOURCES = ("_ce_chunk", "local_logits", "cross_entropy_sum", "chunk_loss")
-
-
 def measured(census: list[dict], lora_rank: int | None) -> dict:
     """Per-step logical collectives by role from a census (bytes in the program's dtypes,
     ``program_shapes``): tp activation all-reduces (all, and those outside the cross-entropy,
     i.e. in the layers and the embedding), tp all-gathers and reduce-scatters (arrays, result
     bytes), ring wire bytes over tp, LoRA gradient reductions (any axis), dp scalars, and ops
-    that are neither all-reduce, all-gather nor reduce-scatter."""
+    that are neither all-reduce, all-gather nor reduce-scatter. Layer (and embedding)
+    activations are [B, S, D]; the cross-entropy's are flattened token rows ([N] statistics,
+    [N, D] gradients), which tells them apart also inside ops XLA combined with others."""
     out = {"tp_activation_reductions": 0, "tp_activation_bytes": 0,
            "tp_layer_activation_reductions": 0, "tp_all_gathers": 0, "tp_all_gather_bytes": 0,
            "tp_reduce_scatters": 0, "tp_reduce_scatter_bytes": 0, "tp_wire_bytes": 0,
@@ -671,7 +670,6 @@ def measured(census: list[dict], lora_rank: int | None) -> dict:
         if r["kind"] not in ("all-reduce", "all-gather", "reduce-scatter"):
             out["other_ops"] += r["count"]
             continue
-        fn = r["source"].split()[-1] if r.get("source") else ""
         for sh in r.get("program_shapes", r["shapes"]):
             dt, dims = sh.split("[")
             shape = tuple(int(d) for d in dims.rstrip("]").split(",") if d)
@@ -697,7 +695,7 @@ def measured(census: list[dict], lora_rank: int | None) -> dict:
                 out["tp_activation_reductions"] += r["count"]
                 out["tp_activation_bytes"] += r["count"] * nbytes
                 out["tp_wire_bytes"] += wire
-                if fn not in CE_SOURCES:
+                if len(shape) == 3:        # [B, S, D]: layers and embedding ([N..] in the CE)
                     out["tp_layer_activation_reductions"] += r["count"]
     return out
 

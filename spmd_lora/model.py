@@ -18,7 +18,8 @@ block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_to
 Shapes in comments are local: ``B`` local batch, ``S`` sequence (padded to a multiple of tp
 under sequence parallelism), ``R`` residual rows held (S/tp or S), ``D`` hidden, ``Hl``/``KVl``
 local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
-Norms, rotary tables and softmax run in float32 whatever the weight dtype.
+Norms, rotary tables and softmax statistics run in float32 whatever the weight dtype (the
+rotation itself, as in HF, in the activations' dtype).
 """
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ class ForwardOptions:
         """The sequence layout of a batch of ``seq_len`` tokens."""
         return SeqLayout(seq_len=seq_len, tp=self.tp, sp=self.sequence_parallel and self.tp > 1)
 
+    def mlp_tile_rows(self, layout: SeqLayout) -> int | None:
+        """Local rows per MLP tile (a tile gathers ``mlp_chunk_tokens`` tokens), or None when
+        the MLP runs untiled (tiling off, or the sequence is no longer than one tile)."""
+        rows = self.mlp_chunk_tokens // layout.gather_factor
+        if self.mlp_chunk_tokens and rows < layout.local_rows:
+            return max(rows, 1)
+        return None
+
+    def ce_chunk_rows(self, layout: SeqLayout, local_rows: int) -> int:
+        """Local rows per cross-entropy chunk (a chunk gathers ``ce_chunk_tokens`` tokens)."""
+        return max(1, min(self.ce_chunk_tokens // layout.gather_factor, local_rows))
+
+    def tile_counts(self, seq_len: int, local_batch: int) -> tuple[int, int]:
+        """(MLP tiles per layer, cross-entropy chunks) of one micro-batch, for the census."""
+        layout = self.layout(seq_len)
+        tile = self.mlp_tile_rows(layout)
+        tiles = -(-layout.local_rows // tile) if tile else 1
+        n = local_batch * layout.local_rows
+        return tiles, -(-n // self.ce_chunk_rows(layout, n))
+
 
 # ----------------------------------------------------------------------------- basic layers
 
@@ -115,11 +136,12 @@ def rope_tables(positions, cfg: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, S, heads, hd] -> same; HF's rotate_half convention, computed in float32."""
-    xf = x.astype(F32)
+    """x [B, S, heads, hd] -> same; HF's rotate_half convention. Like HF, the product runs in
+    x's dtype (the float32 tables cast to it), so a bf16 model keeps no float32 copy of q/k."""
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
 
 
 # ----------------------------------------------------------------------------- LoRA-aware linears
@@ -230,10 +252,8 @@ def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, row
                        _drop(key, tile_rows, 6))
         return layout.scatter(y)
 
-    chunk = opts.mlp_chunk_tokens // layout.gather_factor
-    if opts.mlp_chunk_tokens and chunk < h.shape[1]:
-        return tiled(mlp, h, max(chunk, 1))
-    return mlp(h, 0)
+    tile = opts.mlp_tile_rows(layout)
+    return tiled(mlp, h, tile) if tile else mlp(h, 0)
 
 
 def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
@@ -367,7 +387,7 @@ def cross_entropy_sum(h, tokens, loss_mask, params, opts: ForwardOptions):
     count = jnp.sum(weights)
     n = b * rows                                                              # local rows
     g = layout.gather_factor
-    chunk = max(1, min(opts.ce_chunk_tokens // g, n))
+    chunk = opts.ce_chunk_rows(layout, n)
     n_chunks = -(-n // chunk)
     hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
 

@@ -174,9 +174,28 @@ def _local_bytes(tree) -> int:
     return total
 
 
+def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
+                    sequence_parallel: bool) -> int:
+    """Host bytes per device that remat ``offload`` keeps per step (computed, not compiled): the
+    per-layer saved inputs [B/dp, R, D] for every layer, R = S_pad/tp under sequence
+    parallelism (which also offloads the mid-layer residual: twice that) or S."""
+    import numpy as np
+    from .model import ForwardOptions
+    layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(max_seq_len)
+    per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
+    itemsize = np.dtype(_jnp_dtype(dtype)).itemsize
+    return cfg.num_layers * per_layer * itemsize * (2 if layout.sp else 1)
+
+
+def _jnp_dtype(dtype):
+    from .params import resolve_dtype
+    return resolve_dtype(dtype)
+
+
 def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int = 1, lora=None,
                 dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
-                ce_chunk_tokens: int = 4096) -> dict:
+                ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
+                mlp_chunk_tokens: int = 8192, devices_per_host: int = 8) -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -184,6 +203,12 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     Compiled on CPU: with loop-invariant code motion off (``CPU_PLAN_OPTIONS``), plus
     cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights, absent on GPU) and
     peak_gpu_estimate = peak - cpu_upcast_allowance. ``peak`` is the conservative figure.
+
+    remat ``offload``: ``host_offload`` (computed: :func:`offloaded_bytes`) is what the saved
+    layer inputs need in pinned host memory per device (``host_offload_per_host`` for
+    ``devices_per_host`` devices). A CPU compile keeps them in its one memory, inside
+    ``temporaries``; a GPU keeps them on the host, so on CPU ``peak`` is the compiled peak
+    (``compiled_peak``) minus them (on a GPU backend memory_analysis already excludes them).
     """
     t0 = time.perf_counter()
     mesh = plan_mesh(dp, tp)
@@ -191,12 +216,15 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
         cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
         attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
+        sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
         mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     out = {
         "tp": tp, "dp": dp, "max_seq_len": max_seq_len, "batch": batch, "dtype": str(dtype),
         "remat": remat, "attention": attention, "micro_batches": micro_batches,
+        "sequence_parallel": bool(sequence_parallel and tp > 1),
+        "mlp_chunk_tokens": mlp_chunk_tokens, "ce_chunk_tokens": ce_chunk_tokens,
         "lora_rank": (lora.rank if lora else None),
         "lora_targets": list(lora.targets) if lora else None,
         "backend": mesh.devices.flat[0].platform,
@@ -210,6 +238,14 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     out["activations"] = out["temporaries"]
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
     out["cpu_upcast_allowance"] = cpu_upcast_allowance(params, dtype) if on_cpu else 0
+    out["host_offload"] = 0
+    if remat == "offload":
+        out["host_offload"] = offloaded_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
+                                              dtype=dtype, sequence_parallel=sequence_parallel)
+    out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp)
+    if on_cpu:       # the CPU compile kept the offloaded residuals in its one memory
+        out["compiled_peak"] = out["peak"]
+        out["peak"] -= out["host_offload"]
     out["peak_gpu_estimate"] = out["peak"] - out["cpu_upcast_allowance"]
     return out
 
@@ -237,11 +273,20 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
             ("arguments (XLA)", p["arguments"]), ("outputs (XLA)", p["outputs"]),
             ("  of which aliased/donated", -p["aliased"]),
             ("activations + temporaries (XLA)", p["temporaries"]), ("peak per device", p["peak"])]
+    if p.get("host_offload"):
+        rows = rows[:-1] + [("compiled peak (incl. host residuals)", p.get("compiled_peak", p["peak"])),
+                            ("  minus offloaded to host (computed)", -p["host_offload"]),
+                            ("peak per device", p["peak"])]
     if p.get("cpu_upcast_allowance"):
         rows += [("  of which CPU-only f32 weight copies", -p["cpu_upcast_allowance"]),
                  ("peak per device, GPU estimate", p["peak_gpu_estimate"])]
+    if p.get("host_offload"):
+        rows += [("pinned host memory per device", p["host_offload"]),
+                 ("pinned host memory per host", p["host_offload_per_host"])]
     print(f"tp={p['tp']} dp={p['dp']} max_seq_len={p['max_seq_len']} batch={p['batch']} "
           f"dtype={p['dtype']} remat={p['remat']} attention={p['attention']} "
+          f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
+          f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
           f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])} "
           f"(compiled on {p['backend']} in {p['compile_s']} s)", file=file)
     for name, n in rows:
@@ -252,11 +297,13 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
               file=file)
 
 
-def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 20,
-                     step: int = 1024, log=None, key: str = "peak"):
-    """Largest multiple of ``step`` whose plan fits ``budget``: double from ``start`` until it
-    does not fit (or ``limit``), then bisect between the last fit and the first miss on
-    multiples of ``step``. ``plan_at(S) -> plan dict``. Returns (S or None, {S: plan})."""
+def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 24,
+                     step: int = 1024, rel_tol: float = 0.01, log=None, key: str = "peak"):
+    """Largest multiple of ``step`` whose plan fits ``budget``, to within ``rel_tol`` (the
+    answer is at most 1 % + one step below the true limit by default): double from ``start``
+    until it does not fit (or ``limit``, 16M tokens), then bisect between the last fit and the
+    first miss on multiples of ``step`` until they are that close. ``plan_at(S) -> plan dict``.
+    Returns (S or None, {S: plan})."""
     tried = {}
 
     def fits(s):
@@ -278,7 +325,7 @@ def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 
             lo, s = s, s * 2
         if hi is None:
             return lo, tried
-    while hi - lo > step:
+    while hi - lo > max(step, rel_tol * lo):
         mid = (lo + hi) // 2 // step * step
         if mid <= lo:
             break
@@ -305,7 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--targets", default="all", help="comma list of projections, or 'all'")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"],
+                    help="offload: full remat with the saved layer inputs in pinned host memory")
+    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                    help="shard activations along the sequence over tp (default on)")
+    ap.add_argument("--mlp-chunk-tokens", type=int, default=8192,
+                    help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
+    ap.add_argument("--devices-per-host", type=int, default=8,
+                    help="devices sharing one host's memory, for the offload host total")
     ap.add_argument("--attention", default="blockwise",
                     help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn)")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
@@ -318,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent "
                          "on GPU) instead of the conservative raw peak")
     ap.add_argument("--find-max-seq-len", action="store_true",
-                    help="search the longest --max-seq-len that fits (powers of two, then "
-                         "multiples of 1024); needs --device-memory")
+                    help="search the longest --max-seq-len that fits (powers of two up to "
+                         "16M, then bisection on multiples of 1024 to within 1 %%); needs "
+                         "--device-memory")
     ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
     return ap
 
@@ -348,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
                                dtype=args.dtype, remat=args.remat, attention=args.attention,
                                micro_batches=args.micro_batches,
-                               ce_chunk_tokens=args.ce_chunk_tokens)
+                               ce_chunk_tokens=args.ce_chunk_tokens,
+                               sequence_parallel=args.sequence_parallel,
+                               mlp_chunk_tokens=args.mlp_chunk_tokens,
+                               devices_per_host=args.devices_per_host)
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
@@ -362,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def log(s, p):
             mark = "fits" if p[key] <= budget else "too big"
-            print(f"  S={s:7d}: peak {_fmt(p['peak'])} (GPU estimate {_fmt(p['peak_gpu_estimate'])}, "
+            host = f", host {_fmt(p['host_offload'])}" if p.get("host_offload") else ""
+            print(f"  S={s:8d}: peak {_fmt(p['peak'])} (GPU estimate {_fmt(p['peak_gpu_estimate'])}{host}, "
                   f"activations+temp {_fmt(p['temporaries'])}, compile {p['compile_s']} s) {mark}",
                   flush=True)
 
@@ -370,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         if best is None:
             print(f"no max_seq_len >= 1024 fits in {_fmt(budget)} per device")
         else:
-            print(f"longest trainable max_seq_len: {best} (multiple of 1024) within "
-                  f"{_fmt(budget)} per device")
+            print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
+                  f"within {_fmt(budget)} per device")
             print_plan(tried[best], budget, key=key)
         if args.json:
             with open(args.json, "w") as f:

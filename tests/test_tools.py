@@ -10,6 +10,7 @@ import pytest
 from spmd_lora import hlo, plan
 from spmd_lora.config import PRESETS, ModelConfig
 from spmd_lora.lora import LoraConfig
+from spmd_lora.model import ForwardOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dimensions chosen so no activation shape has the LoRA rank (4) as a dimension.
@@ -28,10 +29,12 @@ def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None, sp=Fal
     census = hlo.collective_census(lowered.compile(), mesh, lowered)
     b_local = (batch or dp) // dp
     s_pad = -(-seq // tp) * tp if sp else seq
-    rows = s_pad // tp if sp else seq
-    g = tp if sp else 1
+    # independent of ForwardOptions.tile_counts: rows per device, tiles of the gathered tokens
+    rows, g = (s_pad // tp, tp) if sp else (seq, 1)
     tiles = -(-rows // max(mlp_chunk // g, 1)) if mlp_chunk and mlp_chunk // g < rows else 1
     ce_chunks = -(-(b_local * rows) // max(ce_chunk // g, 1))
+    assert ForwardOptions(TINY, tp, sequence_parallel=sp, mlp_chunk_tokens=mlp_chunk,
+                          ce_chunk_tokens=ce_chunk).tile_counts(seq, b_local) == (tiles, ce_chunks)
     expected = hlo.expected_collectives(
         TINY, tp, dp, sequence_parallel=sp, lora=lora, remat=remat, micro_batches=micro,
         mlp_tiles=tiles, ce_chunks=ce_chunks, tokens=b_local * seq, padded_tokens=b_local * s_pad,
@@ -263,7 +266,7 @@ def test_profile_script_writes_json(tmp_path):
          "--dtype", "float32", "--attention", "xla", "--json", str(out)],
         capture_output=True, text=True, env=_env(), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "vs Megatron" in p.stdout
+    assert "Megatron" in p.stdout
     res = json.loads(out.read_text())
     assert res["measured"]["tp_activation_reductions"] == res["expected"]["tp_activation_reductions"]
     assert {r["axis"] for r in res["census"]} >= {"tp", "dp"}

@@ -33,12 +33,12 @@ def _batch(vocab, rows, seq, seed):
     return tokens, mask.astype(np.int32)
 
 
-def _our_steps(model, lcfg, opt_cfg, batches, lora):
+def _our_steps(model, lcfg, opt_cfg, batches, lora, **options):
     tp = model.mesh.shape["tp"]
     opt = make_optimizer(opt_cfg)
     lora = replicate(lora, model.mesh)
     state = replicate(opt.init(lora), model.mesh)
-    step = make_train_step(ForwardOptions(model.config, tp, lcfg), model.mesh, opt)
+    step = make_train_step(ForwardOptions(model.config, tp, lcfg, **options), model.mesh, opt)
     losses = []
     for tokens, mask in batches:
         micro = shard_micro_batches({"tokens": tokens[None], "loss_mask": mask[None]}, model.mesh)
@@ -47,19 +47,23 @@ def _our_steps(model, lcfg, opt_cfg, batches, lora):
     return losses, jax.device_get(lora)
 
 
-def test_loss_trajectory_matches_hf_peft(hf_models):
+@pytest.mark.parametrize("tp,sp,seq", [(2, False, 24), (4, True, 22)])
+def test_loss_trajectory_matches_hf_peft(hf_models, tp, sp, seq):
     """Same base weights, same LoRA init, same batches, 5 AdamW steps (with weight decay and
-    gradient clipping): every step's loss within 1e-4 relative of transformers + PEFT."""
+    gradient clipping): every step's loss within 1e-4 relative of transformers + PEFT. Replicated
+    layout at tp=2, and sequence parallelism at tp=4 (kv heads replicated, S=22 padded to 24,
+    MLP in tiles)."""
     import peft
     path, _ = hf_models("gqa4")
     lcfg = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
-    model = spmd_lora.load_model(path, tp=2)
+    model = spmd_lora.load_model(path, tp=tp)
     lora0 = jax.device_get(init_lora(model.config, lcfg, jax.random.key(3)))
     lr, wd, clip = 5e-3, 0.01, 1.0
-    batches = [_batch(model.config.vocab_size, 2, 24, s % 2) for s in range(5)]   # 2 batches, alternating
+    batches = [_batch(model.config.vocab_size, 2, seq, s % 2) for s in range(5)]   # 2 batches, alternating
     ours, _ = _our_steps(model, lcfg, OptimizerConfig(learning_rate=lr, total_steps=10**6,
                                                        min_lr_ratio=1.0, weight_decay=wd,
-                                                       max_grad_norm=clip), batches, lora0)
+                                                       max_grad_norm=clip), batches, lora0,
+                         sequence_parallel=sp, mlp_chunk_tokens=8 if sp else 0)
 
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)

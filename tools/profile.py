@@ -8,7 +8,8 @@ Compiles ``step.make_train_step`` on abstract shapes (presets need no weights; a
 directory only needs config.json), parses the compiled HLO (``spmd_lora.hlo``) and prints
 every collective with its mesh axis, shape, bytes and count per step (collectives inside the
 layer / cross-entropy / accumulation scans are multiplied by the trip counts), totals per
-(kind, axis), and the comparison with the Megatron minimum (``hlo.megatron_minimum``).
+(kind, axis), and the comparison with our formula and the Megatron(-SP) minimum
+(``hlo.expected_collectives``).
 
 ``--time``
     CPU: times each distinct collective at its shape with a small jitted shard_map on the same
@@ -49,7 +50,11 @@ def build_parser():
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--targets", default="all")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"])
+    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                    help="shard activations along the sequence over tp (default on)")
+    ap.add_argument("--mlp-chunk-tokens", type=int, default=8192,
+                    help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--json", default=None, help="write census, totals and timings here")
@@ -188,7 +193,9 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
                                 shard_micro_batches)
 
     opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
-                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens)
+                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens,
+                          sequence_parallel=args.sequence_parallel,
+                          mlp_chunk_tokens=args.mlp_chunk_tokens)
     opt = make_optimizer(OptimizerConfig())
     params = random_params(cfg, mesh, args.dtype)
     lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
@@ -213,6 +220,12 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
 
 # ----------------------------------------------------------------------------- main
 
+def _jsonable(expected: dict) -> dict:
+    """expected_collectives() with its (kind, term) keys as 'kind/term' strings."""
+    return {k: ({f"{a}/{b}": n for (a, b), n in v.items()} if k in ("counts", "megatron") else v)
+            for k, v in expected.items()}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from spmd_lora import plan                      # imports no jax at module level
@@ -230,7 +243,8 @@ def main(argv=None) -> int:
         lowered, mesh, _ = plan.lower_train_step(
             cfg, args.tp, args.dp, max_seq_len=args.max_seq_len, batch=args.batch, lora=lora_cfg,
             dtype=args.dtype, remat=args.remat, attention=args.attention,
-            micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens)
+            micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
+            sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens)
         compiled = lowered.compile()
     except SpmdLoraError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -238,17 +252,35 @@ def main(argv=None) -> int:
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)
     summary = hlo.summarize(census)
-    tokens = args.batch // args.dp * args.max_seq_len
-    ce_chunks = -(-tokens // args.ce_chunk_tokens) if tokens > args.ce_chunk_tokens else 1
+    from spmd_lora.model import ForwardOptions
+    local_batch = args.batch // args.dp
+    opts = ForwardOptions(cfg=cfg, tp=args.tp, sequence_parallel=args.sequence_parallel,
+                          mlp_chunk_tokens=args.mlp_chunk_tokens,
+                          ce_chunk_tokens=args.ce_chunk_tokens)
+    layout = opts.layout(args.max_seq_len)
+    mlp_tiles, ce_chunks = opts.tile_counts(args.max_seq_len, local_batch)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    expected = hlo.megatron_minimum(cfg, args.tp, args.dp, lora=lora_cfg, remat=args.remat,
-                                    micro_batches=args.micro_batches, ce_chunks=ce_chunks,
-                                    tokens=tokens, dtype_bytes=dtype_bytes)
+
+    def formula(sp, tiles=mlp_tiles, chunks=ce_chunks):
+        return hlo.expected_collectives(
+            cfg, args.tp, args.dp, sequence_parallel=sp, lora=lora_cfg, remat=args.remat,
+            micro_batches=args.micro_batches, mlp_tiles=tiles, ce_chunks=chunks,
+            tokens=local_batch * args.max_seq_len,
+            padded_tokens=local_batch * layout.padded_len, dtype_bytes=dtype_bytes)
+
+    expected = formula(layout.sp)
+    # the replicated layout of the same step, for the bytes comparison (its CE chunks)
+    rep_chunks = ForwardOptions(cfg=cfg, tp=args.tp, sequence_parallel=False,
+                                mlp_chunk_tokens=args.mlp_chunk_tokens,
+                                ce_chunk_tokens=args.ce_chunk_tokens).tile_counts(
+                                    args.max_seq_len, local_batch)
+    replicated = formula(False, *rep_chunks)
     meas = hlo.measured(census, lora_cfg.rank)
 
     print(f"{args.model}: tp={args.tp} dp={args.dp} S={args.max_seq_len} batch={args.batch} "
           f"micro_batches={args.micro_batches} r={args.lora_rank} targets={','.join(lora_cfg.targets)} "
-          f"{args.dtype} remat={args.remat} (compiled on {mesh.devices.flat[0].platform} in "
+          f"{args.dtype} remat={args.remat} layout={expected['layout']} MLP tiles={mlp_tiles} "
+          f"CE chunks={ce_chunks} (compiled on {mesh.devices.flat[0].platform} in "
           f"{compile_s:.1f} s)\n")
     print_census(census)
     print("\nper step, by kind and axis ('self' = size-1 groups, no traffic):")
@@ -258,34 +290,47 @@ def main(argv=None) -> int:
         print(f"  {s['kind']:<18} {s['axis']:<9} ops {s['ops']:>6}  arrays {s['operands']:>6}  "
               f"bytes {_fmt_bytes(s['program_bytes']):>11}  ring bytes sent/device "
               f"{_fmt_bytes(s['program_wire_bytes']):>11}{cpu}")
-    print("\nvs Megatron (logical all-reduces of activations over tp, per step):")
-    print(f"  measured {meas['tp_activation_reductions']}  ({_fmt_bytes(meas['tp_activation_bytes'])})"
-          f"   our formula {expected['tp_activation_reductions']}"
-          f"   Megatron minimum {expected['megatron_tp']}"
-          f" ({_fmt_bytes(expected.get('megatron_tp_bytes', 0))})")
     flags = []
-    if meas["tp_activation_reductions"] != expected["tp_activation_reductions"]:
-        flags.append("census differs from the formula in spmd_lora/hlo.py: update one of them")
+    print("\nactivation collectives over tp per step (arrays; see hlo.expected_collectives):")
+    rows = [("all-reduce", meas["tp_activation_reductions"], expected["all_reduce"]),
+            ("all-gather", meas["tp_all_gathers"], expected["all_gather"]),
+            ("reduce-scatter", meas["tp_reduce_scatters"], expected["reduce_scatter"])]
+    mega = expected["megatron"]
+    for kind, got, want in rows:
+        minimum = sum(v for (k, _), v in mega.items() if k == kind)
+        print(f"  {kind:<15} measured {got:>6}   formula {want:>6}   "
+              f"Megatron{'-SP' if layout.sp else ''} minimum {minimum:>6}")
+        if got != want:
+            flags.append(f"{kind}: census {got} differs from the formula {want} in "
+                         "spmd_lora/hlo.py: update one of them")
+    print(f"  in the layers: {meas['tp_layer_activation_reductions']} activation all-reduces "
+          f"(the rest are the cross-entropy's softmax statistics)")
+    print(f"  ring bytes sent per device: measured {_fmt_bytes(meas['tp_wire_bytes'])}, formula "
+          f"{_fmt_bytes(expected.get('tp_wire_bytes', 0))}, minimum "
+          f"{_fmt_bytes(expected.get('megatron_tp_wire_bytes', 0))}; the replicated layout's "
+          f"all-reduces would send {_fmt_bytes(replicated.get('tp_wire_bytes', 0))}")
+    if layout.sp and meas["tp_layer_activation_reductions"]:
+        flags.append(f"{meas['tp_layer_activation_reductions']} activation all-reduces inside "
+                     "the layers under sequence parallelism")
     if expected["extra_tp"]:
-        terms = {k: v - expected["megatron"][k] for k, v in expected["ours"].items()
-                 if v != expected["megatron"][k]}
-        flags.append(f"{expected['extra_tp']} extra tp all-reduces per step: {terms} (see "
-                     "hlo.megatron_minimum: one pcast to varying per block removes them)")
-    if meas["non_all_reduce_ops"]:
-        flags.append(f"{meas['non_all_reduce_ops']} non-all-reduce collectives per step "
-                     "(all-gather of a weight?): "
-                     + ", ".join(sorted({f"{r['kind']}@{r['source']}" for r in census
-                                         if r['kind'] != 'all-reduce'})))
+        flags.append(f"{expected['extra_tp']} all-reduces per step beyond Megatron's (MLP tiles)")
+    odd = sorted({f"{r['kind']}@{r['source']}" for r in census
+                  if r["kind"] in ("all-gather", "reduce-scatter")
+                  and r["source"].split()[-1:] not in (["gather"], ["scatter"])})
+    if odd or meas["other_ops"]:
+        flags.append("collectives that are not the activation layout's (a weight gathered?): "
+                     + ", ".join(odd) + (f" and {meas['other_ops']} others" if meas["other_ops"] else ""))
     if meas["lora_grad_bytes"] > expected["lora_grad_bytes_minimum"] > 0:
         flags.append(f"LoRA gradient reductions move {_fmt_bytes(meas['lora_grad_bytes'])}/step "
-                     f"({meas['lora_grad_reductions']} arrays, inside the layer scan, per "
-                     f"micro-batch) vs {_fmt_bytes(expected['lora_grad_bytes_minimum'])} for one "
-                     "reduction of all LoRA gradients per step")
+                     f"({meas['lora_grad_reductions']} arrays) vs "
+                     f"{_fmt_bytes(expected['lora_grad_bytes_minimum'])} for one reduction of all "
+                     "LoRA gradients per step")
     for f in flags:
         print("  ! " + f)
 
     result = {"args": vars(args), "compile_s": compile_s, "census": census, "summary": summary,
-              "measured": meas, "expected": expected, "flags": flags,
+              "measured": meas, "expected": _jsonable(expected),
+              "replicated_expected": _jsonable(replicated), "flags": flags,
               "backend": mesh.devices.flat[0].platform}
     if args.time:
         import jax
