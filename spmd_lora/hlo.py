@@ -526,18 +526,20 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     ============================  ==================  ===================================
     term                          ours                what
     ============================  ==================  ===================================
-    forward, per layer            AG (1+n) L,         gather before q/k/v and before the
-                                  RS (1+n) L          MLP (per tile); scatter after o_proj
-                                                      and down_proj (per tile)
-    remat, per layer              AG (t + m) L,       the recompute re-gathers the block
-                                  RS r L              inputs (m = n with tiles, whose
-                                                      checkpointed tiles re-gather even
-                                                      without remat; else t) and re-scatters
-                                                      o_proj (r = 1 for full/save-dots; 0 for
-                                                      none and offload, which keeps the MLP
-                                                      input in host memory)
-    backward, per layer           AG (1+n) L,         transposes of the forward ones
-                                  RS (1+n) L
+    forward, per layer            AG 2 L, RS 2 L      gather before q/k/v and before the
+                                                      MLP; scatter after o_proj and down_proj
+                                  (tiles: 2n each)    (with tiles both blocks work per tile)
+    remat, per layer              AG 2t L, RS r L     the recompute re-gathers the block
+                                                      inputs and re-scatters o_proj (r = 1 for
+                                                      full/save-dots; 0 for none and offload,
+                                                      which keeps the MLP input in host
+                                                      memory)
+                                  tiles: AG (2+f)nL,  checkpointed tiles re-gather in their
+                                  RS r n L            own backward even without remat; f = 1
+                                                      for full (save-dots keeps the q/k/v
+                                                      products), else 0
+    backward, per layer           AG 2 L, RS 2 L      transposes of the forward ones
+                                  (tiles: 2n each)
     embedding                     RS 1                the looked-up rows, scattered
     cross-entropy                 AG C (+C),          each chunk of rows gathered (again
                                   RS C,               in the recompute when C > 1), its
@@ -592,12 +594,19 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                   (AG, "ce_forward", C + (C if C > 1 else 0), chunk),
                   (RS, "ce_backward", C, chunk / tp),
                   (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", ce_re, stats)]
-        ours = [(AG, "forward", L, whole), (AG, "forward", n * L, tile),
-                (RS, "forward", L, whole / tp), (RS, "forward", n * L, tile / tp),
-                (AG, "remat", t * L, whole),
-                (AG, "remat", n * L if n > 1 else t * L, tile),
-                (AG, "backward", L, whole), (AG, "backward", n * L, tile),
-                (RS, "backward", L, whole / tp), (RS, "backward", n * L, tile / tp)] + common
+        if n > 1:   # attention projections tiled too: its gathers/scatters are per tile
+            # the outer recompute re-runs the attention tiles: their gathers under full (save-dots
+            # keeps the q/k/v products), their o_proj scatters under both
+            outer_ag = n if remat == "full" else 0
+            common[0] = (RS, "remat", n * re_scatter * L, tile / tp)
+            ours = [(AG, "forward", 2 * n * L, tile), (RS, "forward", 2 * n * L, tile / tp),
+                    (AG, "remat", (2 * n + outer_ag) * L, tile),
+                    (AG, "backward", 2 * n * L, tile), (RS, "backward", 2 * n * L, tile / tp)]
+        else:
+            ours = [(AG, "forward", 2 * L, whole), (RS, "forward", 2 * L, whole / tp),
+                    (AG, "remat", 2 * t * L, whole),
+                    (AG, "backward", 2 * L, whole), (RS, "backward", 2 * L, whole / tp)]
+        ours = ours + common
         mega = [(AG, "forward", 2 * L, whole), (RS, "forward", 2 * L, whole / tp),
                 (AG, "remat", 2 * t * L, whole),
                 (AG, "backward", 2 * L, whole), (RS, "backward", 2 * L, whole / tp)] + common

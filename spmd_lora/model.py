@@ -37,7 +37,7 @@ from .dropout import Dropout
 from .kernels import attention
 from .lora import LoraConfig
 from .mesh import DP, TP
-from .sequence_parallel import SeqLayout, tiled
+from .sequence_parallel import SeqLayout, gather_tiles, scatter_tiles, tiled
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "full", "save-dots", "offload")
@@ -209,25 +209,55 @@ def _drop(key, rows, index):
 
 
 def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
-    """x [B, R, D] local residual rows -> [B, R, D] (after the o_proj reduction)."""
+    """x [B, R, D] local residual rows -> [B, R, D] (after the o_proj reduction). With tiles
+    (``mlp_chunk_tokens``) the q/k/v projections and o_proj run tile by tile, so neither the
+    gathered [B, S, D] input nor its gradient is ever whole: only q/k/v/o of the local heads
+    span the sequence."""
     cfg = opts.cfg
     hd = cfg.head_dim
-    h = seq.layout.gather(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))    # [B, S, D]
-    b, s, _ = h.shape
-    q = column_linear(h, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
-                      _drop(key, seq.rows, 0))
-    k = column_linear(h, p["k_proj"], lora.get("k_proj"), (cfg.num_kv_heads, hd), opts,
-                      _drop(key, seq.rows, 1))
-    v = column_linear(h, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts,
-                      _drop(key, seq.rows, 2))
+    layout = seq.layout
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)                       # [B, R, D]
+    q_width = cfg.num_heads // opts.tp * hd
+    kv_width = cfg.kv_heads_per_device(opts.tp) * hd
+
+    def qkv(hg, rows):                                                      # [B, N, D] gathered
+        q = column_linear(hg, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
+                          _drop(key, rows, 0))
+        k = column_linear(hg, p["k_proj"], lora.get("k_proj"), (cfg.num_kv_heads, hd), opts,
+                          _drop(key, rows, 1))
+        v = column_linear(hg, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts,
+                          _drop(key, rows, 2))
+        return jnp.concatenate([q, k, v], axis=-1)
+
+    def o_proj(o, rows):                                                    # [B, N, Hl*hd]
+        return row_linear(o, p["o_proj"], lora.get("o_proj"), opts, _drop(key, rows, 3))
+
+    # Tiles pay under sequence parallelism, where the gathered input is tp x the local q.
+    tile = opts.mlp_tile_rows(layout) if layout.sp else None
+    if tile is None:
+        proj = qkv(layout.gather(h), seq.rows)                              # [B, S, F]
+    else:
+        proj = gather_tiles(lambda hg, start: qkv(hg, _tile_rows(seq, start, tile)), h, tile,
+                            layout)
+    b, s, _ = proj.shape
+    q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
     cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
     q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
     k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
     v = v.reshape(b, s, -1, hd)                                             # [B, S, KVl, hd]
     o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids, impl=opts.attention_impl)
-    y = row_linear(o.reshape(b, s, -1), p["o_proj"], lora.get("o_proj"), opts,
-                   _drop(key, seq.rows, 3))
-    return seq.layout.scatter(y)
+    o = o.reshape(b, s, -1)
+    if tile is None:
+        return layout.scatter(o_proj(o, seq.rows))
+    return scatter_tiles(lambda t, start: o_proj(t, _tile_rows(seq, start, tile)), o, tile,
+                         layout)
+
+
+def _tile_rows(seq: SequenceInputs, start, size: int):
+    """Global token row ids [B, g*size] of a gathered tile (for dropout), or None."""
+    if seq.rows is None:
+        return None
+    return jnp.take(seq.rows, seq.layout.tile_rows(start, size), axis=1, mode="clip")
 
 
 def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, rows=None):
@@ -242,8 +272,8 @@ def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, row
         hg = layout.gather(h_tile)                                          # [B, g*c, D]
         tile_rows = None
         if key is not None:
-            idx = layout.tile_rows(start, h_tile.shape[1])
-            tile_rows = jnp.take(rows, idx, axis=1, mode="clip")
+            tile_rows = jnp.take(rows, layout.tile_rows(start, h_tile.shape[1]), axis=1,
+                                 mode="clip")
         gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
                              _drop(key, tile_rows, 4))                      # [B, g*c, Fl]
         up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,

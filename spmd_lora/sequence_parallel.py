@@ -119,13 +119,49 @@ def tiled(fn, x, chunk: int, *, axis: int = 1):
         widths[axis] = (0, pad)
         x = jnp.pad(x, widths)
     tiles = jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
+    out = jnp.moveaxis(_scan_tiles(lambda t, j: fn(t, j * chunk), tiles), 0, axis)                                    # [.., n, chunk, ..]
+    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2:])
+    return jax.lax.slice_in_dim(out, 0, rows, axis=axis) if pad else out
 
+
+
+def _scan_tiles(fn, tiles):
+    """Rematerialised scan of ``fn(tile, j)`` over the leading axis of ``tiles``."""
     @jax.checkpoint
     def body(carry, xs):
         tile, j = xs
-        return carry, fn(tile, j * chunk)
+        return carry, fn(tile, j)
 
-    _, out = jax.lax.scan(body, None, (tiles, jnp.arange(n, dtype=jnp.int32)))
-    out = jnp.moveaxis(out, 0, axis)                                    # [.., n, chunk, ..]
-    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2:])
-    return jax.lax.slice_in_dim(out, 0, rows, axis=axis) if pad else out
+    _, out = jax.lax.scan(body, None, (tiles, jnp.arange(tiles.shape[0], dtype=jnp.int32)))
+    return out
+
+
+def gather_tiles(fn, x, chunk: int, layout: SeqLayout):
+    """Column side of a tiled block. x [B, R, D] local rows; each tile of ``chunk`` local rows
+    is gathered over tp (``layout.gather``: [B, g*c, D], rows d*R + j*c + i, d-major) and mapped
+    by ``fn(gathered_tile, start) -> [B, g*c, F]``. Returns [B, S_pad, F] in sequence order, so
+    the whole gathered [B, S_pad, D] input never exists. Tiles are rematerialised."""
+    b, rows, d = x.shape
+    g = layout.gather_factor
+    n = -(-rows // chunk)
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - rows), (0, 0)))
+    tiles = x.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)                  # [n, B, c, D]
+    y = _scan_tiles(lambda t, j: fn(layout.gather(t), j * chunk), tiles)      # [n, B, g*c, F]
+    f = y.shape[-1]
+    y = y.reshape(n, b, g, chunk, f).transpose(1, 2, 0, 3, 4)                # [B, g, n, c, F]
+    return y.reshape(b, g, n * chunk, f)[:, :, :rows].reshape(b, g * rows, f)
+
+
+def scatter_tiles(fn, y, chunk: int, layout: SeqLayout):
+    """Row side of a tiled block. y [B, S_pad, F] in sequence order; tile j takes rows
+    d*R + j*c + i of every device d ([B, g*c, F]), ``fn(tile, start) -> [B, g*c, D]`` partial
+    sums, reduced by ``layout.scatter`` to this device's [B, c, D]. Returns [B, R, D]."""
+    b, s, f = y.shape
+    g = layout.gather_factor
+    rows = s // g
+    n = -(-rows // chunk)
+    y = jnp.pad(y.reshape(b, g, rows, f), ((0, 0), (0, 0), (0, n * chunk - rows), (0, 0)))
+    tiles = y.reshape(b, g, n, chunk, f).transpose(2, 0, 1, 3, 4).reshape(n, b, g * chunk, f)
+    out = _scan_tiles(lambda t, j: layout.scatter(fn(t, j * chunk)), tiles)  # [n, B, c, D]
+    d = out.shape[-1]
+    return out.transpose(1, 0, 2, 3).reshape(b, n * chunk, d)[:, :rows]

@@ -11,7 +11,8 @@ batch 1, loss on every token. CPU: fp32; GPU: bf16 base weights (LoRA and optimi
 Each measurement runs in its own subprocess (``--worker``), so peak memory (the process's
 ``ru_maxrss``, which includes the framework's own footprint) and thread pools never mix.
 After ``--warmup`` steps (compilation for JAX), ``--steps`` steps are timed one by one;
-tokens/s uses the median step. Ours runs at tp=1 dp=1 with attention ``--attention``
+tokens/s uses the median step. Ours runs at ``--tp`` (default 1; fake host devices on CPU)
+with attention ``--attention``
 (default auto) under each ``--remat`` policy (default: full and save-dots; the best is
 reported). HF runs in eager mode with its default attention (sdpa) and no gradient
 checkpointing.
@@ -96,9 +97,10 @@ def worker_ours(args):
                       num_heads=m["heads"], num_kv_heads=m["heads"], head_dim=64,
                       max_position_embeddings=max(4096, m["seq"]))
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=_targets(args.targets))
-    mesh = make_mesh(1, 1)
-    opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, attention_impl=args.attention,
-                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens)
+    mesh = make_mesh(1, args.tp)
+    opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
+                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens,
+                          sequence_parallel=args.sequence_parallel)
     opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0, max_grad_norm=None,
                                          total_steps=10 ** 6))
     params = random_params(cfg, mesh, dtype)
@@ -117,6 +119,7 @@ def worker_ours(args):
 
     warm, times, loss = _timed(one, args.warmup, args.steps)
     return {"framework": "ours", "remat": args.remat, "attention": args.attention,
+            "tp": args.tp, "sequence_parallel": args.sequence_parallel,
             "dtype": dtype, "backend": jax.default_backend(), "warmup_s": warm,
             "step_s": times, "loss": loss, "jax": jax.__version__}
 
@@ -197,16 +200,19 @@ def spawn(config, framework, args, remat=None, timeout=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--targets", args.targets,
            "--rank", str(args.rank), "--batch", str(args.batch), "--attention", args.attention,
-           "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
+           "--ce-chunk-tokens", str(args.ce_chunk_tokens), "--tp", str(args.tp),
+           "--sequence-parallel" if args.sequence_parallel else "--no-sequence-parallel"]
     if remat:
         cmd += ["--remat", remat]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # One host device for ours: do not inherit a test harness's fake-device count.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    # tp host devices for ours (fake ones on CPU): not a test harness's fake-device count.
+    env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
+                                 if not f.startswith("--xla_force_host_platform_device_count")]
+                                + ([f"--xla_force_host_platform_device_count={args.tp}"]
+                                   if args.tp > 1 else []))
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -285,6 +291,10 @@ def build_parser():
     ap.add_argument("--remat", default="full,save-dots",
                     help="comma list of remat policies to run for ours (best is reported)")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor parallelism of ours (fake host devices on CPU, sharing its cores)")
+    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --tp > 1: shard activations along the sequence (default on)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--frameworks", default="ours,peft")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
