@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,18 @@ from ._custom_vjp import attention_with_saved_lse
 from ._masks import position_mask
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# jax >= 0.11.2 warns on every Triton lowering that the Pallas Triton backend is deprecated (in
+# favour of Mosaic GPU). It still works and it is what this kernel targets: keep that one
+# message out of users' output (other warnings are untouched).
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+
+
+def quiet_triton_deprecation() -> None:
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+quiet_triton_deprecation()
 _MIN_BLOCK = 16  # tl.dot needs every tile dim >= 16
 
 
