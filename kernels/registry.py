@@ -291,6 +291,7 @@ def write_table(path, device_kind: str, *, block_sizes=None, ranking=None,
         entry["measurements"] = measurements
     _parse_entry(path, device_kind, entry)
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kernel_table.", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
