@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 # the torch-free job (Python 3.12, newest jax) runs without torch/peft
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 _TORCH_IMPORT = re.compile(r"^(?:import|from)\s+(?:torch|peft)\b", re.MULTILINE)
-_SKIPPED_MODULES = []
+_SKIPPED_MODULES = set()
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -25,7 +25,7 @@ def pytest_ignore_collect(collection_path, config):
     if HAVE_TORCH or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
         return None
     if _TORCH_IMPORT.search(collection_path.read_text()):
-        _SKIPPED_MODULES.append(collection_path.name)
+        _SKIPPED_MODULES.add(collection_path.name)
         return True
     return None
 
