@@ -38,6 +38,9 @@ IMPLS = ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax")
 GPU_ONLY = ("cudnn", "tokamax")
 TABLE_ENV = "SPMD_LORA_KERNEL_TABLE"
 TABLE_FORMAT = "spmd_lora kernel table"
+# Measurements shipped with the package (tools/gpu_suite.py --table kernels/kernel_table.json
+# on a GPU, then commit); used when SPMD_LORA_KERNEL_TABLE is unset. Absent until a GPU run.
+PACKAGED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_table.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +213,8 @@ _TABLE_CACHE: dict = {}
 
 
 def _table_error(path, what):
-    return ValueError(f"{TABLE_ENV}={path}: {what}. Fix or delete the file (tools/gpu_suite.py "
-                      f"writes a valid one).")
+    return ValueError(f"kernel table {path} (from {TABLE_ENV} or the packaged table): {what}. "
+                      f"Fix or delete the file (tools/gpu_suite.py writes a valid one).")
 
 
 def _parse_entry(path, kind, raw) -> MeasuredEntry:
@@ -238,7 +241,8 @@ def _parse_entry(path, kind, raw) -> MeasuredEntry:
 
 def load_table(path=None) -> dict:
     """device_kind (lower case) -> :class:`MeasuredEntry` from the kernel table file
-    (``path``, default ``$SPMD_LORA_KERNEL_TABLE``; {} when unset). Format::
+    (``path``; default ``$SPMD_LORA_KERNEL_TABLE``, else :data:`PACKAGED_TABLE` when it exists,
+    else {}). Format::
 
         {"format": "spmd_lora kernel table", "version": 1,
          "devices": {"NVIDIA H100 80GB HBM3": {
@@ -248,7 +252,8 @@ def load_table(path=None) -> dict:
 
     Raises ValueError naming the file and field when it is unreadable or malformed.
     """
-    path = path or os.environ.get(TABLE_ENV)
+    path = path or os.environ.get(TABLE_ENV) or (
+        PACKAGED_TABLE if os.path.exists(PACKAGED_TABLE) else None)
     if not path:
         return {}
     try:

@@ -22,10 +22,22 @@ def _choose(impl="auto", kind=H100, cc=(9, 0), **kw):
     return registry.choose(impl, backend="gpu", device_kind=kind, compute_capability=cc, **kw)
 
 
-def test_no_table_keeps_todays_rule(monkeypatch):
+def test_no_table_keeps_todays_rule(monkeypatch, tmp_path):
     monkeypatch.delenv(registry.TABLE_ENV, raising=False)
+    monkeypatch.setattr(registry, "PACKAGED_TABLE", str(tmp_path / "none.json"))
     got = _choose(dtype=jnp.bfloat16)
     assert got.impl == "pallas" and "Hopper" in got.reason
+
+
+def test_packaged_table_is_the_default_and_the_env_var_wins(monkeypatch, tmp_path):
+    packaged, user = tmp_path / "packaged.json", tmp_path / "user.json"
+    registry.write_table(str(packaged), H100, ranking=["xla"])
+    registry.write_table(str(user), H100, ranking=["blockwise"])
+    monkeypatch.setattr(registry, "PACKAGED_TABLE", str(packaged))
+    monkeypatch.delenv(registry.TABLE_ENV, raising=False)
+    assert _choose(dtype=jnp.bfloat16).impl == "xla"
+    monkeypatch.setenv(registry.TABLE_ENV, str(user))
+    assert _choose(dtype=jnp.bfloat16).impl == "blockwise"
 
 
 def test_table_round_trip_blocks_and_measured_auto(tmp_path, monkeypatch):
@@ -68,7 +80,7 @@ def test_bad_table_is_a_clear_error(tmp_path, monkeypatch, content, field):
     path = tmp_path / "t.json"
     path.write_text(content)
     monkeypatch.setenv(registry.TABLE_ENV, str(path))
-    with pytest.raises(ValueError, match=f"{registry.TABLE_ENV}=.*t.json.*{field}"):
+    with pytest.raises(ValueError, match=f"kernel table .*t.json.*{registry.TABLE_ENV}.*{field}"):
         _choose()
     monkeypatch.setenv(registry.TABLE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="cannot read"):
@@ -127,3 +139,27 @@ def test_gpu_only_impls_refuse_cpu():
     for impl in ("cudnn", "tokamax"):
         with pytest.raises(ValueError, match=f"'{impl}' needs a CUDA GPU"):
             attention(q, q, q, impl=impl)
+
+
+def test_tokamax_path_matches_reference_through_its_xla_impl():
+    """Our tokamax call (key-range Mask, GQA, scale) through tokamax's portable 'xla'
+    implementation: forward and gradients match the oracle. Runs where tokamax is installed
+    (Python >= 3.12 with the extra); the Mosaic GPU implementation is checked by the suite."""
+    pytest.importorskip("tokamax")
+    import jax
+
+    from spmd_lora.kernels import reference_attention
+    from spmd_lora.kernels.tokamax_attention import tokamax_attention
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(ks[0], (2, 40, 4, 16))
+    k, v = (jax.random.normal(kk, (2, 40, 2, 16)) for kk in ks[1:])
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [10, 20, 10]),
+                                np.repeat([3, 4], [25, 15])]).astype(np.int32))
+    for causal in (True, False):
+        mine = lambda q, k, v: tokamax_attention(q, k, v, causal=causal, segment_ids=seg,  # noqa
+                                                 implementation="xla")
+        ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, segment_ids=seg)  # noqa
+        got = (mine(q, k, v), *jax.grad(lambda *a: jnp.sum(mine(*a) ** 2), (0, 1, 2))(q, k, v))
+        want = (ref(q, k, v), *jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), (0, 1, 2))(q, k, v))
+        for a, b in zip(got, want):
+            assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-5

@@ -438,8 +438,13 @@ def peft_worker(spec: dict) -> dict:
                          max_position_embeddings=cfg.max_position_embeddings,
                          rope_theta=cfg.rope_theta, use_cache=False,
                          attn_implementation="sdpa")
-    with torch.device(dev):
-        model = LlamaForCausalLM(hf_cfg).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype (no fp32 copy of 7B first)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(hf_cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     if spec["grad_ckpt"]:  # renamed activation_checkpointing_enable in transformers 5.x
         getattr(model, "activation_checkpointing_enable",
                 getattr(model, "gradient_checkpointing_enable", None))()
@@ -662,6 +667,8 @@ def run(args) -> dict:
                           "dry_run": args.dry_run,
                           "throughput": report.get("throughput", {}).get("rows")})
         report["kernel_table"] = table_path
+    if report.get("kernel_table"):  # the train steps below (and their workers) use it
+        os.environ[registry.TABLE_ENV] = os.path.abspath(report["kernel_table"])
     if "d" in sections or "e" in sections:
         report["matmul_peak"] = measure_matmul_peak(plan.matmul_n, plan.iters)
     if "d" in sections:
@@ -683,6 +690,11 @@ def _timed_section(report, name, fn, *args):
     out = fn(*args)
     report.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
     return out
+
+
+def registry_env() -> str:
+    from spmd_lora.kernels import registry
+    return registry.TABLE_ENV
 
 
 def build_parser():
@@ -711,7 +723,14 @@ def main(argv=None) -> int:
         print(f"error: --sections: unknown section(s) {sorted(bad)}; use a comma list of "
               f"a,b,c,d,e", file=sys.stderr)
         return 2
-    report = run(args)
+    saved_table = os.environ.get(registry_env())
+    try:
+        report = run(args)
+    finally:  # run() points the registry at the table it wrote; undo that for the caller
+        if saved_table is None:
+            os.environ.pop(registry_env(), None)
+        else:
+            os.environ[registry_env()] = saved_table
     json_path = os.path.join(args.out, "gpu_suite.json")
     md_path = os.path.join(args.out, "gpu_suite.md")
     _atomic_write(json_path, json.dumps(report, indent=1, default=str))
