@@ -5,6 +5,7 @@ accepts. On a GPU the same command (without --dry-run) validates, tunes and benc
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def test_attention_flop_accounting():
 def test_dry_run_writes_report_and_table(tmp_path, capsys):
     suite = _load_suite()
     out = tmp_path / "suite"
+    before = os.environ.get(registry.TABLE_ENV)
     assert suite.main(["--dry-run", "--out", str(out)]) == 0
+    assert os.environ.get(registry.TABLE_ENV) == before   # the suite's table does not leak
     report = json.loads((out / "gpu_suite.json").read_text())
     md = (out / "gpu_suite.md").read_text()
     assert report["dry_run"] and "DRY RUN" in md
