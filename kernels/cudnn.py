@@ -106,7 +106,7 @@ def cudnn_attention(q, k, v, *, causal, segment_ids, compute_capability, fallbac
 
 def supports(*, dtype, head_dim: int, seq_len: int, segments: bool, compute_capability):
     """(ok, reason): whether cuDNN attention takes this call (used by the registry's 'auto')."""
-    if np.dtype(dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False, "cuDNN attention takes fp16/bf16 only"
     cc = tuple(compute_capability) if compute_capability is not None else (0, 0)
     max_d = 256 if cc >= (9, 0) else 128
