@@ -5,45 +5,35 @@ One public entry point: :func:`attention`, dispatching through :mod:`.registry` 
 * ``"pallas"``    -- our fused Pallas kernel (:mod:`.flash_attention`; GPU, interpreted elsewhere)
 * ``"blockwise"`` -- pure-JAX O(S)-memory attention (:mod:`.blockwise`; CPU default)
 * ``"xla"``       -- the plain XLA oracle (:mod:`.reference`; O(S^2) memory)
-* ``"cudnn"``     -- ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only)
-* ``"auto"``      -- pallas on GPU, blockwise elsewhere.
+* ``"cudnn"``     -- cuDNN fused attention (:mod:`.cudnn`; GPU only; packed segments on Hopper)
+* ``"tokamax"``   -- tokamax's Mosaic GPU kernels (:mod:`.tokamax_attention`; optional extra)
+* ``"auto"``      -- on a GPU the fastest supported impl of the measured kernel table
+  (``SPMD_LORA_KERNEL_TABLE``, written by tools/gpu_suite.py), else pallas; blockwise
+  elsewhere.
 
 All of them take q [B, S, H, D], k/v [B, S, KV, D] (H a multiple of KV, q head h uses kv head
 h // (H // KV) as in HF), optional segment_ids [B, S] int and return [B, S, H, D] in q's dtype,
 and all work inside ``jax.shard_map(..., check_vma=True)`` with gradients.
 """
-import jax
-
 from . import registry
 from .blockwise import blockwise_attention
+from .cudnn import cudnn_attention
 from .flash_attention import BlockSizes, flash_attention
 from .reference import reference_attention
 from .registry import IMPLS, resolve_impl
-
-
-def _cudnn_attention(q, k, v, *, causal, segment_ids):
-    mask = None
-    if segment_ids is not None:
-        # cuDNN has no segment-id mask: pass a dense [B, 1, S, S] mask (O(S^2) memory).
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if k.dtype != q.dtype:
-        k = k.astype(q.dtype)
-    if v.dtype != q.dtype:
-        v = v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                       implementation="cudnn")
-    return out.astype(q.dtype)
+from .tokamax_attention import tokamax_attention
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_sizes=None):
     """Multi-head attention. q [B, S, H, D]; k, v [B, S, KV, D]; returns [B, S, H, D].
 
-    impl: "auto" | "pallas" | "blockwise" | "xla" | "cudnn" (ValueError otherwise).
-    block_sizes: optional :class:`BlockSizes` overriding the registry's choice (pallas uses
-    all fields, blockwise uses block_q / block_k).
+    impl: "auto" | "pallas" | "blockwise" | "xla" | "cudnn" | "tokamax" (ValueError
+    otherwise). block_sizes: optional :class:`BlockSizes` overriding the registry's choice
+    (pallas uses all fields, blockwise uses block_q / block_k).
     """
     choice = registry.choose(impl, seq_len=q.shape[1], head_dim=q.shape[-1],
-                             block_sizes=block_sizes)
+                             block_sizes=block_sizes, dtype=q.dtype,
+                             segments=segment_ids is not None)
     if choice.impl == "xla":
         return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if choice.impl == "blockwise":
@@ -54,7 +44,13 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
         return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                block_sizes=choice.block_sizes)
     if choice.impl == "cudnn":
-        return _cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+        def fallback(q, k, v, *, causal, segment_ids):
+            return attention(q, k, v, causal=causal, segment_ids=segment_ids, impl="pallas")
+        return cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                               compute_capability=registry.device_info()[2],
+                               fallback=fallback)
+    if choice.impl == "tokamax":
+        return tokamax_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     raise AssertionError(choice)  # registry returned something unknown
 
 

@@ -90,7 +90,7 @@ def _forward(q, k, v, seg, cfg: _Cfg):
 
         def body(j, carry, masked):
             acc, m_prev, l_prev = carry
-            k_start = j * bk
+            k_start = j.astype(jnp.int32) * bk  # fori_loop counters are int64 under x64
             kj = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
             vj = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
             sc = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
@@ -154,7 +154,7 @@ def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
 
         def body(i, carry, masked):
             dq, dk, dv = carry
-            q_start = i * bq
+            q_start = i.astype(jnp.int32) * bq  # fori_loop counters are int64 under x64
             qi = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
             doi = lax.dynamic_slice_in_dim(dog, q_start, bq, axis=1)
             lse_i = lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,18 @@ from ._custom_vjp import attention_with_saved_lse
 from ._masks import position_mask
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# jax >= 0.11.2 warns on every Triton lowering that the Pallas Triton backend is deprecated (in
+# favour of Mosaic GPU). It still works and it is what this kernel targets: keep that one
+# message out of users' output (other warnings are untouched).
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+
+
+def quiet_triton_deprecation() -> None:
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+quiet_triton_deprecation()
 _MIN_BLOCK = 16  # tl.dot needs every tile dim >= 16
 
 
@@ -125,7 +138,8 @@ def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
 
 
 def _cdiv(a, b):
-    return lax.div(a + (b - 1), b)
+    """ceil(a / b) for an int32 ``a`` and a static int ``b`` (int32 even under x64)."""
+    return lax.div(a + (b - 1), jnp.int32(b))
 
 
 def _tile_probs(q, k, lse, q_pos, k_pos, q_seg, k_seg, *, cfg, masked, kv_len, seq_pad):
@@ -152,7 +166,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
 
     def body(j, carry, masked):
         acc, m_prev, l_prev = carry
-        k_start = pl.multiple_of(j * bk, bk)
+        k_start = pl.multiple_of(j.astype(jnp.int32) * bk, bk)  # int32 under x64
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s = _dot_nt(q, k) * cfg.sm_scale
@@ -172,7 +186,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
     full_kv = kv_len // bk  # key blocks with no padding
     if cfg.causal:
         end = jnp.minimum(_cdiv(q_start + bq, bk), nk)
-        unmasked_end = jnp.minimum(lax.div(q_start + 1, bk), full_kv)
+        unmasked_end = jnp.minimum(lax.div(q_start + 1, jnp.int32(bk)), full_kv)
     else:
         end = nk
         unmasked_end = full_kv
@@ -233,7 +247,7 @@ def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
     q_seg = seg_ref[pl.ds(q_start, bq)] if has_seg else None
 
     def body(j, dq, masked):
-        k_start = pl.multiple_of(j * bk, bk)
+        k_start = pl.multiple_of(j.astype(jnp.int32) * bk, bk)  # int32 under x64
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         k_seg = seg_ref[pl.ds(k_start, bk)] if has_seg else None
@@ -247,7 +261,7 @@ def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int):
     full_kv = kv_len // bk
     if cfg.causal:
         end = jnp.minimum(_cdiv(q_start + bq, bk), nk)
-        unmasked_end = jnp.minimum(lax.div(q_start + 1, bk), full_kv)
+        unmasked_end = jnp.minimum(lax.div(q_start + 1, jnp.int32(bk)), full_kv)
     else:
         end = nk
         unmasked_end = full_kv
@@ -273,7 +287,7 @@ def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, grou
 
     def body(i, carry, g, masked):
         dk, dv = carry
-        q_start = pl.multiple_of(i * bq, bq)
+        q_start = pl.multiple_of(i.astype(jnp.int32) * bq, bq)  # int32 under x64
         q = q_ref[pl.ds(q_start, bq), g, :]
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
@@ -289,7 +303,7 @@ def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, grou
         return dk, dv
 
     if cfg.causal:
-        start = lax.div(k_start, bq)  # first q block with a row >= k_start
+        start = lax.div(k_start, jnp.int32(bq))  # first q block with a row >= k_start
         # first q block whose every row sees every key of this block
         unmasked_start = jnp.minimum(_cdiv(k_start + bk - 1, bq), nq)
     else:

@@ -1,11 +1,15 @@
 """Which attention implementation and tile sizes to use on which machine.
 
 ``choose(impl, ...)`` turns the user's ``impl`` ("auto", "pallas", "blockwise", "xla",
-"cudnn") into a concrete :class:`KernelChoice` for the current backend:
+"cudnn", "tokamax") into a concrete :class:`KernelChoice` for the current backend:
 
 * GPU: "auto" -> our Pallas kernel, with block sizes from :data:`GPU_TABLE`, matched on
   ``jax.devices()[0].device_kind`` (substring, case-insensitive) and then on the compute
   capability; the last entry is the catch-all.
+* GPU with a measured kernel table (``SPMD_LORA_KERNEL_TABLE=path.json``, written by
+  ``tools/gpu_suite.py`` on that GPU kind): its block sizes win over ``GPU_TABLE``, and "auto"
+  takes the fastest implementation of its measured ranking that supports the call (dtype,
+  head dim, segment ids, length); see :func:`load_table` for the file format.
 * CPU (and TPU, where the Triton-style kernel does not lower): "auto" -> blockwise, with the
   block size from :data:`CPU_BLOCKWISE` by sequence length. Measured on the shared 2-core CPU
   box (fwd+bwd, B=1, 8 heads, hd=64, fp32, min of 15 runs, under load): S=128 xla 4.3 ms vs
@@ -15,17 +19,28 @@
   (slow; for tests).
 
 Add a GPU: append a :class:`GpuEntry` to ``GPU_TABLE`` (or call :func:`register_gpu`) before
-the catch-all; see kernels/README.md.
+the catch-all, or run the suite there; see kernels/README.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 
 import jax
 
+from . import cudnn as _cudnn
+from . import tokamax_attention as _tokamax
 from .flash_attention import BlockSizes
 
-IMPLS = ("auto", "pallas", "blockwise", "xla", "cudnn")
+IMPLS = ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax")
+GPU_ONLY = ("cudnn", "tokamax")
+TABLE_ENV = "SPMD_LORA_KERNEL_TABLE"
+TABLE_FORMAT = "spmd_lora kernel table"
+# Measurements shipped with the package (tools/gpu_suite.py --table kernels/kernel_table.json
+# on a GPU, then commit); used when SPMD_LORA_KERNEL_TABLE is unset. Absent until a GPU run.
+PACKAGED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_table.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,30 +180,187 @@ def resolve_impl(impl: str = "auto", *, backend: str | None = None) -> str:
     """
     _check_impl(impl)
     backend = backend or jax.default_backend()
-    if impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention impl 'cudnn' needs a CUDA GPU; the JAX backend is "
+    if impl in GPU_ONLY and backend != "gpu":
+        raise ValueError(f"attention impl {impl!r} needs a CUDA GPU; the JAX backend is "
                          f"{backend!r}. Use impl='auto', 'blockwise' or 'xla'.")
     if impl != "auto":
         return impl
     return "pallas" if backend == "gpu" else "blockwise"
 
 
+# ----------------------------------------------------------------------------- measured table
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredEntry:
+    """One GPU kind's measurements from the kernel table file.
+
+    block_sizes: ((max_head_dim, BlockSizes), ...) for our Pallas kernel, increasing head dim.
+    ranking: implementations fastest first (fwd+bwd TFLOP/s as the suite measured them).
+    """
+    device_kind: str
+    block_sizes: tuple[tuple[int, BlockSizes], ...]
+    ranking: tuple[str, ...]
+    source: str
+
+    def blocks_for(self, head_dim: int) -> BlockSizes | None:
+        for max_d, bs in self.block_sizes:
+            if head_dim <= max_d:
+                return bs
+        return None
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _table_error(path, what):
+    return ValueError(f"kernel table {path} (from {TABLE_ENV} or the packaged table): {what}. "
+                      f"Fix or delete the file (tools/gpu_suite.py writes a valid one).")
+
+
+def _parse_entry(path, kind, raw) -> MeasuredEntry:
+    if not isinstance(raw, dict):
+        raise _table_error(path, f"devices[{kind!r}] must be an object")
+    blocks = []
+    for item in raw.get("block_sizes", []):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and isinstance(item[1], dict)):
+            raise _table_error(path, f"devices[{kind!r}].block_sizes entries must be "
+                                     f"[max_head_dim, {{BlockSizes fields}}], got {item!r}")
+        try:
+            blocks.append((item[0], BlockSizes(**item[1])))
+        except (TypeError, ValueError) as e:
+            raise _table_error(path, f"devices[{kind!r}].block_sizes: {e}") from None
+    ranking = raw.get("ranking", [])
+    bad = [r for r in ranking if r not in IMPLS or r == "auto"]
+    if not isinstance(ranking, list) or bad:
+        raise _table_error(path, f"devices[{kind!r}].ranking must list implementations from "
+                                 f"{IMPLS[1:]}, got {ranking!r}")
+    return MeasuredEntry(kind, tuple(sorted(blocks, key=lambda b: b[0])), tuple(ranking),
+                         str(path))
+
+
+def load_table(path=None) -> dict:
+    """device_kind (lower case) -> :class:`MeasuredEntry` from the kernel table file
+    (``path``; default ``$SPMD_LORA_KERNEL_TABLE``, else :data:`PACKAGED_TABLE` when it exists,
+    else {}). Format::
+
+        {"format": "spmd_lora kernel table", "version": 1,
+         "devices": {"NVIDIA H100 80GB HBM3": {
+             "block_sizes": [[128, {"block_q": 128, "block_k": 64, ...}]],
+             "ranking": ["pallas", "cudnn", "xla"],
+             "measurements": {...}}}}        # free-form: what the suite measured
+
+    Raises ValueError naming the file and field when it is unreadable or malformed.
+    """
+    path = path or os.environ.get(TABLE_ENV) or (
+        PACKAGED_TABLE if os.path.exists(PACKAGED_TABLE) else None)
+    if not path:
+        return {}
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as e:
+        raise _table_error(path, f"cannot read it ({e.strerror})") from None
+    key = (os.path.abspath(path), stamp)
+    if key not in _TABLE_CACHE:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise _table_error(path, f"not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT \
+                or not isinstance(data.get("devices"), dict):
+            raise _table_error(path, f"expected an object with \"format\": \"{TABLE_FORMAT}\" "
+                                     f"and a \"devices\" object")
+        _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = {k.lower(): _parse_entry(path, k, v)
+                             for k, v in data["devices"].items()}
+    return _TABLE_CACHE[key]
+
+
+def write_table(path, device_kind: str, *, block_sizes=None, ranking=None,
+                measurements=None) -> None:
+    """Merge one GPU kind's results into the table file at ``path`` (created if missing;
+    other devices kept), atomically (temp file + rename). block_sizes: ((max_head_dim,
+    BlockSizes), ...); ranking: impl names fastest first."""
+    data = {"format": TABLE_FORMAT, "version": 1, "devices": {}}
+    if os.path.exists(path):
+        load_table(path)  # validates
+        with open(path) as f:
+            data = json.load(f)
+    entry = data["devices"].setdefault(device_kind, {})
+    if block_sizes is not None:
+        entry["block_sizes"] = [[d, dataclasses.asdict(bs)] for d, bs in block_sizes]
+    if ranking is not None:
+        entry["ranking"] = list(ranking)
+    if measurements is not None:
+        entry["measurements"] = measurements
+    _parse_entry(path, device_kind, entry)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kernel_table.", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def measured_entry(device_kind: str) -> MeasuredEntry | None:
+    return load_table().get((device_kind or "").lower())
+
+
+def supports(impl: str, *, dtype=None, head_dim: int, seq_len: int, segments: bool,
+             compute_capability=None):
+    """(ok, reason): whether ``impl`` takes a call with these features on a GPU."""
+    if impl == "cudnn":
+        return _cudnn.supports(dtype=dtype or "bfloat16", head_dim=head_dim, seq_len=seq_len,
+                               segments=segments, compute_capability=compute_capability)
+    if impl == "tokamax":
+        return _tokamax.supports(dtype=dtype or "bfloat16", compute_capability=compute_capability)
+    return True, "ok"
+
+
+def _measured_auto(entry: MeasuredEntry, **features):
+    """First implementation of the measured ranking that takes the call, or None."""
+    for impl in entry.ranking:
+        if supports(impl, **features)[0]:
+            return impl
+    return None
+
+
 def choose(impl: str = "auto", *, seq_len: int, head_dim: int,
            block_sizes: BlockSizes | None = None, backend: str | None = None,
-           device_kind: str | None = None, compute_capability=None) -> KernelChoice:
-    """Implementation and block sizes for one attention call (pure; inputs default to the
-    current default device)."""
+           device_kind: str | None = None, compute_capability=None, dtype=None,
+           segments: bool = False) -> KernelChoice:
+    """Implementation and block sizes for one attention call (pure apart from reading the
+    kernel table; inputs default to the current default device). ``dtype`` / ``segments``
+    describe the call, for picking among measured implementations."""
     if backend is None or (backend == "gpu" and device_kind is None):
         b, kind, cc = device_info()
         backend = backend or b
         device_kind = kind if device_kind is None else device_kind
         compute_capability = cc if compute_capability is None else compute_capability
     concrete = resolve_impl(impl, backend=backend)
+    measured = measured_entry(device_kind) if backend == "gpu" else None
+    reason = None
+    if impl == "auto" and measured is not None and measured.ranking:
+        pick = _measured_auto(measured, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
+                              segments=segments, compute_capability=compute_capability)
+        if pick is not None:
+            concrete = pick
+            reason = (f"fastest supported in the measured ranking {list(measured.ranking)} "
+                      f"({measured.source})")
     if concrete == "pallas":
         if backend == "gpu":
+            bs = block_sizes or (measured.blocks_for(head_dim) if measured else None)
+            if bs is not None and block_sizes is None:
+                return KernelChoice("pallas", bs, reason or f"measured block sizes "
+                                                            f"({measured.source})")
             entry = gpu_entry(device_kind or "", compute_capability)
             bs = block_sizes or entry.blocks_for(head_dim)
-            return KernelChoice("pallas", bs, f"GPU table entry {entry.name!r}")
+            return KernelChoice("pallas", bs, reason or f"GPU table entry {entry.name!r}")
         return KernelChoice("pallas", block_sizes or BlockSizes(),
                             f"interpreted Pallas on {backend}")
     if concrete == "blockwise":
@@ -198,4 +370,4 @@ def choose(impl: str = "auto", *, seq_len: int, head_dim: int,
         return KernelChoice("blockwise", BlockSizes(block_q=blk, block_k=blk,
                                                     block_q_bwd=blk, block_k_bwd=blk),
                             f"blockwise, block {blk} for S={seq_len}")
-    return KernelChoice(concrete, None, concrete)
+    return KernelChoice(concrete, None, reason or concrete)

@@ -270,13 +270,55 @@ def multiplicities(module: HloModule):
 
 # ----------------------------------------------------------------------------- groups -> axes
 
+_MESH_GROUPS = re.compile(r"mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<sel>[^}]*)\}")
+_MESH_AXIS = re.compile(r"'?(?P<name>[^'=,\s]+)'?\s*=\s*(?P<size>\d+)")
+_MESH_SEL = re.compile(r"'?(?P<name>[^':,\s]+)'?(?::\((?P<pre>\d+)\)(?P<size>\d+))?")
+
+
+def _mesh_axes_groups(m):
+    """Groups of a mesh-axes replica-group list (jaxlib >= 0.12 prints
+    ``mesh['dp'=4,'tp'=2] {'tp'}``): devices are the row-major (iota) partition ids of the
+    named mesh; a group holds the devices that differ only along the selected axes. A selected
+    sub-axis ``'x':(pre)size`` splits axis x (size n) into [pre, size, n / (pre * size)] and
+    varies the middle part."""
+    axes = [(a.group("name"), int(a.group("size"))) for a in _MESH_AXIS.finditer(m.group("axes"))]
+    index = {name: i for i, (name, _) in enumerate(axes)}
+    sel = {}
+    for a in _MESH_SEL.finditer(m.group("sel")):
+        if a.group("name") not in index:
+            raise ValueError(f"replica groups name axis {a.group('name')!r} not in the mesh "
+                             f"{[n for n, _ in axes]}")
+        sel[a.group("name")] = (int(a.group("pre")), int(a.group("size"))) if a.group("pre") \
+            else None
+    dims, varied = [], []
+    for name, size in axes:
+        if name in sel and sel[name] is not None:
+            pre, sub = sel[name]
+            dims += [pre, sub, size // (pre * sub)]
+            varied.append(len(dims) - 2)
+        else:
+            dims.append(size)
+            if name in sel:
+                varied.append(len(dims) - 1)
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    fixed = [d for d in range(len(dims)) if d not in varied]
+    size = int(np.prod([dims[d] for d in varied] or [1]))
+    return ids.transpose(fixed + varied).reshape(-1, size).tolist()
+
+
 def _parse_groups(text):
-    """replica_groups / source_target_pairs attribute -> list of lists of ints (None = all)."""
+    """replica_groups / source_target_pairs attribute -> list of lists of ints (None = all).
+
+    Three syntaxes: explicit ``{{0,1},{2,3}}``; iota ``[2,2]<=[4]`` (optionally ``T(perm)``),
+    both jaxlib 0.10; and mesh axes ``mesh['dp'=4,'tp'=2] {'tp'}`` (jaxlib 0.12)."""
     if text is None:
         return None
     text = text.strip()
     if text in ("{}", ""):
         return None
+    m = _MESH_GROUPS.fullmatch(text)
+    if m:
+        return _mesh_axes_groups(m)
     m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
     if m:                                    # iota format: [groups,size]<=[dims]T(perm)
         shape = [int(x) for x in m.group(1).split(",")]

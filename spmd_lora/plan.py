@@ -129,10 +129,11 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
     return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args
 
 
-# XLA:CPU has no bf16 matmul: it converts bf16 weights to f32 first, and loop-invariant code
-# motion then hoists those converts out of the layer scan, i.e. an f32 copy of ALL layers'
-# weights appears in the temporaries (a 7B plan grew by ~25 GiB). A GPU compile has neither.
-# With LICM off, the copies stay per layer (see cpu_upcast_allowance).
+# XLA:CPU up to jaxlib 0.10 has no bf16 matmul: it converts bf16 weights to f32 first, and
+# loop-invariant code motion then hoists those converts out of the layer scan, i.e. an f32 copy
+# of ALL layers' weights appears in the temporaries (a 7B plan grew by ~25 GiB). A GPU compile
+# has neither, nor has XLA:CPU 0.12 (native bf16 dots). With LICM off, the copies stay per
+# layer (see cpu_upcast_allowance, which checks the compiled program for them).
 CPU_PLAN_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
@@ -144,14 +145,27 @@ def compile_train_step(cfg, tp: int, dp: int = 1, *, compiler_options=None, **kw
     return compiled, mesh, args
 
 
-def cpu_upcast_allowance(params, dtype) -> int:
+_LOW_PRECISION_DOT = re.compile(r"=\s*(?:bf16|f16)\[[\d,]*\](?:\{[^}]*\})?\s+dot\(")
+
+
+def upcasts_matmuls(compiled_text: str) -> bool:
+    """Whether a compiled program runs its bf16/f16 matmuls in f32: none of its ``dot`` ops
+    has a 16-bit result (XLA:CPU 0.10 upcasts every one; XLA:CPU 0.12 and GPUs keep them).
+    Call it on a program that has 16-bit weights."""
+    return _LOW_PRECISION_DOT.search(compiled_text) is None
+
+
+def cpu_upcast_allowance(params, dtype, compiled_text: str | None = None) -> int:
     """Bytes of the f32 weight copies XLA:CPU makes for bf16/f16 matmuls (with LICM off):
     two sets of one layer's local weights (the rematerialised forward and the backward convert
     their own) or the f32 LM head, whichever is larger. An estimate of what a CPU plan
-    overstates against a GPU compile; 0 for float32."""
+    overstates against a GPU compile; 0 for float32, and 0 when ``compiled_text`` (the plan's
+    compiled program) shows the matmuls run natively in 16 bits (:func:`upcasts_matmuls`)."""
     import jax
     import numpy as np
     if np.dtype(jax.numpy.dtype(dtype) if isinstance(dtype, str) else dtype).itemsize >= 4:
+        return 0
+    if compiled_text is not None and not upcasts_matmuls(compiled_text):
         return 0
 
     def local(a, drop_layer=False):
@@ -201,7 +215,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
     gradients), peak (= arguments + outputs - aliased + temporaries), compile_s, and the inputs.
     Compiled on CPU: with loop-invariant code motion off (``CPU_PLAN_OPTIONS``), plus
-    cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights, absent on GPU) and
+    cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights, absent on GPU and when the
+    compiled program shows native 16-bit matmuls) and
     peak_gpu_estimate = peak - cpu_upcast_allowance. ``peak`` is the conservative figure.
 
     remat ``offload``: ``host_offload`` (computed: :func:`offloaded_bytes`) is what the saved
@@ -237,7 +252,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     }
     out["activations"] = out["temporaries"]
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    out["cpu_upcast_allowance"] = cpu_upcast_allowance(params, dtype) if on_cpu else 0
+    out["cpu_upcast_allowance"] = (cpu_upcast_allowance(params, dtype, compiled.as_text())
+                                   if on_cpu else 0)
     out["host_offload"] = 0
     if remat == "offload":
         out["host_offload"] = offloaded_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,

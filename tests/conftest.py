@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices (before jax is imported) and tiny HF Llama builders."""
+import importlib.util
 import os
+import re
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -11,6 +13,36 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
+
+# the torch-free job (Python 3.12, newest jax) runs without torch/peft
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+_TORCH_IMPORT = re.compile(r"^(?:import|from)\s+(?:torch|peft)\b", re.MULTILINE)
+_SKIPPED_MODULES = set()
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torch, do not collect test modules that import torch or peft at the top."""
+    if HAVE_TORCH or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    if _TORCH_IMPORT.search(collection_path.read_text()):
+        _SKIPPED_MODULES.add(collection_path.name)
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    return None if HAVE_TORCH else "torch is not installed: tests that build HF torch models skip"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SKIPPED_MODULES:
+        terminalreporter.write_line("not collected (they import torch/peft, not installed): "
+                                    + ", ".join(sorted(_SKIPPED_MODULES)))
+
+
+def _require_torch():
+    if not HAVE_TORCH:
+        pytest.skip("needs torch (HF reference models); not installed")
 
 # Tiny configs the parity tests run on (HF LlamaConfig kwargs).
 CONFIGS = {
@@ -32,6 +64,7 @@ CONFIGS = {
 
 def build_hf_llama(path, seed=0, max_shard_size=None, dtype="float32", **kwargs):
     """Save a random LlamaForCausalLM (weights with std 0.1, non-trivial norms) to ``path``."""
+    _require_torch()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,6 +86,7 @@ def build_hf_llama(path, seed=0, max_shard_size=None, dtype="float32", **kwargs)
 def make_peft_adapter(hf, out_dir, seed=0, **lora_kwargs):
     """Save a PEFT LoRA adapter for the torch model ``hf`` (default: r=4, alpha=8 on all seven
     projections) with random non-zero B (std 0.2) to ``out_dir``; returns the PeftModel."""
+    _require_torch()
     import copy
 
     import torch

@@ -65,7 +65,7 @@ def test_missing_tensor_and_shape_mismatch(tmp_path):
 
 
 def test_pickle_checkpoints_need_explicit_allow(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
     hf = build_hf_llama(tmp_path / "m", **CONFIGS["mha"])
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "m" / "pytorch_model.bin")
