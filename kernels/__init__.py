@@ -11,6 +11,9 @@ One public entry point: :func:`attention`, dispatching through :mod:`.registry` 
 All of them take q [B, S, H, D], k/v [B, S, KV, D] (H a multiple of KV, q head h uses kv head
 h // (H // KV) as in HF), optional segment_ids [B, S] int and return [B, S, H, D] in q's dtype,
 and all work inside ``jax.shard_map(..., check_vma=True)`` with gradients.
+
+Context parallelism: :func:`ring_attention` (:mod:`.ring_attention`), called inside shard_map
+over a cp mesh axis, with explicit global token indices for the causal mask.
 """
 import jax
 
@@ -18,6 +21,7 @@ from . import registry
 from .blockwise import blockwise_attention
 from .flash_attention import BlockSizes, flash_attention
 from .reference import reference_attention
+from .ring_attention import CP_IMPLS, ring_attention
 from .registry import IMPLS, resolve_impl
 
 
@@ -59,4 +63,4 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
 
 
 __all__ = ["attention", "reference_attention", "blockwise_attention", "flash_attention",
-           "BlockSizes", "IMPLS", "resolve_impl", "registry"]
+           "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS"]
