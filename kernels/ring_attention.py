@@ -15,7 +15,10 @@ compute. Partial results merge exactly by log-sum-exp (fp32). Only (out, lse) ar
 Backward (``jax.custom_vjp``): K/V go around the ring again; each device computes its q rows'
 share of dq and the block's dK/dV from the merged lse and delta = rowsum(out * dout); the dK/dV
 accumulator (fp32) travels *with* its K/V block, and one last ppermute returns it to its owner.
-Nothing [S, S]-shaped and no full-sequence K/V ever lives on a device.
+Nothing [S, S]-shaped and no full-sequence K/V ever lives on a device. Fully masked work is
+skipped inside the block kernels, tile pair by tile pair (min k_index > max q_index), so a
+ring step whose K/V block lies wholly in the future of the local queries costs only the
+checks and the merge.
 
 Collective-permutes of one call over an axis of size n, each operand an array (k, v, k_index,
 plus kv_segment_ids when given: m = 3 or 4 arrays of one K/V block):
@@ -31,11 +34,19 @@ loop body and 2 after it. XLA may combine the operands of one ``ppermute`` into 
 
 ``impl="allgather"``: all-gather K/V, k_index and kv segment ids over the axis (tiled along S),
 then one local attention of the q chunk against the whole sequence; its backward
-reduce-scatters dK/dV (the transpose of all_gather). It holds full-S K/V on every device
-(2 * S * KV * D elements per layer), so it pays for small K/V: GQA models with few kv heads.
-Bytes sent per device per layer and direction: ring (n - 1)/n * 2 * S * KV * D (fwd) and about
-twice that in the backward; allgather the same (n - 1)/n * 2 * S * KV * D in the forward and
-in the backward's reduce-scatter, but as one large collective (no overlap with compute).
+reduce-scatters dK/dV (the transpose of all_gather). Every device then holds full-S K/V
+(2 * S * KV * D elements per layer, kept as a residual for the backward unless remat drops
+it), so it pays only where K/V are small: GQA models with few kv heads.
+
+Elements one device sends per call (S the global length, K/V in the input dtype, index and
+segment arrays of S int32 not counted):
+
+* ring: forward (n - 1)/n * 2*S*KV*D; backward the same again plus 2*S*KV*D in fp32 (dK/dV).
+* allgather: forward (n - 1)/n * 2*S*KV*D; backward (n - 1)/n * 2*S*KV*D (reduce-scatter).
+
+So the ring moves more bytes in training (its backward resends K/V and sends fp32 dK/dV) but
+in n - 1 pieces that overlap the block computations, holds only two K/V blocks at a time, and
+never holds full-S K/V.
 
 The local block kernel is chosen like ``attention``'s ``impl`` (``kernel``: "auto" |
 "blockwise" | "pallas"; "auto" is Pallas on GPU, blockwise elsewhere).
