@@ -57,10 +57,13 @@ def _inputs(seed, b, s, h, kv, d, dtype, segments):
 
 
 def _oracle(q, k, v, ct, seg):
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    fn = lambda q, k, v: reference_attention(q, k, v, causal=True, segment_ids=seg)  # noqa: E731
-    out, vjp = jax.vjp(fn, *f32)
-    return out, vjp(ct)
+    """Whole-sequence fp32 reference: (out, (dq, dk, dv)) of sum(out * ct)."""
+    def run(q, k, v, ct, seg):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        out, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, causal=True,
+                                                               segment_ids=seg), *f32)
+        return out, vjp(ct)
+    return jax.jit(run)(q, k, v, ct, None if seg is None else jnp.asarray(seg))
 
 
 def _layout(s, cp, zigzag):
@@ -138,6 +141,7 @@ def _check(label, got, ref, tol):
 
 # (cp, impl, b, s, h, kv, d, dtype, segments, zigzag)
 CASES = {
+    "ring-cp1-seg": (1, "ring", 1, 40, 2, 1, 16, jnp.float32, True, True),
     "ring-cp2-mha": (2, "ring", 1, 64, 2, 2, 16, jnp.float32, False, True),
     "ring-cp4-gqa-seg-ragged": (4, "ring", 2, 90, 4, 2, 16, jnp.float32, True, True),
     "ring-cp8-gqa4-seg": (8, "ring", 1, 128, 4, 1, 16, jnp.float32, True, True),
@@ -176,13 +180,14 @@ def test_ring_kernels_and_vma_modes(kernel, check_vma):
            _oracle(q, k, v, ct, seg), TOL[jnp.float32])
 
 
-def test_ring_hlo_collectives():
+@pytest.mark.parametrize("segments", [True, False])
+def test_ring_hlo_collectives(segments):
     """The compiled fwd+bwd of ring at cp=4 has no all-gather and exactly the collective-permute
     operands of the module docstring's formula: forward (n-1)*m, backward (n-1)*m + 2n, with
-    m = 4 arrays per K/V block (k, v, k_index, segment ids) and n = 4."""
-    cp, m = 4, 4
+    n = 4 and m arrays per K/V block (k, v, k_index, + segment ids when given)."""
+    cp, m = 4, 4 if segments else 3
     mesh = _cp_mesh(cp)
-    q, k, v, ct, seg = _inputs(3, 1, 64, 2, 1, 16, jnp.float32, True)
+    q, k, v, ct, seg = _inputs(3, 1, 64, 2, 1, 16, jnp.float32, segments)
     *_, compiled = _sharded_run(mesh, q, k, v, ct, seg, impl="ring", zigzag=True)
     census = collective_census(compiled, mesh)
     kinds = {r["kind"] for r in census}
@@ -326,3 +331,17 @@ def test_bad_arguments_raise():
         ring_attention(q, q, q, axis_name=None, q_index=idx, k_index=idx, q_segment_ids=idx)
     with pytest.raises(ValueError, match="kernel"):
         ring_attention(q, q, q, axis_name=None, q_index=idx, k_index=idx, kernel="xla")
+
+
+def test_cp_attention_timing_tool_runs(capsys):
+    """tools/cp_attention_timing.py at a toy size: one row per variant and pass."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import cp_attention_timing
+    assert cp_attention_timing.main(["--cp", "2", "--seq-len", "32", "--heads", "2",
+                                     "--kv-heads", "1", "--head-dim", "16", "--block", "16",
+                                     "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "ms" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| single", "fwd"], ["| single", "fwd+bwd"], ["| ring", "fwd"], ["| ring", "fwd+bwd"],
+        ["| allgather", "fwd"], ["| allgather", "fwd+bwd"]], rows
