@@ -21,7 +21,7 @@ from . import registry
 from .blockwise import blockwise_attention
 from .flash_attention import BlockSizes, flash_attention
 from .reference import reference_attention
-from .ring_attention import CP_IMPLS, ring_attention
+from .ring_attention import CP_IMPLS, cp_bytes_per_device, ring_attention
 from .registry import IMPLS, resolve_impl
 
 
@@ -63,4 +63,5 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
 
 
 __all__ = ["attention", "reference_attention", "blockwise_attention", "flash_attention",
-           "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS"]
+           "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS",
+           "cp_bytes_per_device"]

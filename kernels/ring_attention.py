@@ -204,6 +204,29 @@ _ring.defvjp(_ring_vjp_fwd, _ring_vjp_bwd)
 
 # ----------------------------------------------------------------------------- public API
 
+def cp_bytes_per_device(impl, *, batch, seq_len, cp, kv_heads, head_dim, kv_itemsize,
+                        segments=False, backward=True) -> int:
+    """Bytes one device sends over the cp axis in one attention call (forward, plus the
+    backward when ``backward``), as ``spmd_lora.hlo.collective_census`` counts ``wire_bytes``.
+
+    seq_len: the global (padded) S, a multiple of cp; kv_heads: the kv heads *on this
+    device* (after tp); kv_itemsize: bytes per K/V element (2 for bf16). Indices and segment
+    ids are int32; the ring's dK/dV are fp32, the allgather's reduce-scatter is in K/V's dtype.
+    """
+    if impl not in CP_IMPLS:
+        raise ValueError(f"cp impl must be one of {CP_IMPLS}, got {impl!r}")
+    if cp == 1:
+        return 0
+    local = batch * (seq_len // cp)
+    kv = 2 * local * kv_heads * head_dim            # elements of one K/V block (k and v)
+    block = kv * kv_itemsize + local * 4 * (2 if segments else 1)
+    if impl == "ring":
+        fwd = (cp - 1) * block
+        return fwd + (fwd + cp * kv * 4 if backward else 0)
+    fwd = (cp - 1) * block                          # all-gather: (n-1)/n of the gathered S
+    return fwd + ((cp - 1) * kv * kv_itemsize if backward else 0)
+
+
 def _check(q, k, v, q_index, k_index, q_seg, k_seg):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"ring_attention expects q [B, Sq, H, D], k/v [B, Sk, KV, D]; got "

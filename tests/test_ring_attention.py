@@ -9,6 +9,7 @@ output and dq/dk/dv of a random-cotangent-weighted sum.
 """
 import functools
 import os
+import re
 import sys
 
 if "jax" not in sys.modules:  # tests/conftest.py normally does this first
@@ -23,7 +24,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from spmd_lora import context_parallel as cpl  # noqa: E402
 from spmd_lora.hlo import collective_census  # noqa: E402
-from spmd_lora.kernels import BlockSizes, reference_attention, ring_attention  # noqa: E402
+from spmd_lora.kernels import (BlockSizes, cp_bytes_per_device, reference_attention,  # noqa: E402
+                               ring_attention)
 from spmd_lora.kernels.blockwise import blockwise_block_bwd, blockwise_block_fwd  # noqa: E402
 from spmd_lora.kernels.flash_attention import flash_block_bwd, flash_block_fwd  # noqa: E402
 from spmd_lora.kernels.ring_attention import merge_partials  # noqa: E402
@@ -184,7 +186,8 @@ def test_ring_kernels_and_vma_modes(kernel, check_vma):
 def test_ring_hlo_collectives(segments):
     """The compiled fwd+bwd of ring at cp=4 has no all-gather and exactly the collective-permute
     operands of the module docstring's formula: forward (n-1)*m, backward (n-1)*m + 2n, with
-    n = 4 and m arrays per K/V block (k, v, k_index, + segment ids when given)."""
+    n = 4 and m arrays per K/V block (k, v, k_index, + segment ids when given); the bytes
+    sent equal ``cp_bytes_per_device``; no array in the per-device program has a full-S dim."""
     cp, m = 4, 4 if segments else 3
     mesh = _cp_mesh(cp)
     q, k, v, ct, seg = _inputs(3, 1, 64, 2, 1, 16, jnp.float32, segments)
@@ -196,20 +199,33 @@ def test_ring_hlo_collectives(segments):
     assert all(r["axis"] == "cp" for r in permutes), permutes
     operands = sum(r["count"] * r["operands"] for r in permutes)
     assert operands == 2 * (cp - 1) * m + 2 * cp, [(r["shapes"], r["count"]) for r in permutes]
-    # the largest array any permute moves is one local K/V block (or its fp32 gradient)
+    # the largest array any permute moves is one local K/V block (or its fp32 gradient), and
+    # no array of the per-device program has a full-S (64) dimension
     local = 64 // cp
     for r in permutes:
         for shp in r["shapes"]:
             dims = [int(x) for x in shp.split("[")[1].rstrip("]").split(",") if x]
             assert not dims or dims[1] == local, shp
+    dims = {int(x) for x in re.findall(r"\b(?:f32|s32|pred|bf16)\[([\d,]+)\]",
+                                       compiled.as_text()) for x in x.split(",")}
+    assert max(dims) < 64, sorted(dims)
+    sent = sum(r["count"] * r["wire_bytes"] for r in permutes)
+    assert sent == cp_bytes_per_device("ring", batch=1, seq_len=64, cp=cp, kv_heads=1,
+                                       head_dim=16, kv_itemsize=4, segments=segments)
 
 
 def test_allgather_hlo_gathers_kv():
+    """allgather: all-gathers (no permutes); bytes sent equal ``cp_bytes_per_device``."""
     mesh = _cp_mesh(4)
     q, k, v, ct, seg = _inputs(4, 1, 64, 2, 1, 16, jnp.float32, False)
     *_, compiled = _sharded_run(mesh, q, k, v, ct, seg, impl="allgather", zigzag=True)
-    kinds = [r["kind"] for r in collective_census(compiled, mesh)]
+    census = collective_census(compiled, mesh)
+    kinds = [r["kind"] for r in census]
     assert "all-gather" in kinds and "collective-permute" not in kinds, kinds
+    sent = sum(r["count"] * r["wire_bytes"] for r in census  # not the loss's scalar psum
+               if r["kind"] in ("all-gather", "reduce-scatter"))
+    assert sent == cp_bytes_per_device("allgather", batch=1, seq_len=64, cp=4, kv_heads=1,
+                                       head_dim=16, kv_itemsize=4)
 
 
 # ----------------------------------------------------------------------------- block API
