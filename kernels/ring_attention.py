@@ -30,7 +30,9 @@ plus kv_segment_ids when given: m = 3 or 4 arrays of one K/V block):
 The code runs the first n - 1 steps in a ``lax.fori_loop`` (trip count n - 1) and the last one
 after it, so the compiled HLO holds m permutes in the forward loop body, m + 2 in the backward
 loop body and 2 after it. XLA may combine the operands of one ``ppermute`` into fewer ops; the
-``operands`` count of ``spmd_lora.hlo.collective_census`` is what matches the formula.
+``operands`` count of ``spmd_lora.hlo.collective_census`` is what matches the formula. Under
+remat (``jax.checkpoint`` around a layer) the forward runs again in the backward pass, so a
+train step has 2 * (n - 1) * m + (n - 1) * m + 2 * n per layer.
 
 ``impl="allgather"``: all-gather K/V, k_index and kv segment ids over the axis (tiled along S),
 then one local attention of the q chunk against the whole sequence; its backward

@@ -359,5 +359,6 @@ def test_cp_attention_timing_tool_runs(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "ms" not in line]
     assert [r.split(" | ")[:2] for r in rows] == [
-        ["| single", "fwd"], ["| single", "fwd+bwd"], ["| ring", "fwd"], ["| ring", "fwd+bwd"],
+        ["| single", "fwd"], ["| single", "fwd+bwd"], ["| local", "fwd"], ["| local", "fwd+bwd"],
+        ["| ring", "fwd"], ["| ring", "fwd+bwd"],
         ["| allgather", "fwd"], ["| allgather", "fwd+bwd"]], rows

@@ -4,7 +4,9 @@ Times the forward and the forward+backward (gradient of sum(out * cotangent) in 
 
 * ``ring``      -- ``ring_attention(impl="ring")`` over a cp mesh axis, zig-zag layout;
 * ``allgather`` -- ``ring_attention(impl="allgather")``, same layout;
-* ``single``    -- ``attention(impl="blockwise")`` on the whole sequence on one device,
+* ``single``    -- ``attention(impl="blockwise")`` on the whole sequence on one device;
+* ``local``     -- ``ring_attention(axis_name=None)`` on the whole sequence on one device
+  (the index-masked block kernel alone: its cost against ``single``'s static causal bounds),
 
 with the same block kernel (blockwise, the CPU default) and block size, and prints one
 markdown row per (variant, pass): min / median milliseconds over ``--repeats`` runs after one
@@ -34,8 +36,8 @@ def _parse(argv):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--block", type=int, default=256, help="blockwise tile (q and k)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=["single", "ring", "allgather"],
-                    choices=["single", "ring", "allgather"])
+    ap.add_argument("--variants", nargs="+", default=["single", "local", "ring", "allgather"],
+                    choices=["single", "local", "ring", "allgather"])
     return ap.parse_args(argv)
 
 
@@ -94,6 +96,14 @@ def main(argv=None) -> int:
 
             def fwd(q, k, v, ct):
                 return attention(q, k, v, causal=True, impl="blockwise", block_sizes=bs)
+        elif variant == "local":
+            dev = jax.devices()[0]
+            xs = [jax.device_put(x, dev) for x in (q, k, v, ct)]
+            pos = jax.device_put(np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)), dev)
+
+            def fwd(q, k, v, ct, pos=pos):
+                return ring_attention(q, k, v, axis_name=None, q_index=pos, k_index=pos,
+                                      kernel="blockwise", block_sizes=bs)
         else:
             perm = cpl.zigzag_permutation(s, cp)
             tok, heads = P(None, "cp"), P(None, "cp", None, None)
