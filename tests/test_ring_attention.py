@@ -278,6 +278,27 @@ def test_block_fwd_bwd_merge_matches_oracle(kernel):
     assert float(jnp.max(jnp.abs(late_out))) == 0.0 and float(jnp.max(late_lse)) < -1e30
 
 
+def test_tile_skip_classification():
+    """Both kernels' per-tile branch: 0 skip (min k > max q), 2 unmasked (max k <= min q and
+    no segment ids), 1 masked otherwise; across the batch (the tile spans every row)."""
+    import importlib
+    blockwise = importlib.import_module("spmd_lora.kernels.blockwise")
+    flash = importlib.import_module("spmd_lora.kernels.flash_attention")
+    q = jnp.array([[8, 9, 10, 11], [4, 5, 6, 7]], jnp.int32)
+    # (k indices, segments?, whole-batch tile kind (blockwise), per-row kinds (Pallas))
+    cases = [(jnp.array([[12, 13], [20, 21]]), False, 0, (0, 0)),  # keys all in the future
+             (jnp.array([[0, 1], [2, 4]]), False, 2, (2, 2)),      # every key visible
+             (jnp.array([[0, 1], [2, 4]]), True, 1, (1, 1)),       # segments need the mask
+             (jnp.array([[3, 11], [0, 1]]), False, 1, (1, 2)),     # q 8 sees 3, not 11
+             (jnp.array([[12, 13], [3, 6]]), False, 1, (0, 1))]    # only batch row 1 sees
+    for k, seg, want, want_rows in cases:
+        k = k.astype(jnp.int32)
+        assert int(blockwise._tile_kind(q, k, seg)) == want, (k, seg)
+        got_rows = tuple(int(flash._tile_kind(jnp.min(q[r]), jnp.max(q[r]), k[r], seg))
+                         for r in range(2))  # a Pallas program sees one batch row
+        assert got_rows == want_rows, (k, seg, got_rows)
+
+
 def test_pallas_block_kernels_lower_to_triton_for_cuda():
     """flash_block_fwd / flash_block_bwd (with segments, switch-based tile skipping) lower to
     three Triton kernels for CUDA, checked from CPU (no PTX compile; no GPU here)."""
