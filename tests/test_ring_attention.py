@@ -123,9 +123,11 @@ def _sharded_run(mesh, q, k, v, ct, seg, *, impl, zigzag, kernel="blockwise",
     return back(out), tuple(back(g) for g in grads), compiled
 
 
-def _cp_mesh(cp, extra=()):
-    names = tuple(n for n, _ in extra) + ("cp",)
-    shape = tuple(z for _, z in extra) + (cp,)
+def _cp_mesh(cp, dp=None, tp=None):
+    """Mesh with axes (dp, cp, tp) in the model's order (dp / tp only when given)."""
+    axes = [("dp", dp), ("cp", cp), ("tp", tp)]
+    names = tuple(a for a, z in axes if z)
+    shape = tuple(z for _, z in axes if z)
     n = int(np.prod(shape))
     return jax.make_mesh(shape, names, devices=jax.devices()[:n],
                          axis_types=(jax.sharding.AxisType.Explicit,) * len(shape))
@@ -163,13 +165,13 @@ def test_cp_attention_matches_oracle(case):
 
 
 def test_ring_with_dp_and_tp_axes():
-    """Mesh (dp=2, tp=2, cp=2): batch over dp, heads over tp, one kv head replicated over tp
+    """Mesh (dp=2, cp=2, tp=2): batch over dp, heads over tp, one kv head replicated over tp
     (its gradient must be summed over tp by AD), S over cp, packed segments."""
-    mesh = _cp_mesh(2, extra=(("dp", 2), ("tp", 2)))
+    mesh = _cp_mesh(2, dp=2, tp=2)
     q, k, v, ct, seg = _inputs(7, 2, 40, 4, 1, 16, jnp.float32, True)
     out, grads, _ = _sharded_run(mesh, q, k, v, ct, seg, impl="ring", zigzag=True,
                                  dp="dp", tp="tp")
-    _check("ring dp2 x tp2 x cp2", (out, grads), _oracle(q, k, v, ct, seg), TOL[jnp.float32])
+    _check("ring dp2 x cp2 x tp2", (out, grads), _oracle(q, k, v, ct, seg), TOL[jnp.float32])
 
 
 @pytest.mark.parametrize("kernel,check_vma", [("pallas", True), ("blockwise", False)])
