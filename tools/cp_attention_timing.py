@@ -9,9 +9,10 @@ Times the forward and the forward+backward (gradient of sum(out * cotangent) in 
   (the index-masked block kernel alone: its cost against ``single``'s static causal bounds),
 
 with the same block kernel (blockwise, the CPU default) and block size, and prints one
-markdown row per (variant, pass): min / median milliseconds over ``--repeats`` runs after one
-warm-up, and the bytes one device sends over cp per call (from the compiled HLO's collective
-census). On CPU the cp "devices" are fake: they share the host's cores, so this shows the
+markdown row per (variant, pass): min / median wall milliseconds over ``--repeats`` runs after
+one warm-up, the median CPU time of the process per call (all threads: less sensitive to other
+load on a shared machine than wall time), and the bytes one device sends over cp per call
+(from the compiled HLO's collective census). On CPU the cp "devices" are fake: they share the host's cores, so this shows the
 ring's bookkeeping cost (per-step merges, loop overhead, transfers as copies), not a
 multi-GPU speed-up.
 
@@ -81,12 +82,14 @@ def main(argv=None) -> int:
     def timed(fn, *xs):
         compiled = jax.jit(fn).lower(*xs).compile()
         jax.block_until_ready(compiled(*xs))          # warm-up
-        times = []
+        walls, cpus = [], []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(compiled(*xs))
-            times.append(time.perf_counter() - t0)
-        return compiled, 1e3 * min(times), 1e3 * float(np.median(times))
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        return (compiled, 1e3 * min(walls), 1e3 * float(np.median(walls)),
+                1e3 * float(np.median(cpus)))
 
     rows = []
     for variant in args.variants:
@@ -128,20 +131,22 @@ def main(argv=None) -> int:
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
         for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            compiled, t_min, t_med = timed(fn, *xs)
+            compiled, t_min, t_med, cpu = timed(fn, *xs)
             sent = sum(r["count"] * r["wire_bytes"] for r in collective_census(compiled, mesh)
                        if r["axis"] == "cp")
-            rows.append((variant, name, t_min, t_med, sent))
+            rows.append((variant, name, t_min, t_med, cpu, sent))
 
     dev = jax.devices()[0]
     print(f"# causal attention, B={b} S={s} H={h} KV={kvh} hd={d} {dtype.name}, cp={cp}, "
           f"blockwise tile {args.block}, {args.repeats} runs after 1 warm-up")
     print(f"# jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
           f"{os.cpu_count()} host cores")
-    print("| variant | pass | min ms | median ms | cp bytes sent per device |")
-    print("|---|---|---|---|---|")
-    for variant, name, t_min, t_med, sent in rows:
-        print(f"| {variant} | {name} | {t_min:.1f} | {t_med:.1f} | {sent / 2**20:.2f} MiB |")
+    print("| variant | pass | min ms | median ms | median CPU ms (all threads) | "
+          "cp bytes sent per device |")
+    print("|---|---|---|---|---|---|")
+    for variant, name, t_min, t_med, cpu, sent in rows:
+        print(f"| {variant} | {name} | {t_min:.1f} | {t_med:.1f} | {cpu:.1f} | "
+              f"{sent / 2**20:.2f} MiB |")
     return 0
 
 
