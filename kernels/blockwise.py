@@ -364,7 +364,7 @@ def _backward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, c
         ks_t = None if ks is None else lax.dynamic_slice_in_dim(ks, k_start, bk, axis=1)
 
         def tile(carry, i, masked):
-            dq, dk, dv = carry
+            dk, dv, _ = carry
             q_start = i * bq
             q_t = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
             do_t = lax.dynamic_slice_in_dim(dog, q_start, bq, axis=1)
@@ -385,16 +385,23 @@ def _backward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, c
                                  preferred_element_type=jnp.float32)
             dq_t = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_t.dtype), k_t,
                               preferred_element_type=jnp.float32)
-            dq = lax.dynamic_update_slice_in_dim(
-                dq, lax.dynamic_slice_in_dim(dq, q_start, bq, axis=1) + dq_t, q_start, axis=1)
-            return dq, dk, dv
+            return dk, dv, dq_t
 
         def body(i, carry):
-            qi_t = lax.dynamic_slice_in_dim(qi, i * bq, bq, axis=1)
+            # The switch carries only tile-sized values (dk, dv of this k tile, one dq tile):
+            # the full dq accumulator stays out of the conditional.
+            dq, dk, dv = carry
+            q_start = i * bq
+            qi_t = lax.dynamic_slice_in_dim(qi, q_start, bq, axis=1)
+            dq_zero = _vma.zeros((b, bq, kvh, g, d), jnp.float32, axes)
             branches = [lambda c: c,
                         lambda c: tile(c, i, masked=True),
                         lambda c: tile(c, i, masked=False)]
-            return lax.switch(_tile_kind(qi_t, ki_t, has_seg), branches, carry)
+            dk, dv, dq_t = lax.switch(_tile_kind(qi_t, ki_t, has_seg), branches,
+                                      (dk, dv, dq_zero))
+            dq = lax.dynamic_update_slice_in_dim(
+                dq, lax.dynamic_slice_in_dim(dq, q_start, bq, axis=1) + dq_t, q_start, axis=1)
+            return dq, dk, dv
 
         carry = (dq, _vma.zeros((b, bk, kvh, d), jnp.float32, axes),
                  _vma.zeros((b, bk, kvh, d), jnp.float32, axes))
