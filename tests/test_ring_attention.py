@@ -375,15 +375,16 @@ def test_bad_arguments_raise():
 
 
 def test_cp_attention_timing_tool_runs(capsys):
-    """tools/cp_attention_timing.py at a toy size: one row per variant and pass."""
+    """tools/cp_attention_timing.py at a toy size: one row per variant and pass (allgather
+    shares ring's code path and is left out to save compiles)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
     import cp_attention_timing
     assert cp_attention_timing.main(["--cp", "2", "--seq-len", "32", "--heads", "2",
                                      "--kv-heads", "1", "--head-dim", "16", "--block", "16",
-                                     "--repeats", "1"]) == 0
+                                     "--repeats", "1", "--variants", "single", "local",
+                                     "ring"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "ms" not in line]
     assert [r.split(" | ")[:2] for r in rows] == [
         ["| single", "fwd"], ["| single", "fwd+bwd"], ["| local", "fwd"], ["| local", "fwd+bwd"],
-        ["| ring", "fwd"], ["| ring", "fwd+bwd"],
-        ["| allgather", "fwd"], ["| allgather", "fwd+bwd"]], rows
+        ["| ring", "fwd"], ["| ring", "fwd+bwd"]], rows
