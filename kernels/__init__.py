@@ -14,12 +14,16 @@ One public entry point: :func:`attention`, dispatching through :mod:`.registry` 
 All of them take q [B, S, H, D], k/v [B, S, KV, D] (H a multiple of KV, q head h uses kv head
 h // (H // KV) as in HF), optional segment_ids [B, S] int and return [B, S, H, D] in q's dtype,
 and all work inside ``jax.shard_map(..., check_vma=True)`` with gradients.
+
+Context parallelism: :func:`ring_attention` (:mod:`.ring_attention`), called inside shard_map
+over a cp mesh axis, with explicit global token indices for the causal mask.
 """
 from . import registry
 from .blockwise import blockwise_attention
 from .cudnn import cudnn_attention
 from .flash_attention import BlockSizes, flash_attention
 from .reference import reference_attention
+from .ring_attention import CP_IMPLS, cp_bytes_per_device, ring_attention
 from .registry import IMPLS, resolve_impl
 from .tokamax_attention import tokamax_attention
 
@@ -55,4 +59,5 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
 
 
 __all__ = ["attention", "reference_attention", "blockwise_attention", "flash_attention",
-           "BlockSizes", "IMPLS", "resolve_impl", "registry"]
+           "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS",
+           "cp_bytes_per_device"]

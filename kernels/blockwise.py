@@ -229,3 +229,229 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, block_q=None,
     axes = _vma.union_axes(q, k, v, segment_ids)
     q, k, v, segment_ids = (_vma.pvary(x, axes) for x in (q, k, v, segment_ids))
     return _blockwise(q, k, v, segment_ids, cfg)
+
+
+# ----------------------------------------------------------------------------- index-masked blocks
+# Building blocks for context parallelism (ring_attention.py): one q block against one k block
+# of another length, the causal mask taken from explicit global token indices, per-row lse
+# out, and the backward from the *final* (merged) lse and delta. Not differentiable themselves:
+# callers wrap them in their own custom_vjp.
+
+INDEX_PAD_Q = -1                              # padded q rows see no key
+INDEX_PAD_K = int(np.iinfo(np.int32).max)     # padded keys are seen by no query
+_TILE_SKIP, _TILE_MASKED, _TILE_FULL = 0, 1, 2
+
+
+def _tile_kind(q_idx, k_idx, has_seg: bool):
+    """q_idx [B, bq], k_idx [B, bk] int32 -> which branch a (q tile, k tile) pair takes:
+    skip (no key of the tile is visible to any row: min k > max q), full (every key visible to
+    every row and no segment ids: max k <= min q) or masked."""
+    skip = jnp.min(k_idx) > jnp.max(q_idx)
+    if has_seg:
+        return jnp.where(skip, _TILE_SKIP, _TILE_MASKED)
+    full = jnp.max(k_idx) <= jnp.min(q_idx)
+    return jnp.where(skip, _TILE_SKIP, jnp.where(full, _TILE_FULL, _TILE_MASKED))
+
+
+def _index_mask(q_idx, k_idx, q_seg, k_seg):
+    """[B, 1, 1, bq, bk]: key visible iff k_index <= q_index and (segments given) same segment."""
+    mask = k_idx[:, None, :] <= q_idx[:, :, None]
+    if q_seg is not None:
+        mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
+    return mask[:, None, None]
+
+
+def _block_inputs(q, k, v, q_index, k_index, q_seg, k_seg, bq, bk):
+    """Pad q-side arrays to a multiple of bq and k-side ones to a multiple of bk (padding
+    indices as INDEX_PAD_Q / INDEX_PAD_K, so padding needs no extra mask)."""
+    sq, sk = q.shape[1], k.shape[1]
+    sq_pad, sk_pad = _cdiv(sq, bq) * bq, _cdiv(sk, bk) * bk
+    qi = _pad_seq(q_index.astype(jnp.int32), sq_pad, INDEX_PAD_Q)
+    ki = _pad_seq(k_index.astype(jnp.int32), sk_pad, INDEX_PAD_K)
+    qs = None if q_seg is None else _pad_seq(q_seg.astype(jnp.int32), sq_pad, 0)
+    ks = None if k_seg is None else _pad_seq(k_seg.astype(jnp.int32), sk_pad, 0)
+    return (_pad_seq(q, sq_pad), _pad_seq(k, sk_pad), _pad_seq(v, sk_pad), qi, ki, qs, ks,
+            sq_pad, sk_pad)
+
+
+def _forward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, cfg: _Cfg):
+    """q [B, Sq, H, D], k/v [B, Sk, KV, D] -> out [B, Sq, H, D] fp32, lse [B, H, Sq] fp32.
+
+    Rows with no visible key get out 0 and lse MASK_VALUE (so a log-sum-exp merge gives them
+    weight 0)."""
+    b, sq, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    bq, bk = cfg.bq, cfg.bk
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg)
+    qp, kp, vp, qi, ki, qs, ks, sq_pad, sk_pad = _block_inputs(
+        q, k, v, q_index, k_index, q_seg, k_seg, bq, bk)
+    qg = qp.reshape(b, sq_pad, kvh, g, d)
+    has_seg = qs is not None
+
+    def q_block(i):
+        q_start = i * bq
+        q_t = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
+        qi_t = lax.dynamic_slice_in_dim(qi, q_start, bq, axis=1)
+        qs_t = None if qs is None else lax.dynamic_slice_in_dim(qs, q_start, bq, axis=1)
+
+        def tile(carry, k_t, v_t, ki_t, ks_t, masked):
+            acc, m_prev, l_prev = carry
+            sc = jnp.einsum("bqkgd,bskd->bkgqs", q_t, k_t,
+                            preferred_element_type=jnp.float32) * cfg.sm_scale
+            mask = _index_mask(qi_t, ki_t, qs_t, ks_t) if masked else None
+            if mask is not None:
+                sc = jnp.where(mask, sc, MASK_VALUE)
+            m_new = jnp.maximum(m_prev, jnp.max(sc, axis=-1))
+            alpha = jnp.exp(m_prev - m_new)
+            p = jnp.exp(sc - m_new[..., None])
+            if mask is not None:  # a row with nothing visible yet must not count masked keys
+                p = jnp.where(mask, p, 0.0)
+            l_new = alpha * l_prev + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t,
+                            preferred_element_type=jnp.float32)
+            return acc * alpha[..., None] + pv, m_new, l_new
+
+        def body(j, carry):
+            k_start = j * bk
+            k_t = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
+            v_t = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
+            ki_t = lax.dynamic_slice_in_dim(ki, k_start, bk, axis=1)
+            ks_t = None if ks is None else lax.dynamic_slice_in_dim(ks, k_start, bk, axis=1)
+            branches = [lambda c: c,
+                        lambda c: tile(c, k_t, v_t, ki_t, ks_t, masked=True),
+                        lambda c: tile(c, k_t, v_t, ki_t, ks_t, masked=False)]
+            return lax.switch(_tile_kind(qi_t, ki_t, has_seg), branches, carry)
+
+        carry = (_vma.zeros((b, kvh, g, bq, d), jnp.float32, axes),
+                 _vma.full((b, kvh, g, bq), MASK_VALUE, jnp.float32, axes),
+                 _vma.zeros((b, kvh, g, bq), jnp.float32, axes))
+        acc, m, l = lax.fori_loop(0, sk_pad // bk, body, carry)
+        empty = l == 0.0
+        out = acc / jnp.where(empty, 1.0, l)[..., None]
+        lse = jnp.where(empty, MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
+        return out.transpose(0, 3, 1, 2, 4), lse  # [B, bq, KV, G, D], [B, KV, G, bq]
+
+    outs, lses = lax.map(q_block, jnp.arange(sq_pad // bq, dtype=jnp.int32))
+    out = outs.transpose(1, 0, 2, 3, 4, 5).reshape(b, sq_pad, h, d)[:, :sq]
+    lse = lses.transpose(1, 2, 3, 0, 4).reshape(b, h, sq_pad)[:, :, :sq]
+    return out, lse
+
+
+def _backward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, cfg: _Cfg):
+    """Gradients of one (q block, k block) pair given the final lse and delta [B, H, Sq] of
+    every q row (over *all* keys the rows attend to). Returns dq [B, Sq, H, D],
+    dk/dv [B, Sk, KV, D], all fp32."""
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    bq, bk = cfg.bq, cfg.bk
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta)
+    qp, kp, vp, qi, ki, qs, ks, sq_pad, sk_pad = _block_inputs(
+        q, k, v, q_index, k_index, q_seg, k_seg, bq, bk)
+    qg = qp.reshape(b, sq_pad, kvh, g, d)
+    dog = _pad_seq(do.astype(q.dtype), sq_pad).reshape(b, sq_pad, kvh, g, d)
+    # Padded rows: lse 0 keeps exp() finite; their mask is empty anyway.
+    lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, sq_pad - sq))).reshape(b, kvh, g, sq_pad)
+    delta_p = jnp.pad(delta, ((0, 0), (0, 0), (0, sq_pad - sq))).reshape(b, kvh, g, sq_pad)
+    has_seg = qs is not None
+
+    def k_block(dq, j):
+        k_start = j * bk
+        k_t = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
+        v_t = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
+        ki_t = lax.dynamic_slice_in_dim(ki, k_start, bk, axis=1)
+        ks_t = None if ks is None else lax.dynamic_slice_in_dim(ks, k_start, bk, axis=1)
+
+        def tile(carry, i, masked):
+            dk, dv, _ = carry
+            q_start = i * bq
+            q_t = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
+            do_t = lax.dynamic_slice_in_dim(dog, q_start, bq, axis=1)
+            lse_t = lax.dynamic_slice_in_dim(lse_p, q_start, bq, axis=3)
+            delta_t = lax.dynamic_slice_in_dim(delta_p, q_start, bq, axis=3)
+            qi_t = lax.dynamic_slice_in_dim(qi, q_start, bq, axis=1)
+            qs_t = None if qs is None else lax.dynamic_slice_in_dim(qs, q_start, bq, axis=1)
+            sc = jnp.einsum("bqkgd,bskd->bkgqs", q_t, k_t,
+                            preferred_element_type=jnp.float32) * cfg.sm_scale
+            p = jnp.exp(sc - lse_t[..., None])
+            if masked:
+                p = jnp.where(_index_mask(qi_t, ki_t, qs_t, ks_t), p, 0.0)
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_t.dtype), do_t,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_t[..., None])
+            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_t.dtype), q_t,
+                                 preferred_element_type=jnp.float32)
+            dq_t = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_t.dtype), k_t,
+                              preferred_element_type=jnp.float32)
+            return dk, dv, dq_t
+
+        def body(i, carry):
+            # The switch carries only tile-sized values (dk, dv of this k tile, one dq tile):
+            # the full dq accumulator stays out of the conditional.
+            dq, dk, dv = carry
+            q_start = i * bq
+            qi_t = lax.dynamic_slice_in_dim(qi, q_start, bq, axis=1)
+            dq_zero = _vma.zeros((b, bq, kvh, g, d), jnp.float32, axes)
+            branches = [lambda c: c,
+                        lambda c: tile(c, i, masked=True),
+                        lambda c: tile(c, i, masked=False)]
+            dk, dv, dq_t = lax.switch(_tile_kind(qi_t, ki_t, has_seg), branches,
+                                      (dk, dv, dq_zero))
+            dq = lax.dynamic_update_slice_in_dim(
+                dq, lax.dynamic_slice_in_dim(dq, q_start, bq, axis=1) + dq_t, q_start, axis=1)
+            return dq, dk, dv
+
+        carry = (dq, _vma.zeros((b, bk, kvh, d), jnp.float32, axes),
+                 _vma.zeros((b, bk, kvh, d), jnp.float32, axes))
+        dq, dk, dv = lax.fori_loop(0, sq_pad // bq, body, carry)
+        return dq, (dk * cfg.sm_scale, dv)
+
+    dq0 = _vma.zeros((b, sq_pad, kvh, g, d), jnp.float32, axes)
+    dq, (dks, dvs) = lax.scan(k_block, dq0, jnp.arange(sk_pad // bk, dtype=jnp.int32))
+    dq = (dq * cfg.sm_scale).reshape(b, sq_pad, h, d)[:, :sq]
+    dk = dks.transpose(1, 0, 2, 3, 4).reshape(b, sk_pad, kvh, d)[:, :sk]
+    dv = dvs.transpose(1, 0, 2, 3, 4).reshape(b, sk_pad, kvh, d)[:, :sk]
+    return dq, dk, dv
+
+
+def _indexed_cfg(q, k, block_q, block_k, sm_scale):
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+    bq = min(int(block_q or DEFAULT_BLOCK_Q), sq)
+    bk = min(int(block_k or DEFAULT_BLOCK_K), sk)
+    if bq <= 0 or bk <= 0:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q} block_k={block_k}")
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    return _Cfg(causal=True, sm_scale=scale, bq=bq, bk=bk)
+
+
+def blockwise_block_fwd(q, k, v, *, q_index, k_index, q_segment_ids=None,
+                        kv_segment_ids=None, block_q=None, block_k=None, sm_scale=None):
+    """Attention of a q block against a k block, masked by global token indices; with lse.
+
+    q [B, Sq, H, D]; k, v [B, Sk, KV, D] (Sq and Sk may differ); q_index [B, Sq] and
+    k_index [B, Sk] int (global token positions, 0 <= index < 2**31 - 1): key visible iff
+    k_index <= q_index and, with segment ids ([B, Sq] / [B, Sk] int), the segments match.
+    Returns out [B, Sq, H, D] fp32 (normalised over this block's keys) and lse [B, H, Sq] fp32;
+    rows with no visible key get out 0 and lse MASK_VALUE. Tile pairs with no visible key are
+    skipped (min k_index > max q_index per tile). Not differentiable: see
+    :func:`blockwise_block_bwd` and ``ring_attention.py``.
+    """
+    cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    return _forward_indexed(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, cfg)
+
+
+def blockwise_block_bwd(q, k, v, do, lse, delta, *, q_index, k_index, q_segment_ids=None,
+                        kv_segment_ids=None, block_q=None, block_k=None, sm_scale=None):
+    """Backward of :func:`blockwise_block_fwd` for results merged over several k blocks.
+
+    do [B, Sq, H, D] the output cotangent; lse [B, H, Sq] the *merged* log-sum-exp of each
+    row over every key block it attends to; delta [B, H, Sq] = sum_d(out * do) with the merged
+    output. Returns this k block's share: dq [B, Sq, H, D], dk and dv [B, Sk, KV, D], fp32.
+    """
+    cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    return _backward_indexed(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, do,
+                             lse.astype(jnp.float32), delta.astype(jnp.float32), cfg)

@@ -505,3 +505,316 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, block_sizes=None,
     axes = _vma.union_axes(q, k, v, segment_ids)
     q, k, v, segment_ids = (_vma.pvary(x, axes) for x in (q, k, v, segment_ids))
     return _flash(q, k, v, segment_ids, cfg)
+
+
+# ----------------------------------------------------------------------------- index-masked blocks
+# Building blocks for context parallelism (ring_attention.py), like blockwise_block_fwd/_bwd:
+# a q block against a k block of another length, the causal mask from explicit global token
+# indices (key visible iff k_index <= q_index), segment ids on both sides, lse out, and the
+# backward from the merged lse and delta. Every key tile is visited by a loop with a
+# three-way branch per tile: skipped when no key of it is visible to any row of the q tile
+# (min k_index > max q_index), unmasked when all are (max k_index <= min q_index, no segment
+# ids), masked otherwise. Outputs are fp32 (callers merge and accumulate them).
+
+_INDEX_PAD_Q = -1
+_INDEX_PAD_K = int(np.iinfo(np.int32).max)
+
+
+def _tile_kind(q_min, q_max, k_idx, has_seg: bool):
+    """0 skip, 1 masked, 2 full (see the section comment)."""
+    skip = jnp.min(k_idx) > q_max
+    if has_seg:
+        return jnp.where(skip, 0, 1).astype(jnp.int32)
+    full = jnp.max(k_idx) <= q_min
+    return jnp.where(skip, 0, jnp.where(full, 2, 1)).astype(jnp.int32)
+
+
+def _index_mask(q_idx, k_idx, q_seg, k_seg):
+    mask = k_idx[None, :] <= q_idx[:, None]
+    if q_seg is not None:
+        mask = mask & (q_seg[:, None] == k_seg[None, :])
+    return mask
+
+
+def _idx_refs(refs, has_seg: bool):
+    """Kernel refs (q, k, v, q_index, k_index[, q_seg, k_seg], *rest) -> one fixed layout with
+    the segment refs None when the call has no segment ids."""
+    return refs if has_seg else (*refs[:5], None, None, *refs[5:])
+
+
+def _fwd_indexed_kernel(*refs, cfg: _Cfg, has_seg: bool, sk_pad: int):
+    q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, o_ref, lse_ref = _idx_refs(
+        refs, has_seg)
+    bq, bk = cfg.bq, cfg.bk
+    q = q_ref[...]
+    q_idx = qi_ref[...]
+    q_seg = qs_ref[...] if has_seg else None
+    q_min, q_max = jnp.min(q_idx), jnp.max(q_idx)
+
+    def tile(carry, k_start, k_idx, masked):
+        acc, m_prev, l_prev = carry
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s = _dot_nt(q, k) * cfg.sm_scale
+        mask = None
+        if masked:
+            k_seg = ks_ref[pl.ds(k_start, bk)] if has_seg else None
+            mask = _index_mask(q_idx, k_idx, q_seg, k_seg)
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp(m_prev - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        if masked:  # a row with nothing visible yet must not count masked keys
+            p = jnp.where(mask, p, 0.0)
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
+        return acc * alpha[:, None] + _dot(p.astype(v.dtype), v), m_new, l_new
+
+    def body(j, carry):
+        k_start = pl.multiple_of(j * bk, bk)
+        k_idx = ki_ref[pl.ds(k_start, bk)]
+        return lax.switch(_tile_kind(q_min, q_max, k_idx, has_seg),
+                          [lambda c: c,
+                           lambda c: tile(c, k_start, k_idx, masked=True),
+                           lambda c: tile(c, k_start, k_idx, masked=False)], carry)
+
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, sk_pad // bk, body, carry)
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    o_ref[...] = acc / safe_l[:, None]
+    lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log(safe_l))
+
+
+def _dq_indexed_kernel(*refs, cfg: _Cfg, has_seg: bool, sk_pad: int):
+    (q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+     dq_ref) = _idx_refs(refs, has_seg)
+    bk = cfg.bk_bwd
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_idx = qi_ref[...]
+    q_seg = qs_ref[...] if has_seg else None
+    q_min, q_max = jnp.min(q_idx), jnp.max(q_idx)
+
+    def tile(dq, k_start, k_idx, masked):
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
+        if masked:
+            k_seg = ks_ref[pl.ds(k_start, bk)] if has_seg else None
+            p = jnp.where(_index_mask(q_idx, k_idx, q_seg, k_seg), p, 0.0)
+        ds = p * (_dot_nt(do, v) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    def body(j, dq):
+        k_start = pl.multiple_of(j * bk, bk)
+        k_idx = ki_ref[pl.ds(k_start, bk)]
+        return lax.switch(_tile_kind(q_min, q_max, k_idx, has_seg),
+                          [lambda c: c,
+                           lambda c: tile(c, k_start, k_idx, masked=True),
+                           lambda c: tile(c, k_start, k_idx, masked=False)], dq)
+
+    dq = lax.fori_loop(0, sk_pad // bk, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq * cfg.sm_scale
+
+
+def _dkv_indexed_kernel(*refs, cfg: _Cfg, has_seg: bool, sq_pad: int, group: int):
+    (q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref,
+     dv_ref) = _idx_refs(refs, has_seg)
+    bq = cfg.bq_bwd
+    k, v = k_ref[...], v_ref[...]
+    k_idx = ki_ref[...]
+    k_seg = ks_ref[...] if has_seg else None
+
+    def tile(carry, g, q_start, q_idx, masked):
+        dk, dv = carry
+        q = q_ref[pl.ds(q_start, bq), g, :]
+        do = do_ref[pl.ds(q_start, bq), g, :]
+        lse = lse_ref[g, pl.ds(q_start, bq)]
+        delta = delta_ref[g, pl.ds(q_start, bq)]
+        p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
+        if masked:
+            q_seg = qs_ref[pl.ds(q_start, bq)] if has_seg else None
+            p = jnp.where(_index_mask(q_idx, k_idx, q_seg, k_seg), p, 0.0)
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        ds = p * (_dot_nt(do, v) - delta[:, None])
+        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+    def body(i, carry, g):
+        q_start = pl.multiple_of(i * bq, bq)
+        q_idx = qi_ref[pl.ds(q_start, bq)]
+        kind = _tile_kind(jnp.min(q_idx), jnp.max(q_idx), k_idx, has_seg)
+        return lax.switch(kind, [lambda c: c,
+                                 lambda c: tile(c, g, q_start, q_idx, masked=True),
+                                 lambda c: tile(c, g, q_start, q_idx, masked=False)], carry)
+
+    def per_head(g, carry):
+        return lax.fori_loop(0, sq_pad // bq, functools.partial(body, g=g), carry)
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = lax.fori_loop(0, group, per_head, carry)
+    dk_ref[...] = dk * cfg.sm_scale
+    dv_ref[...] = dv
+
+
+def _idx_specs(b_q, b_k, sq_pad, sk_pad, has_seg, q_tiled: bool):
+    """BlockSpecs of (q_index, k_index[, q_seg, k_seg]) [B, S_pad] for a grid (tile, B, head):
+    the tiled side gets its tile, the other side the whole (padded) row."""
+    if q_tiled:
+        q_spec = pl.BlockSpec((None, b_q), lambda i, bi, hi: (bi, i))
+        k_spec = pl.BlockSpec((None, sk_pad), lambda i, bi, hi: (bi, 0))
+    else:
+        q_spec = pl.BlockSpec((None, sq_pad), lambda j, bi, ki: (bi, 0))
+        k_spec = pl.BlockSpec((None, b_k), lambda j, bi, ki: (bi, j))
+    return [q_spec, k_spec] * (2 if has_seg else 1)
+
+
+def _fwd_indexed_call(q, k, v, qi, ki, qs, ks, cfg: _Cfg):
+    b, sq_pad, h, d = q.shape
+    sk_pad, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    has_seg = qs is not None
+    in_specs = [
+        pl.BlockSpec((None, cfg.bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        *_idx_specs(cfg.bq, None, sq_pad, sk_pad, has_seg, q_tiled=True),
+    ]
+    args = [q, k, v, qi, ki] + ([qs, ks] if has_seg else [])
+    return pl.pallas_call(
+        functools.partial(_fwd_indexed_kernel, cfg=cfg, has_seg=has_seg, sk_pad=sk_pad),
+        grid=(sq_pad // cfg.bq, b, h),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, cfg.bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                   pl.BlockSpec((None, None, cfg.bq), lambda i, bi, hi: (bi, hi, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, sq_pad), jnp.float32)],
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, d, cfg.interpret),
+        interpret=cfg.interpret,
+        name="spmd_lora_flash_block_fwd",
+    )(*args)
+
+
+def _bwd_indexed_call(q, k, v, qi, ki, qs, ks, do, lse, delta, cfg: _Cfg):
+    b, sq_pad, h, d = q.shape
+    sk_pad, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    bq, bk = cfg.bq_bwd, cfg.bk_bwd
+    has_seg = qs is not None
+    cparams = _compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd, d, cfg.interpret)
+    idx_args = [qi, ki] + ([qs, ks] if has_seg else [])
+
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        *_idx_specs(bq, bk, sq_pad, sk_pad, has_seg, q_tiled=True),
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+    ]
+    dq = pl.pallas_call(
+        functools.partial(_dq_indexed_kernel, cfg=cfg, has_seg=has_seg, sk_pad=sk_pad),
+        grid=(sq_pad // bq, b, h),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        compiler_params=cparams,
+        interpret=cfg.interpret,
+        name="spmd_lora_flash_block_dq",
+    )(q, k, v, *idx_args, do, lse, delta)
+
+    in_specs = [
+        pl.BlockSpec((None, sq_pad, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        *_idx_specs(bq, bk, sq_pad, sk_pad, has_seg, q_tiled=False),
+        pl.BlockSpec((None, sq_pad, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, group, sq_pad), lambda j, bi, ki: (bi, ki, 0)),
+        pl.BlockSpec((None, group, sq_pad), lambda j, bi, ki: (bi, ki, 0)),
+    ]
+    kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_indexed_kernel, cfg=cfg, has_seg=has_seg, sq_pad=sq_pad,
+                          group=group),
+        grid=(sk_pad // bk, b, kvh),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        compiler_params=cparams,
+        interpret=cfg.interpret,
+        name="spmd_lora_flash_block_dkv",
+    )(q, k, v, *idx_args, do, lse, delta)
+    return dq, dk, dv
+
+
+def _block_cfg(q, k, block_sizes, sm_scale, interpret):
+    bs = block_sizes or BlockSizes()
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+    return _Cfg(causal=True, sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale),
+                bq=_clamp_block(bs.block_q, sq), bk=_clamp_block(bs.block_k, sk),
+                bq_bwd=_clamp_block(bs.block_q_bwd, sq), bk_bwd=_clamp_block(bs.block_k_bwd, sk),
+                interpret=jax.default_backend() != "gpu" if interpret is None else bool(interpret),
+                num_warps=bs.num_warps, num_stages=bs.num_stages,
+                num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd)
+
+
+def _block_padded(q, k, v, q_index, k_index, q_seg, k_seg, cfg: _Cfg):
+    """Pad S of the q side to a multiple of bq/bq_bwd, of the k side to bk/bk_bwd (indices
+    padded so that padding is never visible), head dims to a power of two >= 16."""
+    sq_pad = -(-q.shape[1] // max(cfg.bq, cfg.bq_bwd)) * max(cfg.bq, cfg.bq_bwd)
+    sk_pad = -(-k.shape[1] // max(cfg.bk, cfg.bk_bwd)) * max(cfg.bk, cfg.bk_bwd)
+    d_pad = max(_MIN_BLOCK, pl.next_power_of_2(q.shape[3]))
+    qp = _pad_dim(_pad_seq(q, sq_pad), d_pad)
+    kp, vp = (_pad_dim(_pad_seq(x, sk_pad), d_pad) for x in (k, v))
+    qi = _pad_seq(q_index.astype(jnp.int32), sq_pad, _INDEX_PAD_Q)
+    ki = _pad_seq(k_index.astype(jnp.int32), sk_pad, _INDEX_PAD_K)
+    qs = None if q_seg is None else _pad_seq(q_seg.astype(jnp.int32), sq_pad, 0)
+    ks = None if k_seg is None else _pad_seq(k_seg.astype(jnp.int32), sk_pad, 0)
+    return qp, kp, vp, qi, ki, qs, ks, d_pad
+
+
+def flash_block_fwd(q, k, v, *, q_index, k_index, q_segment_ids=None, kv_segment_ids=None,
+                    block_sizes=None, sm_scale=None, interpret=None):
+    """Pallas version of ``blockwise.blockwise_block_fwd`` (same contract): q [B, Sq, H, D],
+    k/v [B, Sk, KV, D], q_index [B, Sq] / k_index [B, Sk] int (key visible iff
+    k_index <= q_index), optional segment ids on both sides. Returns out [B, Sq, H, D] fp32
+    and lse [B, H, Sq] fp32 (MASK_VALUE and out 0 for rows with no visible key)."""
+    cfg = _block_cfg(q, k, block_sizes, sm_scale, interpret)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    sq, d = q.shape[1], q.shape[3]
+    padded = _block_padded(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, cfg)
+
+    def run(*args):
+        return tuple(_fwd_indexed_call(*args, cfg))
+
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids)
+    out, lse = _vma.call_unchecked(run, padded[:7], axes)
+    return out[:, :sq, :, :d], lse[:, :, :sq]
+
+
+def flash_block_bwd(q, k, v, do, lse, delta, *, q_index, k_index, q_segment_ids=None,
+                    kv_segment_ids=None, block_sizes=None, sm_scale=None, interpret=None):
+    """Pallas version of ``blockwise.blockwise_block_bwd`` (same contract): this k block's
+    share of dq [B, Sq, H, D] and dk, dv [B, Sk, KV, D] (fp32) from the merged lse and
+    delta [B, H, Sq]."""
+    cfg = _block_cfg(q, k, block_sizes, sm_scale, interpret)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+    qp, kp, vp, qi, ki, qs, ks, d_pad = _block_padded(q, k, v, q_index, k_index,
+                                                      q_segment_ids, kv_segment_ids, cfg)
+    sq_pad = qp.shape[1]
+    dop = _pad_dim(_pad_seq(do.astype(q.dtype), sq_pad), d_pad)
+    # padded rows: lse 0 keeps exp() finite, their mask is empty
+    pad_rows = lambda x: jnp.pad(x.astype(jnp.float32),  # noqa: E731
+                                 ((0, 0), (0, 0), (0, sq_pad - sq)))
+
+    def run(*args):
+        return tuple(_bwd_indexed_call(*args, cfg))
+
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, do, lse,
+                           delta)
+    dq, dk, dv = _vma.call_unchecked(
+        run, (qp, kp, vp, qi, ki, qs, ks, dop, pad_rows(lse), pad_rows(delta)), axes)
+    return dq[:, :sq, :, :d], dk[:, :sk, :, :d], dv[:, :sk, :, :d]
