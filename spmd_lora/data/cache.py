@@ -56,14 +56,15 @@ class TokenizedData:
     :class:`~.tokenize.Example` whose arrays are views of the memory-mapped files.
 
     ``lengths`` (``int [N]``) gives every example's length without touching the tokens;
-    ``subset(indices)`` is a view on some examples (used for the train / eval split).
+    ``subset(indices)`` is a view on some examples (used for the train / eval split);
+    ``meta`` is the cache entry's ``meta.json`` (key fields, counts).
     """
 
     def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray, starts: np.ndarray,
-                 lengths: np.ndarray, source: str = ""):
+                 lengths: np.ndarray, source: str = "", meta: dict | None = None):
         self.tokens, self.loss_mask = tokens, loss_mask
         self.starts, self.lengths = starts, lengths
-        self.source = source
+        self.source, self.meta = source, meta or {}
 
     @classmethod
     def open(cls, directory: Path) -> "TokenizedData":
@@ -75,7 +76,7 @@ class TokenizedData:
         mask = np.memmap(d / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(total,))
         starts = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        return cls(tokens, mask, starts, lengths, source=str(meta.get("data", d)))
+        return cls(tokens, mask, starts, lengths, source=str(meta.get("data", d)), meta=meta)
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -95,7 +96,7 @@ class TokenizedData:
     def subset(self, indices: Sequence[int]) -> "TokenizedData":
         idx = np.asarray(indices, dtype=np.int64)
         return TokenizedData(self.tokens, self.loss_mask, self.starts[idx], self.lengths[idx],
-                             self.source)
+                             self.source, self.meta)
 
 
 def default_cache_dir() -> Path:

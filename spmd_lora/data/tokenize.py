@@ -430,7 +430,8 @@ def split_train_eval(examples: Sequence, eval_fraction: float, seed: int = 0
         raise ConfigError(f"eval_fraction={eval_fraction} must be in [0, 1)")
     n = len(examples)
     if eval_fraction == 0.0 or n == 0:
-        return list(examples), []
+        return (examples, examples.subset([])) if hasattr(examples, "subset") else (
+            list(examples), [])
     n_eval = max(1, int(round(n * eval_fraction)))
     if n_eval >= n:
         raise DataError(f"eval_fraction={eval_fraction} of {n} examples leaves no training "
