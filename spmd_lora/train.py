@@ -1,15 +1,18 @@
 """LoRA fine-tuning: ``from spmd_lora.train import train, TrainConfig``.
 
-``train(cfg)`` loads the frozen base model sharded over a (dp, tp) mesh, tokenizes the dataset,
-and runs the jitted step of ``step.py`` (token-weighted gradient accumulation, AdamW on the
-replicated fp32 LoRA factors only). It writes into ``cfg.output_dir``:
+``train(cfg)`` loads the frozen base model sharded over a (dp, tp) mesh, reads the dataset from
+the tokenized-data cache (``spmd_lora.data.cache``; built on first use), and runs the jitted
+step of ``step.py`` (token-weighted gradient accumulation, AdamW on the replicated fp32 LoRA
+factors only). The next batch is assembled and transferred while a step runs; a step's metrics
+are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 
 * ``adapter/`` - the final adapter in PEFT format (written atomically, last);
+* ``config.yaml`` - the resolved ``TrainConfig`` (``config_file.py``);
 * ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s)
   and per evaluation (eval_loss);
 * ``checkpoints/step_N/`` - LoRA params, optimizer state, step, data position, RNG seed;
   ``resume=True`` continues from the newest complete one, ending bit-for-bit where an
-  uninterrupted run would.
+  uninterrupted run would (refused when a result-changing field or the data differ).
 """
 from __future__ import annotations
 
