@@ -268,7 +268,7 @@ def _alpaca_chats():
     return chats
 
 
-def test_chat_finetune_lowers_held_out_loss_and_loads_in_peft(tmp_path):
+def test_chat_finetune_lowers_held_out_loss_and_loads_in_peft(tmp_path, capsys):
     """A chat fine-tune (built-in llama2 template, assistant-only loss) of the tiny model
     lowers the loss on the assistant tokens of held-out conversations; its adapter gives the
     same logits in PEFT."""
@@ -277,6 +277,7 @@ def test_chat_finetune_lowers_held_out_loss_and_loads_in_peft(tmp_path):
     from transformers import LlamaForCausalLM
 
     import spmd_lora
+    from spmd_lora import cli
     from spmd_lora.evaluate import evaluate
     from spmd_lora.tiny import build_tiny_llama
     from spmd_lora.tokenizer import load_tokenizer
@@ -302,6 +303,19 @@ def test_chat_finetune_lowers_held_out_loss_and_loads_in_peft(tmp_path):
     before, after = evaluate(base, held)["loss"], evaluate(tuned, held)["loss"]
     print(f"held-out assistant loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.5, (before, after)
+
+    # `spmd-lora eval` and `generate --template chat` render the same way.
+    held_path = tmp_path / "held.jsonl"
+    held_path.write_text("".join(json.dumps(c) + "\n" for c in held_out))
+    common = ["--model", str(model_dir), "--adapter", str(tmp_path / "out" / "adapter"),
+              "--tp", "2", "--chat-template", "llama2"]
+    capsys.readouterr()
+    assert cli.main(["eval", *common, "--data", str(held_path), "--template", "chat",
+                     "--max-seq-len", "384"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["loss"] - after) < 1e-5
+    assert cli.main(["generate", *common, "--template", "chat", "--max-new-tokens", "3",
+                     "--prompt", held_out[0]["messages"][1]["content"]]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == held_out[0]["messages"][1]["content"]
 
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tokens = held[0].input_ids[None, :64]

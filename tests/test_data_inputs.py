@@ -191,3 +191,25 @@ def test_cache_errors(tok, tmp_path):
     with pytest.raises(ConfigError, match="tokenized-data cache directory .* is not writable"):
         load_or_build(sample_data_path("alpaca"), tok, "alpaca", 512, cache_dir=ro / "x")
     assert os.path.isfile(ro)
+
+
+def test_bench_data_phases(tmp_path):
+    """tools/bench_data.py's synthetic rows are ~1.5k tokens and its phases report (run here
+    in-process on 30 rows; the script runs each phase in a fresh subprocess)."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "rows.jsonl"
+    bench.write_rows(data, 30)
+    args = argparse.Namespace(dir=str(tmp_path), data=str(data), cache=str(tmp_path / "c"),
+                              workers=1)
+    built = bench.phase_build(args)
+    assert built["rows"] == 30 and 1300 < built["tokens_per_row"] < 1800
+    started = bench.phase_start(args)
+    assert started["rows"] == 30 and started["start_to_first_batch_s"] < 5
+    assert started["rss_after_200_batches"]["RssAnon"] > 0
