@@ -68,6 +68,19 @@ def collate(rows: Sequence[Sequence[Example]], max_seq_len: int, pad_id: int = 0
             "positions": positions}
 
 
+class _OneExamplePerRow:
+    """The rows of an unpacked dataset (row ``r`` holds example ``r``), in constant memory."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, r: int) -> list[int]:
+        return [int(r)]
+
+
 class BatchIterator:
     """Fixed-shape batches over epochs, deterministic and exactly resumable.
 
@@ -117,7 +130,7 @@ class BatchIterator:
             rows = pack_examples([lengths[i] for i in order], self.max_seq_len)
             self.rows = [[int(order[i]) for i in row] for row in rows]
         else:
-            self.rows = [[i] for i in range(len(self.examples))]
+            self.rows = _OneExamplePerRow(len(self.examples))
         n = len(self.rows)
         self.steps_per_epoch = (n // self.batch_size if self.drop_last
                                 else math.ceil(n / self.batch_size))
