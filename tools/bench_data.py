@@ -2,7 +2,7 @@
 """Data-pipeline benchmarks: the tokenized-data cache at scale, and host/device overlap.
 
     python tools/bench_data.py scale --rows 20000 200000 [--workers 0] [--dir DIR]
-    python tools/bench_data.py overlap [--steps 30]
+    python tools/bench_data.py overlap [--steps 10] [--rounds 5]
 
 ``scale`` writes synthetic RAG rows (a question, five titled passages of bundled-corpus
 sentences, an answer; about 1.5k tokens each with the bundled tokenizer) as JSONL, then for
@@ -21,8 +21,10 @@ d=256, vocab 32000, S=256, batch 1, LoRA r=8 on all projections, fp32, tp=1) thr
 ``device``: pre-placed batches dispatched back to back (the device step alone); ``before``:
 the old loop (assemble and transfer the batch, run the step, read the metrics, every step
 blocking); ``after``: the loop ``train()`` runs now (batch N+1 assembled and transferred while
-step N runs, step N's metrics read one step late). Host fraction = 1 - device / loop time per
-step: the share of a step's wall time the host spends outside the device step.
+step N runs, step N's metrics read one step late); and ``host``: batch assembly + transfer alone. The
+modes are interleaved for ``--rounds`` rounds of ``--steps`` steps and the median per mode is
+reported. Host fraction = 1 - device / loop time per step: the share of a step's wall time the
+host spends outside the device step.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,33 +200,52 @@ def cmd_overlap(args) -> dict:
 
     for i in range(3):                                               # compile + warm up
         jax.block_until_ready(step(prepare(), i))
+
+    def device_only(n):
+        placed = [prepare() for _ in range(n)]
+        t0 = time.perf_counter()
+        for i in range(n):
+            m = step(placed[i], i)
+        jax.block_until_ready((m, state))
+        return time.perf_counter() - t0
+
+    def before(n):                                                   # all in line, blocking
+        t0 = time.perf_counter()
+        for i in range(n):
+            m = step(prepare(), i)
+            {k: float(v) for k, v in m.items()}
+        return time.perf_counter() - t0
+
+    def after(n):                                                    # as train() does now
+        t0 = time.perf_counter()
+        nxt, pending = prepare(), None
+        for i in range(n):
+            m = step(nxt, i)
+            nxt = prepare()
+            if pending is not None:
+                {k: float(v) for k, v in pending.items()}
+            pending = m
+        {k: float(v) for k, v in pending.items()}
+        return time.perf_counter() - t0
+
+    def host_only(n):                                                # batch assembly + transfer
+        t0 = time.perf_counter()
+        for _ in range(n):
+            jax.block_until_ready(prepare())
+        return time.perf_counter() - t0
+
+    # Interleaved rounds, median per mode: a shared machine's load drifts between modes.
+    modes = {"device": device_only, "before": before, "after": after, "host": host_only}
+    times = {k: [] for k in modes}
     n = args.steps
-    placed = [prepare() for _ in range(n)]
-    t0 = time.perf_counter()
-    for i in range(n):
-        m = step(placed[i], i)
-    jax.block_until_ready((m, state))
-    device = (time.perf_counter() - t0) / n
-
-    t0 = time.perf_counter()
-    for i in range(n):                                               # before: all in line
-        m = step(prepare(), i)
-        {k: float(v) for k, v in m.items()}
-    before = (time.perf_counter() - t0) / n
-
-    t0 = time.perf_counter()
-    nxt, pending = prepare(), None                                   # after: as train() does
-    for i in range(n):
-        m = step(nxt, i)
-        nxt = prepare()
-        if pending is not None:
-            {k: float(v) for k, v in pending.items()}
-        pending = m
-    {k: float(v) for k, v in pending.items()}
-    after = (time.perf_counter() - t0) / n
-    return {"overlap": {"steps": n, "device_step_s": device, "before_step_s": before,
-                        "after_step_s": after, "host_fraction_before": 1 - device / before,
-                        "host_fraction_after": 1 - device / after}}
+    for _ in range(args.rounds):
+        for name, fn in modes.items():
+            times[name].append(fn(n) / n)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"overlap": {"steps_per_round": n, "rounds": args.rounds,
+                        **{f"{k}_step_s": v for k, v in med.items()},
+                        "host_fraction_before": 1 - med["device"] / med["before"],
+                        "host_fraction_after": 1 - med["device"] / med["after"]}}
 
 
 def main(argv=None) -> int:
@@ -245,7 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: auto)")
     p.add_argument("--dir", default=None, help="work dir (data, caches); default a temp dir")
     p = sub.add_parser("overlap")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10, help="steps per mode and round")
+    p.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     import jax
     import numpy
