@@ -246,7 +246,7 @@ def test_template_errors(sp_tok, bpe_tok, tmp_path):
     bad.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}")
     with pytest.raises(ConfigError, match="not prefix-stable"):
         tokenize_records(records(CONVS), bpe_tok, "chat", 512, chat_template=str(bad))
-    with pytest.raises(DataError, match="the chat template failed"):
+    with pytest.raises(DataError, match="record 0: the chat template failed .*alternate"):
         tokenize_records(records([[SYS, CONVS[0][2]]]), sp_tok, "chat", 512)
 
 

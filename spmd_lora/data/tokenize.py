@@ -246,7 +246,12 @@ def _tokenize_text(records, wheres, tokenizer, head, eos, max_seq_len):
 
 def _tokenize_chat(records, wheres, renderer: ChatRenderer, max_seq_len, train_on_inputs):
     convs = [chat_messages(rec, where) for rec, where in zip(records, wheres)]
-    texts = [renderer.render(msgs) for msgs in convs]
+    texts = []
+    for where, msgs in zip(wheres, convs):
+        try:
+            texts.append(renderer.render(msgs))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
     examples, too_long, shortened = [], [], 0
     for where, msgs, text, enc in zip(wheres, convs, texts, renderer.encode_texts(texts)):
         ids, mask, dropped = renderer.encode_fitting(msgs, max_seq_len, train_on_inputs, text, enc)
