@@ -165,6 +165,12 @@ def test_cache_build_is_atomic_and_uses_worker_processes(tok, tmp_path, monkeypa
     assert [p.name for p in cdir.iterdir() if p.is_dir()] == []
     monkeypatch.setattr(cache_mod, "_work", real)
     serial = load_or_build(data, tok, "rag", 512, cache_dir=cdir, workers=1)
+    # What a SIGKILLed build leaves (a temp dir) is removed by the next build of that key.
+    (entry,) = [p for p in cdir.iterdir() if p.is_dir()]
+    os.rename(entry, cdir / f".tmp_{entry.name}_killed")
+    again = load_or_build(data, tok, "rag", 512, cache_dir=cdir, workers=1)
+    assert sorted(p.name for p in cdir.iterdir() if p.is_dir()) == [entry.name]
+    assert np.array_equal(again.lengths, serial.lengths)
     pooled = load_or_build(data, tok, "rag", 512, cache_dir=tmp_path / "pool", workers=2)
     assert np.array_equal(np.asarray(serial.tokens), np.asarray(pooled.tokens))
     assert np.array_equal(np.asarray(serial.loss_mask), np.asarray(pooled.loss_mask))

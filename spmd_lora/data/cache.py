@@ -19,7 +19,7 @@ On disk, ``<cache_dir>/<key>/``:
 tokenizer (its serialized vocabulary, merges, special tokens), the template, the chat template
 text, ``max_seq_len``, ``train_on_inputs`` and :data:`CACHE_VERSION`. The entry is built in a
 temporary sibling directory and renamed into place when complete (a killed build leaves nothing
-a later run trusts); one build at a time per key (``flock`` on ``<key>.lock``, so concurrent
+a later run trusts, and the next build of that key removes its leftovers); one build at a time per key (``flock`` on ``<key>.lock``, so concurrent
 processes wait and then read). The default ``cache_dir`` is ``$SPMD_LORA_CACHE`` or
 ``~/.cache/spmd_lora/tokenized``.
 
@@ -244,6 +244,8 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "meta.json").is_file():
+            for dead in root.glob(f".tmp_{key}_*"):    # left by a killed build of this key
+                shutil.rmtree(dead, ignore_errors=True)
             workers = int(workers) or min(os.cpu_count() or 1, 8)
             _build(final, data, _prepend(first, records), tokenizer, template, key_fields,
                    chat_template, workers)
