@@ -13,7 +13,7 @@ import sys
 import typing
 
 from . import data
-from .errors import SpmdLoraError
+from .errors import ConfigError, SpmdLoraError
 
 DEMO_DIR = "spmd_lora_demo"
 
@@ -36,7 +36,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
         required = field.default is dataclasses.MISSING
         hint = hints[field.name]
         if field.name == "output_dir":
-            parser.add_argument(flag, "--output", dest="output_dir", required=True)
+            parser.add_argument(flag, "--output", dest="output_dir")
         elif hint is bool:
             action = argparse.BooleanOptionalAction if field.default else "store_true"
             parser.add_argument(flag, action=action, default=field.default)
@@ -45,21 +45,43 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
                                 help="comma-separated projections or 'all' (default %(default)s)")
         else:
             kind = {int: int, float: float, str: str}.get(hint, int if "int" in str(hint) else str)
-            parser.add_argument(flag, type=kind, required=required,
+            parser.add_argument(flag, type=kind,   # required ones are checked in _train_config
                                 default=None if required else field.default,
                                 help=None if required else "default %(default)s")
 
 
-def _train_config(args, **overrides):
+def _train_config(args, file_values=None, given=None, **overrides):
+    """TrainConfig from the flags; with a config file, its values under the flags ``given``
+    on the command line (defaults of the flags not given do not override the file)."""
     from .train import TrainConfig
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if hasattr(args, f.name)}
-    return TrainConfig(**{**values, **overrides})
+    if file_values is not None:
+        values = {**values, **file_values, **{k: v for k, v in values.items() if k in given}}
+    values.update(overrides)
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.default is dataclasses.MISSING and values.get(f.name) is None]
+    if missing:
+        flag = "--" + missing[0].replace("_", "-")
+        raise ConfigError(f"{flag} is required (or set '{missing[0]}' in the --config file)")
+    return TrainConfig(**values)
+
+
+def _given_flags(argv) -> set[str]:
+    """The TrainConfig fields set by flags on a ``train`` command line."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_train_flags(p)
+    p.add_argument("--config")
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_known_args(argv)[0]))
 
 
 def cmd_train(args) -> int:
+    from .config_file import read_config_file
     from .train import train
-    result = train(_train_config(args))
+    file_values = read_config_file(args.config) if args.config else None
+    result = train(_train_config(args, file_values, getattr(args, "given", set())))
     print(json.dumps(result))
     return 0
 
@@ -98,7 +120,8 @@ def cmd_eval(args) -> int:
                        mlp_chunk_tokens=args.mlp_chunk_tokens)
     tokenizer = load_tokenizer(args.model)
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
-                                     args.max_seq_len, train_on_inputs=args.train_on_inputs)
+                                     args.max_seq_len, train_on_inputs=args.train_on_inputs,
+                                     chat_template=args.chat_template)
     print(json.dumps(evaluate(model, examples, batch_size=args.batch_size)))
     return 0
 
@@ -118,7 +141,8 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.model)
     outputs = generate_text(model, tokenizer, args.prompt, template=args.template,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            chat_template=args.chat_template)
     for prompt, text in zip(args.prompt, outputs):
         print(json.dumps({"prompt": prompt, "completion": text}))
     return 0
@@ -130,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters")
     _add_train_flags(p)
+    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields; flags override it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny built-in Llama on the bundled Alpaca sample")
@@ -158,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard activations along the sequence over tp (default on)")
     p.add_argument("--mlp-chunk-tokens", type=int, default=8192,
                    help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
+
+    p.add_argument("--chat-template", default=None,
+                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
@@ -170,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from the model (+ adapter)")
     model_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--template", default=None, help="alpaca | rag: wrap the prompt")
+    p.add_argument("--template", default=None, help="alpaca | rag | chat: wrap the prompt")
+    p.add_argument("--chat-template", default=None,
+                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -190,6 +220,8 @@ def main(argv=None) -> int:
         from .plan import main as plan_main
         return _guard(lambda: plan_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.given = _given_flags(argv[1:])
     if args.command in ("train", "eval", "generate"):
         from .mesh import initialize_distributed
         initialize_distributed()

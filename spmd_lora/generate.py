@@ -315,7 +315,8 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
 
 
 def generate_text(model, tokenizer, prompts: list, template: str | None = None,
-                  max_prompt_tokens: int | None = None, **kw) -> list[str]:
+                  max_prompt_tokens: int | None = None, chat_template: str | None = None,
+                  **kw) -> list[str]:
     """Tokenize ``prompts``, generate, and decode the new text of each (special tokens skipped).
 
     Without ``template`` each prompt is a string, tokenized as ``tokenizer(text)`` (BOS added
@@ -324,6 +325,10 @@ def generate_text(model, tokenizer, prompts: list, template: str | None = None,
     passages (rag) / ``text``, and is tokenized exactly as training tokenizes prompts:
     ``spmd_lora.data.encode_prompt(record, tokenizer, template, max_prompt_tokens)`` (BOS +
     ``format_prompt``; for rag, passages dropped/truncated to fit ``max_prompt_tokens``).
+    ``template="chat"`` takes a string as one user turn (or a ``messages`` record) and renders
+    it with the chat template up to the generation prompt, as training renders it
+    (``chat_template``: a built-in name or Jinja file; default the tokenizer's; with ``rag`` it
+    renders the RAG prompt as a chat too).
     ``eos_token_id`` defaults to the tokenizer's; other keywords go to :func:`generate`
     (``max_new_tokens`` defaults to 128).
     """
@@ -332,9 +337,11 @@ def generate_text(model, tokenizer, prompts: list, template: str | None = None,
         if template is not None:
             from .data import encode_prompt
             if isinstance(p, str):
-                p = {"alpaca": {"instruction": p}, "rag": {"question": p, "contexts": []}}.get(
+                p = {"alpaca": {"instruction": p}, "rag": {"question": p, "contexts": []},
+                     "chat": {"messages": [{"role": "user", "content": p}]}}.get(
                     template, {"text": p})
-            ids.append(list(encode_prompt(p, tokenizer, template, max_len=max_prompt_tokens)))
+            ids.append(list(encode_prompt(p, tokenizer, template, max_len=max_prompt_tokens,
+                                          chat_template=chat_template)))
         elif isinstance(p, str):
             ids.append(list(tokenizer(p)["input_ids"]))
         else:

@@ -1,15 +1,18 @@
 """LoRA fine-tuning: ``from spmd_lora.train import train, TrainConfig``.
 
-``train(cfg)`` loads the frozen base model sharded over a (dp, tp) mesh, tokenizes the dataset,
-and runs the jitted step of ``step.py`` (token-weighted gradient accumulation, AdamW on the
-replicated fp32 LoRA factors only). It writes into ``cfg.output_dir``:
+``train(cfg)`` loads the frozen base model sharded over a (dp, tp) mesh, reads the dataset from
+the tokenized-data cache (``spmd_lora.data.cache``; built on first use), and runs the jitted
+step of ``step.py`` (token-weighted gradient accumulation, AdamW on the replicated fp32 LoRA
+factors only). The next batch is assembled and transferred while a step runs; a step's metrics
+are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 
 * ``adapter/`` - the final adapter in PEFT format (written atomically, last);
+* ``config.yaml`` - the resolved ``TrainConfig`` (``config_file.py``);
 * ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s)
   and per evaluation (eval_loss);
 * ``checkpoints/step_N/`` - LoRA params, optimizer state, step, data position, RNG seed;
   ``resume=True`` continues from the newest complete one, ending bit-for-bit where an
-  uninterrupted run would.
+  uninterrupted run would (refused when a result-changing field or the data differ).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import numpy as np
 
 from . import checkpoints, data
 from .config import ModelConfig
+from .config_file import check_resume_config, write_resolved_config
 from .errors import ConfigError, DataError, TrainingError
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
@@ -41,7 +45,7 @@ class TrainConfig:
     model: str
     data: str
     output_dir: str
-    template: str = "auto"                 # alpaca | rag | text | auto
+    template: str = "auto"                 # alpaca | rag | text | chat | auto
     tp: int = 1
     dp: int = 1
     max_seq_len: int = 2048
@@ -75,6 +79,10 @@ class TrainConfig:
     allow_pickle: bool = False
     sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
     mlp_chunk_tokens: int = 8192           # tile the MLP above this many tokens; 0 = never
+
+    chat_template: str | None = None       # llama2 | llama3 | chatml | a Jinja file; default: the tokenizer's
+    data_cache_dir: str | None = None      # tokenized-data cache; default $SPMD_LORA_CACHE or ~/.cache/spmd_lora/tokenized
+    data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -136,11 +144,13 @@ class Progress:
 
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
-    records = data.load_records(cfg.data)
-    examples = data.tokenize_records(records, tokenizer, cfg.template, cfg.max_seq_len,
-                                     train_on_inputs=cfg.train_on_inputs)
+    """(train, eval) examples memory-mapped from the tokenized-data cache, and the cache
+    entry's key fields (``data_digest`` among them)."""
+    examples = data.load_or_build(cfg.data, tokenizer, cfg.template, cfg.max_seq_len,
+                                  cfg.train_on_inputs, cfg.chat_template, cfg.data_cache_dir,
+                                  cfg.data_workers)
     train_ex, eval_ex = data.split_train_eval(examples, cfg.eval_fraction, cfg.seed)
-    return train_ex, eval_ex
+    return train_ex, eval_ex, examples.meta
 
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
@@ -165,7 +175,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     lora_cfg = cfg.lora_config
     out = _check_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex = _prepare_data(cfg, tokenizer)
+    train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
     mesh = make_mesh(cfg.dp, cfg.tp)
     batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                                  pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
@@ -191,6 +201,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     found = checkpoints.list_checkpoints(ckpt_root) if cfg.resume else []
     if found:
         lora, opt_state, state = checkpoints.load_checkpoint(found[-1], lora, opt_state)
+        check_resume_config(state.get("config", {}), cfg, state.get("data_digest"),
+                            data_meta["data_digest"])
         start_step = state["step"]
         batches.restore(state["data"])
     lora, opt_state = replicate(lora, mesh), replicate(opt_state, mesh)
@@ -209,6 +221,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     metrics_path = out / "metrics.jsonl" if is_main else Path(os.devnull)
     if is_main:
         _truncate_metrics(metrics_path, start_step)
+        write_resolved_config(out, cfg)
     progress = Progress(total_steps, start_step, cfg.log_every,
                         progress_stream if is_main else open(os.devnull, "w"))
     progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
@@ -221,32 +234,58 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
 
-        for step in range(start_step + 1, total_steps + 1):
+        def prepare():
+            """The next step's micro-batches on the devices, their token count and the data
+            position after them (host work that overlaps the running step)."""
             rows = [next(batches) for _ in range(cfg.grad_accum_steps)]
             micro = shard_micro_batches({k: np.stack([r[k] for r in rows]) for k in rows[0]}, mesh)
-            t0 = time.perf_counter()
-            lora, opt_state, m = step_fn(params, lora, opt_state, micro, jax.random.fold_in(base_key, step))
+            return micro, int(sum(np.count_nonzero(r["segment_ids"]) for r in rows)), batches.state()
+
+        clock = [time.perf_counter()]
+
+        def finish(step, m, seq_tokens):
+            """Read a dispatched step's metrics (blocks until it is done), check and log them."""
+            nonlocal last
             m = {k: float(v) for k, v in m.items()}
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()
+            elapsed, clock[0] = now - clock[0], now
             if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
                 raise TrainingError(
                     f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; lower "
                     f"learning_rate or check the data. Last checkpoint: "
                     f"{(checkpoints.list_checkpoints(ckpt_root) or ['none'])[-1]}")
-            seq_tokens = int(np.sum([np.count_nonzero(r["segment_ids"]) if "segment_ids" in r
-                                     else r["tokens"].size for r in rows]))
             last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
                     "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
                     "tokens_per_s": seq_tokens / elapsed}
             log(last)
             progress.update(step, last)
-            if eval_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+
+        # Step N+1's batch is prepared and transferred while step N runs on the devices; step
+        # N's metrics are read after step N+1 is dispatched (one step late), or at once when
+        # step N evaluates or checkpoints.
+        pending = None
+        nxt = prepare() if start_step < total_steps else None
+        for step in range(start_step + 1, total_steps + 1):
+            micro, seq_tokens, data_state = nxt
+            lora, opt_state, m = step_fn(params, lora, opt_state, micro, jax.random.fold_in(base_key, step))
+            if step < total_steps:
+                nxt = prepare()
+            if pending is not None:
+                finish(*pending)
+            pending = (step, m, seq_tokens)
+            do_eval = bool(eval_ex) and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps
+            do_save = (cfg.save_every and step % cfg.save_every == 0) or step == total_steps
+            if do_eval or do_save:
+                finish(*pending)
+                pending = None
+            if do_eval:
                 model.lora = lora
                 log({"step": step, **_eval(model, eval_ex, cfg)})
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            if do_save:
                 checkpoints.save_checkpoint(ckpt_root, step, lora, opt_state,
-                                            {"data": batches.state(), "seed": cfg.seed,
-                                             "config": dataclasses.asdict(cfg)},
+                                            {"data": data_state, "seed": cfg.seed,
+                                             "config": dataclasses.asdict(cfg),
+                                             "data_digest": data_meta["data_digest"]},
                                             keep=cfg.keep_checkpoints)
         if eval_ex:
             model.lora = lora

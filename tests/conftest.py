@@ -2,11 +2,14 @@
 import importlib.util
 import os
 import re
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized-data cache of every training run in the tests goes to a fresh temp dir.
+os.environ.setdefault("SPMD_LORA_CACHE", tempfile.mkdtemp(prefix="spmd_lora_cache_"))
 
 import jax  # noqa: E402
 

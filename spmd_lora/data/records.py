@@ -1,0 +1,198 @@
+"""Dataset rows: :class:`Record` (a dict that remembers its file and line) and the readers.
+
+:func:`load_records` reads JSON lists, JSONL, Parquet / Arrow files and ``save_to_disk``
+directories (the last three through :mod:`.columnar`). Nothing here tokenizes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DataError
+
+
+class Record(dict):
+    """A dataset row (a plain dict) that remembers where it came from, for error messages."""
+
+    __slots__ = ("path", "line", "index")
+
+    def __init__(self, data=(), path: str | None = None, line: int | None = None,
+                 index: int | None = None):
+        super().__init__(data)
+        self.path, self.line, self.index = path, line, index
+
+    @property
+    def where(self) -> str:
+        return where_of(self, self.index)
+
+
+def where_of(rec: Any, i: int | None) -> str:
+    """Where a record came from: ``file, line N (record i)`` for JSON inputs, ``file, row i``
+    for columnar ones (no line), ``record i`` for plain dicts."""
+    path = getattr(rec, "path", None)
+    line = getattr(rec, "line", None)
+    if path is not None:
+        idx = getattr(rec, "index", None)
+        if line is None:
+            return f"{path}, row {idx}" if idx is not None else str(path)
+        return f"{path}, line {line}" + (f" (record {idx})" if idx is not None else "")
+    return f"record {i}" if i is not None else "record"
+
+
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true/false",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def json_type(v: Any) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def load_records(path) -> list[Record]:
+    """All records of a dataset (see :func:`iter_records`); an empty dataset is an error."""
+    records = list(iter_records(path))
+    if not records:
+        raise DataError(f"{path}: the dataset is empty (no records); add at least one record")
+    return records
+
+
+def iter_records(path) -> Iterator[Record]:
+    """Stream the records of a dataset: a ``.json`` (list) / ``.jsonl`` file, a ``.parquet`` or
+    ``.arrow`` file, or a directory written by Hugging Face ``datasets``' ``save_to_disk``.
+
+    JSONL and columnar inputs are read incrementally (memory bounded by one line / one record
+    batch). Parquet, Arrow and ``save_to_disk`` inputs need ``pyarrow`` (``pip install
+    'spmd_lora[data]'``); their records name the row instead of a line. Raises
+    :class:`DataError` naming the file and line / row for a missing file, malformed JSON or a
+    row that is not an object.
+    """
+    from . import columnar
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p} (check the --data path)")
+    if p.is_dir():
+        return columnar.iter_saved_dataset(p)
+    if not p.is_file():
+        raise DataError(f"data path {p} is not a file; pass a .json, .jsonl, .parquet or .arrow "
+                        "file, or a datasets save_to_disk directory")
+    if p.suffix.lower() in columnar.SUFFIXES:
+        return columnar.iter_table_file(p)
+    return iter_json_records(p)
+
+
+def iter_json_records(p: Path) -> Iterator[Record]:
+    """Records of a JSON list file or a JSONL file (one JSON object per line).
+
+    The format is detected from the content (a file whose first character is ``[`` is a JSON
+    list), so a ``.json`` file holding JSONL also works. Blank JSONL lines are ignored.
+    Raises :class:`DataError` naming the file and line for text that is not UTF-8, malformed
+    JSON or a row that is not a JSON object.
+    """
+    with open(p, "rb") as f:
+        head = f.read(4096)
+        while head.strip() == b"" and (more := f.read(1 << 20)):
+            head = more
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if not first:
+        raise DataError(f"{p}: the file is empty; it must hold a JSON list of records (.json) "
+                        "or one JSON object per line (.jsonl)")
+    if first == b"[":
+        raw = p.read_bytes()
+        yield from _load_json_list(p, _decode(p, raw, 0))
+        return
+    count = 0
+    with open(p, "rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            line = _decode(p, raw_line, lineno - 1)
+            if line.strip():
+                yield _jsonl_record(p, line, lineno, count)
+                count += 1
+
+
+def _decode(p: Path, raw: bytes, lines_before: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lines_before == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        line = lines_before + raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}, line {line}: the file is not valid UTF-8 text ({e.reason}); "
+                        "save it as UTF-8") from None
+
+
+def _jsonl_record(p: Path, line: str, lineno: int, index: int) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = ""
+        try:  # a pretty-printed single JSON object is a common mistake
+            whole = json.loads(p.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None
+        if isinstance(whole, dict):
+            hint = (" The file holds a single JSON object; put the records in a JSON "
+                    "list ([{...}, {...}]) or write one object per line (JSONL).")
+        raise DataError(
+            f"{p}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}). Each line of "
+            f"a JSONL file must be one complete JSON object; fix or remove this line.{hint}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{p}, line {lineno}: expected a JSON object such as "
+                        f'{{"instruction": ..., "output": ...}}, got {json_type(obj)}')
+    return Record(obj, path=str(p), line=lineno, index=index)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    n = len(text)
+    while pos < n and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _load_json_list(p: Path, text: str) -> list[Record]:
+    dec = json.JSONDecoder()
+    records: list[Record] = []
+    pos = text.index("[") + 1
+    line, counted = 1, 0
+
+    def line_at(q: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, q)
+        counted = q
+        return line
+
+    def bad(q: int, what: str) -> DataError:
+        return DataError(f"{p}, line {line_at(q)}: malformed JSON ({what}). A .json data file must "
+                         "be one JSON list of objects: [{...}, {...}]; fix the file or use JSONL "
+                         "(one object per line).")
+
+    pos = _skip_ws(text, pos)
+    if pos < len(text) and text[pos] == "]":
+        pos += 1
+    else:
+        while True:
+            pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                raise bad(pos, "the list is not closed with ']'")
+            try:
+                obj, end = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}, line {e.lineno}: malformed JSON ({e.msg} at column "
+                                f"{e.colno}). A .json data file must be one JSON list of objects:"
+                                " [{...}, {...}]; fix the file or use JSONL.") from None
+            ln = line_at(pos)
+            if not isinstance(obj, dict):
+                raise DataError(f"{p}, line {ln} (record {len(records)}): expected a JSON object "
+                                f'such as {{"instruction": ..., "output": ...}}, got '
+                                f"{json_type(obj)}")
+            records.append(Record(obj, path=str(p), line=ln, index=len(records)))
+            pos = _skip_ws(text, end)
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+                continue
+            if pos < len(text) and text[pos] == "]":
+                pos += 1
+                break
+            raise bad(pos, "expected ',' or ']' after a record")
+    if _skip_ws(text, pos) != len(text):
+        raise bad(_skip_ws(text, pos), "extra data after the closing ']'")
+    return records
