@@ -29,14 +29,16 @@ from .config import ModelConfig
 from .errors import ConfigError, DataError, TrainingError
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
-from .model import REMAT_POLICIES, ForwardOptions
+from .model import ForwardOptions
 from .tokenizer import load_tokenizer
+from .train_fields import CHOICES, check_choice
 from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every field is also a ``spmd-lora train`` flag (kebab-case)."""
+    """Every field is also a ``spmd-lora train`` flag (kebab-case); what each one means, and
+    the values of the choice-valued ones, is in ``spmd_lora.train_fields`` (the flag help)."""
 
     model: str
     data: str
@@ -73,6 +75,8 @@ class TrainConfig:
     log_every: int = 1
     ce_chunk_tokens: int = 4096
     allow_pickle: bool = False
+    report_to: str = "none"                # none | tensorboard
+    census: bool = False                   # write census.json at start-up (one extra compile)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -88,8 +92,8 @@ class TrainConfig:
         if self.batch_size % self.dp:
             raise ConfigError(f"batch_size={self.batch_size} must be a multiple of dp={self.dp} "
                               f"(each data-parallel group gets batch_size/dp rows)")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0:
