@@ -151,6 +151,9 @@ def load_records(path) -> list[Record]:
     if not stripped:
         raise DataError(f"{p}: the file is empty; it must hold a JSON list of records (.json) "
                         "or one JSON object per line (.jsonl)")
+    if p.suffix.lower() == ".json" and stripped[0] == "{" and "\n" not in text.strip():
+        raise DataError(f"{p}: a .json file must hold a JSON list of records ([{{...}}, ...]), "
+                        "not one object; wrap it in [ ], or name the file .jsonl")
     records = _load_json_list(p, text) if stripped[0] == "[" else _load_jsonl(p, text)
     if not records:
         raise DataError(f"{p}: the dataset is empty (no records); add at least one record")

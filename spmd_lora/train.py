@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -24,9 +23,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import checkpoints, data
+from . import checkpoints, data, reporting
 from .config import ModelConfig
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError
+from .health import DivergenceGuard, lora_norm
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
 from .model import ForwardOptions
@@ -163,6 +163,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     model_cfg.check_tp(cfg.tp)
     lora_cfg = cfg.lora_config
     out = _check_output_dir(cfg)
+    reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex = _prepare_data(cfg, tokenizer)
     mesh = make_mesh(cfg.dp, cfg.tp)
@@ -205,35 +206,45 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     metrics_path = out / "metrics.jsonl" if is_main else Path(os.devnull)
     if is_main:
         _truncate_metrics(metrics_path, start_step)
+        reporting.write_run_config(out, cfg, model_cfg, mesh, len(train_ex), len(eval_ex),
+                                   total_steps)
     progress = Progress(total_steps, start_step, cfg.log_every,
                         progress_stream if is_main else open(os.devnull, "w"))
     progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
                      f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
                      + (f", resumed at step {start_step}" if start_step else ""))
+    if cfg.resume and not found:
+        progress.message(f"no checkpoint in {ckpt_root}; starting from step 0")
 
     last = {}
+    guard = DivergenceGuard()
     with open(metrics_path, "a") as metrics_file:
-        def log(entry):
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+        reporter = reporting.MetricsReporter(metrics_file, out, cfg.report_to if is_main else "none")
+        log = reporter.log
+        if eval_ex and start_step == 0:
+            log({"step": 0, **_eval(model, eval_ex, cfg)})          # the "before" of the curve
 
         for step in range(start_step + 1, total_steps + 1):
             rows = [next(batches) for _ in range(cfg.grad_accum_steps)]
             micro = shard_micro_batches({k: np.stack([r[k] for r in rows]) for k in rows[0]}, mesh)
+            step_key = jax.random.fold_in(base_key, step)
+            if cfg.census and is_main and step == start_step + 1:
+                reporting.write_census(out, step_fn, (params, lora, opt_state, micro, step_key),
+                                       mesh, lora_cfg.rank)
             t0 = time.perf_counter()
-            lora, opt_state, m = step_fn(params, lora, opt_state, micro, jax.random.fold_in(base_key, step))
+            lora, opt_state, m = step_fn(params, lora, opt_state, micro, step_key)
             m = {k: float(v) for k, v in m.items()}
             elapsed = time.perf_counter() - t0
-            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-                raise TrainingError(
-                    f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; lower "
-                    f"learning_rate or check the data. Last checkpoint: "
-                    f"{(checkpoints.list_checkpoints(ckpt_root) or ['none'])[-1]}")
+            guard.check(step, m["loss"], m["grad_norm"], float(lora_norm(lora)),
+                        lambda: str((checkpoints.list_checkpoints(ckpt_root) or ["none"])[-1]))
             seq_tokens = int(np.sum([np.count_nonzero(r["segment_ids"]) if "segment_ids" in r
                                      else r["tokens"].size for r in rows]))
             last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
                     "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
                     "tokens_per_s": seq_tokens / elapsed}
+            peak = reporting.device_peak_bytes(mesh)
+            if peak is not None:
+                last["peak_bytes"] = peak
             log(last)
             progress.update(step, last)
             if eval_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
@@ -249,8 +260,12 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             ev = _eval(model, eval_ex, cfg)
             log({"step": total_steps, **ev})
             last = {**last, **ev}
+        reporter.close()
     save_adapter(out / "adapter", lora, lora_cfg, base_model_path=str(cfg.model))
     progress.message(f"adapter written to {out / 'adapter'}")
+    if is_main:
+        from .plots import write_loss_plot
+        write_loss_plot(out, note=progress.message)
     return last
 
 

@@ -1,0 +1,111 @@
+"""What a training run writes besides the adapter and checkpoints, for people to look at.
+
+* ``run_config.json``: the resolved ``TrainConfig``, the model config, the mesh and the dataset
+  sizes, written once at start-up (the dashboard shows it).
+* ``census.json`` (``census=True`` / ``--census``): the compiled train step's collective census
+  (``spmd_lora.hlo``, the same rows as ``tools/profile.py``) and XLA's per-device memory
+  analysis; it costs one extra compile of the step at start-up (see docs/benchmarks.md).
+* TensorBoard event files under ``tensorboard/`` (``report_to="tensorboard"``, needs the
+  ``tensorboard`` extra: tensorboardX).
+* ``peak_bytes`` in each metrics line where the device reports it (GPUs; CPUs do not).
+
+Every JSON file is written atomically (temporary file + rename).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def check_report_to(report_to: str) -> None:
+    """Fail before anything is written when the requested logger is not installed."""
+    if report_to == "tensorboard":
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report-to tensorboard needs tensorboardX: "
+                              "pip install 'spmd_lora[tensorboard]'") from None
+
+
+def write_run_config(out: Path, cfg, model_cfg, mesh, n_train: int, n_eval: int,
+                     total_steps: int) -> None:
+    write_json_atomic(out / "run_config.json", {
+        "train": dataclasses.asdict(cfg),
+        "model": dataclasses.asdict(model_cfg),
+        "mesh": {"axes": dict(mesh.shape), "devices": [str(d) for d in mesh.devices.flat],
+                 "platform": mesh.devices.flat[0].platform},
+        "data": {"train_examples": n_train, "eval_examples": n_eval},
+        "total_steps": total_steps,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def write_census(out: Path, step_fn, args, mesh, lora_rank: int) -> dict:
+    """Compile ``step_fn`` on ``args`` (the real first step's inputs) once more and write its
+    collective census and per-device memory analysis to ``out/census.json``."""
+    from . import hlo
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(*args)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    census = hlo.collective_census(compiled, mesh, lowered)
+    mem = compiled.memory_analysis()
+    memory = {}
+    if mem is not None:
+        memory = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+                  ("argument", "output", "alias", "temp")}
+        memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    result = {"census": census, "summary": hlo.summarize(census),
+              "measured": hlo.measured(census, lora_rank), "memory_per_device": memory,
+              "compile_s": round(compile_s, 2), "backend": mesh.devices.flat[0].platform}
+    write_json_atomic(out / "census.json", result)
+    return result
+
+
+def device_peak_bytes(mesh) -> int | None:
+    """Largest peak memory in use over the mesh's local devices, when the backend reports it."""
+    import jax
+    local, peaks = set(jax.local_devices()), []
+    for d in mesh.devices.flat:
+        if d not in local:
+            continue
+        stats = d.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+class MetricsReporter:
+    """Appends metric dicts to ``metrics.jsonl`` and, if asked, to TensorBoard."""
+
+    def __init__(self, metrics_file, out: Path, report_to: str = "none"):
+        self.file = metrics_file
+        self.tb = None
+        if report_to == "tensorboard":
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}",
+                                       value, entry["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
