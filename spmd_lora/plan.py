@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--remat", default=d["remat"], choices=["none", "full", "save-dots"])
     ap.add_argument("--attention", default="blockwise",
                     help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn)")
-    for old, dest in (("--batch", "batch"), ("--micro-batches", "micro_batches"),
-                      ("--targets", "targets")):          # the flags' names before they matched train's
-        ap.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
+                            ("--targets", "targets", str)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--device-memory", type=parse_bytes, default=None,
                     help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict")

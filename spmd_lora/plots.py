@@ -48,7 +48,7 @@ def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="#d9822b", linewidth=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean token cross-entropy)")
-    ax.set_title(run_dir.resolve().name)
+    ax.set_title(f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -82,7 +82,7 @@ def with_flag_names(message: str) -> str:
     """Rewrite TrainConfig field names in an error message as the CLI flags a user typed
     (``lora_rank must be >= 1`` -> ``--lora-rank must be >= 1``; ``resume=True (--resume)``
     -> ``--resume``). Single-word fields (tp, dp, seed, ...) read the same either way."""
+    every = "|".join(sorted(FIELD_HELP, key=len, reverse=True))
+    message = re.sub(rf"(?<![\w-])({every})=True \(--[\w-]+\)", lambda m: flag(m.group(1)), message)
     fields = "|".join(sorted((f for f in FIELD_HELP if "_" in f), key=len, reverse=True))
-    message = re.sub(rf"(?<![\w-])({fields})=True \(--[\w-]+\)",
-                     lambda m: flag(m.group(1)), message)
     return re.sub(rf"(?<![\w-])({fields})(?![\w])", lambda m: flag(m.group(1)), message)

@@ -281,9 +281,9 @@ def build_parser():
     ap.add_argument("--lora-targets", dest="targets", default="all")
     ap.add_argument("--lora-rank", dest="rank", type=int, default=8)
     ap.add_argument("--batch-size", dest="batch", type=int, default=1)
-    for old, dest in (("--targets", "targets"), ("--rank", "rank"), ("--batch", "batch")):
-        ap.add_argument(old, dest=dest, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)     # the flags' names before they matched train's
+    for old, dest, kind in (("--targets", "targets", str), ("--rank", "rank", int),
+                            ("--batch", "batch", int)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--remat", default="full,save-dots",
                     help="comma list of remat policies to run for ours (best is reported)")

@@ -50,9 +50,9 @@ def build_parser():
     ap.add_argument("--grad-accum-steps", dest="micro_batches", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-targets", dest="targets", default="all")
-    for old, dest in (("--batch", "batch"), ("--micro-batches", "micro_batches"),
-                      ("--targets", "targets")):          # the flags' names before they matched train's
-        ap.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
+                            ("--targets", "targets", str)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
     ap.add_argument("--attention", default="auto")

@@ -10,6 +10,7 @@ stderr go to ``NAME/train.log``, which the page tails.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -40,6 +41,28 @@ def train_flags(cfg) -> list[str]:
         text = ",".join(value) if isinstance(value, (tuple, list)) else str(value)
         args += [flag(field.name), text]
     return args
+
+
+def form_template(run_dirs) -> dict:
+    """Settings to prefill the form: the newest given run's (a "run like this one"), else the
+    bundled Alpaca sample with a short schedule."""
+    for run_dir in reversed(list(run_dirs)):
+        try:
+            train = json.loads((Path(run_dir) / "run_config.json").read_text())["train"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        from ..train import TrainConfig
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+        def differs(key, value):
+            default = defaults.get(key)
+            return tuple(value) != tuple(default) if isinstance(value, list) else value != default
+
+        return {k: v for k, v in train.items() if k in ("model", "data")
+                or (k not in ("output_dir", "resume") and differs(k, v))}
+    from ..tiny import asset_path
+    return {"model": "", "data": str(asset_path("alpaca_sample.jsonl")), "template": "alpaca",
+            "max_steps": 20, "eval_fraction": 0.1}
 
 
 def prepare_run(form: dict, new_runs_dir) -> tuple[Path, object]:

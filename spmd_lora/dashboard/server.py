@@ -7,6 +7,7 @@ Routes (everything else is 404; a path with ``..`` in any spelling is 400):
 * ``GET /api/runs/N/metrics?since=K``: metric rows from row K on (the page polls this);
 * ``GET /api/runs/N/summary``: config, mesh, memory, census, checkpoints, message;
 * ``GET /api/runs/N/log?offset=B``: ``train.log`` from byte B (runs started from the page);
+* ``GET /api/new-run-template``: settings to prefill the form with (the newest run's);
 * ``POST /api/runs``: the "new run" form (JSON); only on a loopback address, and only with the
   ``X-Spmd-Lora: 1`` header (a cross-site form cannot send it).
 
@@ -123,6 +124,8 @@ def make_handler(dash: Dashboard):
                 return self._send(200, body, ctype)
             if path == "/api/runs":
                 return self._json(200, dash.run_list())
+            if path == "/api/new-run-template":
+                return self._json(200, launcher.form_template(dash.runs))
             m = RUN_ROUTE.match(path)
             run_dir = dash.run_dir(int(m.group(1))) if m else None
             if run_dir is None:

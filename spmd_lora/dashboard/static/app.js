@@ -16,8 +16,9 @@ function fmt(v) {
   if (v === null || v === undefined) return "";
   if (typeof v !== "number") return String(v);
   const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
-  return (Math.round(v * 1000) / 1000).toString();
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(2);
+  if (a >= 100) return Math.round(v).toString();
+  return parseFloat(v.toPrecision(4)).toString();
 }
 
 function bytes(n) {
@@ -35,7 +36,7 @@ async function getJSON(url) {
 
 function drawChart(fig) {
   const key = fig.dataset.key;
-  const W = 380, H = 200, L = 52, R = 10, T = 8, B = 24;
+  const W = 380, H = 200, L = 56, R = 10, T = 8, B = 24;
   const series = state.runs.map((run, i) => ({
     run, color: COLORS[i % COLORS.length],
     pts: (state.rows[run.id] || []).filter(r => typeof r[key] === "number" && isFinite(r[key]))
@@ -94,9 +95,9 @@ function rowsTable(rows, cols) {
 function renderRun(run, s) {
   const box = el("div", { class: "run", id: "run-" + run.id });
   const color = COLORS[run.id % COLORS.length];
-  const h = el("h2"); const sw = el("i"); h.appendChild(el("span", { style: `color:${color}` }, "■ "));
+  const h = el("h2"); h.appendChild(el("span", { style: `color:${color}` }, "■ "));
   h.appendChild(document.createTextNode(s.name + " ")); h.appendChild(el("span", { class: "status" }, "(" + s.status + ")"));
-  box.appendChild(h); void sw;
+  box.appendChild(h);
   box.appendChild(el("div", { class: "path" }, s.path));
   if (s.message) box.appendChild(el("p", { class: "message" }, s.message));
   const rows = state.rows[run.id] || [];
@@ -131,6 +132,14 @@ function renderRun(run, s) {
     box.appendChild(el("h3", {}, `collective census of the train step (compiled in ${s.census.compile_s} s on ${s.census.backend})`));
     box.appendChild(rowsTable(s.census.summary || [], [["kind", r => r.kind], ["axis", r => r.axis], ["ops/step", r => r.ops],
       ["bytes/step", r => bytes(r.program_bytes)]]));
+    const meas = s.census.measured || {};
+    box.appendChild(el("p", {}, `tp activation all-reduces per step: ${meas.tp_activation_reductions ?? "?"}; ` +
+      `LoRA gradient reductions: ${meas.lora_grad_reductions ?? "?"}; collectives other than all-reduce: ${meas.non_all_reduce_ops ?? "?"}`));
+    const all = el("details"); all.appendChild(el("summary", {}, "every collective"));
+    all.appendChild(rowsTable(s.census.rows || [], [["kind", r => r.kind], ["axis", r => r.axis],
+      ["shapes", r => (r.program_shapes || r.shapes || []).join(" ")], ["count/step", r => r.count],
+      ["phase", r => r.phase], ["source", r => r.source]]));
+    box.appendChild(all);
   }
   if (s.config) {
     const d = el("details"); d.appendChild(el("summary", {}, "resolved run config"));
@@ -184,5 +193,8 @@ document.getElementById("new-start").addEventListener("click", async () => {
   poll();
 });
 
+getJSON("/api/new-run-template").then(t => {
+  document.getElementById("new-config").value = JSON.stringify(t, null, 2);
+}).catch(() => {});
 poll();
 setInterval(poll, 2000);
