@@ -82,6 +82,8 @@ class TrainConfig:
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(
                 t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        elif isinstance(self.lora_targets, list):           # e.g. from a JSON config file
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         positive = ("tp", "dp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
                     "epochs", "log_every", "ce_chunk_tokens")
         for name in positive:
