@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p, skip=("model", "data", "output_dir", "template"))
     p.set_defaults(func=cmd_demo, tp=2, max_seq_len=256, lora_rank=8, lora_targets="all",
                    learning_rate=1e-2, batch_size=4, epochs=5, lora_dropout=0.0, warmup_steps=2,
-                   eval_fraction=0.1)
+                   eval_fraction=0.1, eval_every=10)
 
     def model_flags(p, adapter=True):
         from .train_fields import CHOICES, FIELD_HELP

@@ -38,6 +38,11 @@ def read_metrics(run_dir, since: int = 0) -> list[dict]:
     return rows[since:]
 
 
+def display_name(run_dir: Path) -> str:
+    """``parent/name``: runs are often all called ``run`` (``spmd_lora_demo/run``)."""
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -90,7 +95,7 @@ def summary(run_dir, child_running: bool = False) -> dict:
         "measured_peak_bytes": max(peaks) if peaks else None,
     }
     return {
-        "path": str(run_dir), "name": run_dir.name, "status": status, "message": message,
+        "path": str(run_dir), "name": display_name(run_dir), "status": status, "message": message,
         "config": (run_config or {}).get("train"),
         "model": (run_config or {}).get("model"),
         "mesh": (run_config or {}).get("mesh"),

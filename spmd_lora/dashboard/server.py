@@ -55,7 +55,7 @@ class Dashboard:
         self.lock = threading.Lock()
 
     def run_list(self):
-        return [{"id": i, "name": d.name, "path": str(d),
+        return [{"id": i, "name": runs.display_name(d), "path": str(d),
                  "status": runs.run_status(d, self._child_running(i))}
                 for i, d in enumerate(self.runs)]
 
