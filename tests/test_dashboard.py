@@ -115,6 +115,19 @@ def test_json_endpoints_on_a_finished_run(server, demo):
     assert _get(srv, "/api/new-run-template")["model"].endswith("tiny_llama")
 
 
+def test_prompt_box_generates_from_the_runs_adapter(server, demo):
+    srv, _ = server
+    headers = {"Content-Type": "application/json", "X-Spmd-Lora": "1"}
+    body = json.dumps({"prompt": "Give three tips for staying healthy.", "max_new_tokens": 4})
+    status, data = _request(srv, "/api/runs/0/generate", "POST", body, headers)
+    assert status == 200, data
+    assert isinstance(json.loads(data)["completion"], str), data     # an error has no completion
+    status, data = _request(srv, "/api/runs/1/generate", "POST", body, headers)
+    assert status == 400 and b"has no run_config.json" in data
+    assert _request(srv, "/api/runs/9/generate", "POST", body, headers)[0] == 404
+    assert _request(srv, "/api/runs/0/generate", "POST", body, {})[0] == 403
+
+
 @pytest.mark.parametrize("path", [
     "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/static/..%2f..%2f..%2fetc%2fpasswd",
     "/static/%2E%2E%5C%2E%2E%5Cetc%5Cpasswd", "/api/runs/0/..%252f..%252f..%252fetc%252fpasswd",

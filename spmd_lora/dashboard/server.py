@@ -9,7 +9,9 @@ Routes (everything else is 404; a path with ``..`` in any spelling is 400):
 * ``GET /api/runs/N/log?offset=B``: ``train.log`` from byte B (runs started from the page);
 * ``GET /api/new-run-template``: settings to prefill the form with (the newest run's);
 * ``POST /api/runs``: the "new run" form (JSON); only on a loopback address, and only with the
-  ``X-Spmd-Lora: 1`` header (a cross-site form cannot send it).
+  ``X-Spmd-Lora: 1`` header (a cross-site form cannot send it);
+* ``POST /api/runs/N/generate``: ``{"prompt": ...}`` -> a completion from the run's adapter
+  (same header; loopback only, as it starts a process).
 
 Runs are addressed by their index in the list, never by a path from the URL, so no request can
 name a file outside the run directories.
@@ -27,12 +29,13 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError, SpmdLoraError
-from . import launcher, runs
+from . import generation, launcher, runs
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/static/style.css": ("style.css", "text/css; charset=utf-8")}
 RUN_ROUTE = re.compile(r"^/api/runs/(\d{1,6})/(metrics|summary|log)$")
+GENERATE_ROUTE = re.compile(r"^/api/runs/(\d{1,6})/generate$")
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +79,16 @@ class Dashboard:
             i = len(self.runs) - 1
             self.children[i] = child
         return {"id": i, "path": str(run_dir), "pid": child.pid}
+
+    def generate(self, i: int, form) -> dict:
+        if not self.allow_launch:
+            raise PermissionError("generation is only offered on a loopback address")
+        run_dir = self.run_dir(i)
+        if run_dir is None:
+            raise LookupError(i)
+        if not isinstance(form, dict):
+            raise ConfigError("post a JSON object with a prompt")
+        return generation.generate(run_dir, form.get("prompt"), form.get("max_new_tokens", 48))
 
     def stop_children(self):
         for child in self.children.values():
@@ -147,14 +160,19 @@ def make_handler(dash: Dashboard):
             routed = self._route()
             if routed is None:
                 return
-            if routed[0] != "/api/runs":
+            gen = GENERATE_ROUTE.match(routed[0])
+            if routed[0] != "/api/runs" and gen is None:
                 return self._json(404, {"error": "not found"})
             if self.headers.get("X-Spmd-Lora") != "1":
                 return self._json(403, {"error": "missing X-Spmd-Lora header"})
             try:
                 length = int(self.headers.get("Content-Length", "0"))
                 form = json.loads(self.rfile.read(min(length, 1 << 20)) or b"null")
+                if gen is not None:
+                    return self._json(200, dash.generate(int(gen.group(1)), form))
                 return self._json(200, dash.new_run(form))
+            except LookupError:
+                return self._json(404, {"error": "not found"})
             except PermissionError as e:
                 return self._json(403, {"error": str(e)})
             except (ValueError, SpmdLoraError) as e:

@@ -92,8 +92,8 @@ function rowsTable(rows, cols) {
   return t;
 }
 
-function renderRun(run, s) {
-  const box = el("div", { class: "run", id: "run-" + run.id });
+function renderInfo(run, s) {
+  const box = el("div", { class: "info" });
   const color = COLORS[run.id % COLORS.length];
   const h = el("h2"); h.appendChild(el("span", { style: `color:${color}` }, "■ "));
   h.appendChild(document.createTextNode(s.name + " ")); h.appendChild(el("span", { class: "status" }, "(" + s.status + ")"));
@@ -146,11 +146,43 @@ function renderRun(run, s) {
     d.appendChild(table(s.config)); if (s.model) { d.appendChild(el("h3", {}, "model")); d.appendChild(table(s.model)); }
     box.appendChild(d);
   }
-  if (state.logText[run.id]) {
-    box.appendChild(el("h3", {}, "train.log"));
-    box.appendChild(el("pre", { class: "log" }, state.logText[run.id].slice(-20000)));
+  return box;
+}
+
+// A run's box keeps its prompt box across polls (typing is not interrupted); the rest is redrawn.
+function runBox(run, s) {
+  let box = document.getElementById("run-" + run.id);
+  if (!box) {
+    box = el("div", { class: "run", id: "run-" + run.id });
+    box.append(el("div", { class: "info" }), el("div", { class: "prompt-slot" }), el("div", { class: "log-slot" }));
+  }
+  box.querySelector(".info").replaceWith(renderInfo(run, s));
+  const slot = box.querySelector(".prompt-slot");
+  if (s.adapter && s.config && !slot.firstChild) slot.appendChild(promptBox(run));
+  const log = state.logText[run.id];
+  if (log) {
+    box.querySelector(".log-slot").replaceChildren(el("h3", {}, "train.log"),
+      el("pre", { class: "log" }, log.slice(-20000)));
   }
   return box;
+}
+
+function promptBox(run) {
+  const d = el("div", { class: "prompt" });
+  d.appendChild(el("h3", {}, "try the adapter"));
+  const input = el("input", { size: 60, placeholder: "a prompt (wrapped in the run's template)" });
+  const button = el("button", {}, "generate");
+  const out = el("pre", { class: "completion" });
+  button.addEventListener("click", async () => {
+    out.textContent = "generating (loads the model in a child process)…";
+    const r = await fetch(`/api/runs/${run.id}/generate`, { method: "POST",
+      headers: { "Content-Type": "application/json", "X-Spmd-Lora": "1" },
+      body: JSON.stringify({ prompt: input.value }) });
+    const j = await r.json();
+    out.textContent = j.completion !== undefined ? j.completion : "error: " + j.error;
+  });
+  d.append(input, button, out);
+  return d;
 }
 
 async function poll() {
@@ -165,9 +197,9 @@ async function poll() {
       state.next[run.id] = m.next;
       const lg = await getJSON(`/api/runs/${run.id}/log?offset=${state.logNext[run.id] || 0}`);
       state.logText[run.id] = (state.logText[run.id] || "") + lg.text; state.logNext[run.id] = lg.next;
-      boxes.push(renderRun(run, await getJSON(`/api/runs/${run.id}/summary`)));
+      boxes.push(runBox(run, await getJSON(`/api/runs/${run.id}/summary`)));
     }
-    container.replaceChildren(...boxes);
+    for (const b of boxes) if (b.parentNode !== container) container.appendChild(b);   // runs only get added
     const legend = document.getElementById("legend");
     legend.replaceChildren(...state.runs.map(r => {
       const s = el("span"); const sw = el("i", { style: `background:${COLORS[r.id % COLORS.length]}` });
