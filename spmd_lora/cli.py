@@ -13,6 +13,7 @@ import sys
 import typing
 
 from . import data
+from .cli_parser import OneLineErrorParser
 from .errors import ConfigError, SpmdLoraError
 
 DEMO_DIR = "spmd_lora_demo"
@@ -24,13 +25,6 @@ def _ensure_host_devices(n: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the house error style: one ``error:`` line (no usage block), exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -161,7 +155,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters")

@@ -300,7 +300,8 @@ def train_defaults() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from .cli_parser import OneLineErrorParser
+    ap = OneLineErrorParser(
         prog="spmd-lora plan",
         description="Per-device memory of a LoRA train step (no weights needed): compiles the "
                     "real step on abstract shapes and reads XLA's memory analysis.")
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .train_fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -92,6 +92,19 @@ def test_attention_typo_is_one_line_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--model", "llama2-7b", "--dtype", "fp8"], "spmd-lora plan: argument --dtype: invalid choice: 'fp8'"),
+    (["eval", "--model", "m", "--data", "d", "--template", "alpacca"], "argument --template: invalid choice"),
+    (["generate", "--model", "m", "--prompt", "p", "--dtype", "f32"], "argument --dtype: invalid choice"),
+    (["train", "--model", "m"], "the following arguments are required: --data, --output-dir"),
+])
+def test_usage_mistakes_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("field", sorted(CHOICES))
 def test_every_choice_field_is_checked_by_the_api_too(field):
     with pytest.raises(ConfigError, match=rf"{field} 'bogus' unknown; choose from "):

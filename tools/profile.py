@@ -238,7 +238,8 @@ def main(argv=None) -> int:
             micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens)
         compiled = lowered.compile()
     except SpmdLoraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from spmd_lora.train_fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)
