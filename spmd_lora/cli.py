@@ -91,7 +91,8 @@ def cmd_demo(args) -> int:
         build_tiny_llama(model_dir)
     result = train(cfg)
     print(json.dumps(result))
-    before = [m["eval_loss"] for m in _read_metrics(run) if m.get("step") == 0 and "eval_loss" in m]
+    from .reporting import read_metrics
+    before = [m["eval_loss"] for m in read_metrics(run) if m.get("step") == 0 and "eval_loss" in m]
     if before and "eval_loss" in result:
         print(f"eval loss {before[0]:.3f} -> {result['eval_loss']:.3f} (held-out "
               f"{cfg.eval_fraction:.0%} of the sample, before -> after training)")
@@ -100,11 +101,6 @@ def cmd_demo(args) -> int:
           + (f", loss plot in {plot}" if plot.exists() else ""))
     print(f"see it: spmd-lora dashboard {run}")
     return 0
-
-
-def _read_metrics(run_dir) -> list[dict]:
-    from .dashboard.runs import read_metrics
-    return read_metrics(run_dir)
 
 
 def cmd_plot(args) -> int:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError
+from .reporting import read_metrics
 
 
 def _stderr_note(text: str) -> None:
@@ -20,8 +21,6 @@ def _stderr_note(text: str) -> None:
 def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
     """Plot ``run_dir/metrics.jsonl`` to ``output`` (default ``run_dir/loss.png``). Returns the
     path, or None (with a ``note``) when matplotlib is missing."""
-    from .dashboard.runs import read_metrics
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a training output directory?)")

@@ -9,6 +9,8 @@
   ``tensorboard`` extra: tensorboardX).
 * ``peak_bytes`` in each metrics line where the device reports it (GPUs; CPUs do not).
 
+:func:`read_metrics` reads ``metrics.jsonl`` back, also while a run is appending to it.
+
 Every JSON file is written atomically (temporary file + rename).
 """
 from __future__ import annotations
@@ -26,6 +28,28 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
+
+
+def read_metrics(run_dir, since: int = 0) -> list[dict]:
+    """Metric rows of ``run_dir/metrics.jsonl`` from row index ``since`` on. A last line still
+    being written (no newline yet, or not valid JSON) is left for the next read."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]                      # the line being written
+    rows = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows[since:]
 
 
 def check_report_to(report_to: str) -> None:

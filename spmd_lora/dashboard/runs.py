@@ -12,30 +12,10 @@ import json
 import time
 from pathlib import Path
 
+from ..reporting import read_metrics
+
 #: a run whose metrics changed this recently (seconds) counts as running
 LIVE_SECONDS = 120
-
-
-def read_metrics(run_dir, since: int = 0) -> list[dict]:
-    """Metric rows of ``run_dir/metrics.jsonl`` from row index ``since`` on. A last line still
-    being written (no newline yet, or not valid JSON) is left for the next read."""
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, IsADirectoryError):
-        return []
-    lines = text.split("\n")
-    if not text.endswith("\n"):
-        lines = lines[:-1]                      # the line being written
-    rows = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows[since:]
 
 
 def display_name(run_dir: Path) -> str:
