@@ -98,12 +98,15 @@ def write_census(out: Path, step_fn, args, mesh, lora_rank: int) -> dict:
 
 
 def device_peak_bytes(mesh) -> int | None:
-    """Largest peak memory in use over the mesh's local devices, when the backend reports it."""
+    """Largest peak memory in use over the mesh's devices on this process, when the backend
+    reports it (GPUs do; the CPU backend does not)."""
     import jax
-    local, peaks = set(jax.local_devices()), []
-    for d in mesh.devices.flat:
-        if d not in local:
-            continue
+    return peak_bytes_in_use([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+
+
+def peak_bytes_in_use(devices) -> int | None:
+    peaks = []
+    for d in devices:
         stats = d.memory_stats()
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))

@@ -196,6 +196,26 @@ def test_form_is_only_offered_on_loopback(tmp_path):
         Dashboard([], tmp_path, allow_launch=False).new_run({"name": "a", "config": {}})
 
 
+def test_measured_peak_is_the_largest_reported(demo, tmp_path):
+    from spmd_lora.reporting import peak_bytes_in_use
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert peak_bytes_in_use([Device({"peak_bytes_in_use": 5}), Device({"peak_bytes_in_use": 9})]) == 9
+    assert peak_bytes_in_use([Device(None), Device({})]) is None          # CPU: not reported
+    gpu_like = tmp_path / "run"
+    shutil.copytree(demo[0] / "run", gpu_like)
+    step = runs.read_metrics(gpu_like)[1]
+    with open(gpu_like / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**step, "step": 9, "peak_bytes": 3 << 30}) + "\n")
+    assert runs.summary(gpu_like)["memory"]["measured_peak_bytes"] == 3 << 30
+
+
 def test_train_flags_reproduce_the_config():
     cfg = TrainConfig(model="m", data="d.jsonl", output_dir="o", tp=2, lora_targets="all",
                       pack=True, learning_rate=1e-3, max_steps=5)
