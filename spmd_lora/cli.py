@@ -42,7 +42,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
         if field.name == "output_dir":
             parser.add_argument(name, "--output", dest="output_dir", required=True, help=text)
         elif hint is bool:
-            parser.add_argument(name, action="store_true", default=field.default, help=text)
+            parser.add_argument(name, default=field.default, help=text,
+                                action=argparse.BooleanOptionalAction if field.default
+                                else "store_true")
         elif field.name == "lora_targets":
             parser.add_argument(name, default=",".join(field.default),
                                 help=text + " (default: %(default)s)")

@@ -76,7 +76,7 @@ class TrainConfig:
     ce_chunk_tokens: int = 4096
     allow_pickle: bool = False
     report_to: str = "none"                # none | tensorboard
-    census: bool = False                   # write census.json at start-up (one extra compile)
+    census: bool = True                    # write census.json at start-up (--no-census)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             step_key = jax.random.fold_in(base_key, step)
             if cfg.census and is_main and step == start_step + 1:
                 reporting.write_census(out, step_fn, (params, lora, opt_state, micro, step_key),
-                                       mesh, lora_cfg.rank)
+                                       mesh, lora_cfg.rank, note=progress.message)
             t0 = time.perf_counter()
             lora, opt_state, m = step_fn(params, lora, opt_state, micro, step_key)
             m = {k: float(v) for k, v in m.items()}

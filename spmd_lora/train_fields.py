@@ -62,7 +62,7 @@ FIELD_HELP: dict[str, str] = {
     "report_to": "also log metrics to: none, or tensorboard (event files in "
                  "OUTPUT/tensorboard; needs the tensorboard extra)",
     "census": "at start-up, write census.json: the compiled step's collectives and "
-              "per-device memory (costs one extra compile of the step)",
+              "per-device memory (the step compiles once either way)",
 }
 
 

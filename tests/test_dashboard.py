@@ -1,4 +1,4 @@
-"""``spmd-lora dashboard`` / ``plot`` / ``--report-to tensorboard`` / ``--census`` on a real
+"""``spmd-lora dashboard`` / ``plot`` / ``--report-to tensorboard`` / ``census.json`` on a real
 demo run (built once, with torch hidden as on a bare install) and on a live run started from the
 page's form; path traversal refused; a slow headless-Chromium check of the drawn charts."""
 import http.client
@@ -25,7 +25,7 @@ _find = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a, **k: (
     None if name.split(".")[0] == "torch" else _find(name, *a, **k))
 from spmd_lora import cli
-sys.exit(cli.main(["demo", "--output", sys.argv[1], "--max-steps", "8", "--census",
+sys.exit(cli.main(["demo", "--output", sys.argv[1], "--max-steps", "8",
                    "--report-to", "tensorboard"]))
 """
 
@@ -86,6 +86,10 @@ def test_demo_output_on_a_bare_install(demo):
     census = json.loads((run / "census.json").read_text())
     assert census["measured"]["non_all_reduce_ops"] == 0 and census["memory_per_device"]["peak"] > 0
     assert {r["axis"] for r in census["census"]} >= {"tp"}
+    # the first step reuses the census's compile: it takes far less than a compile
+    step1 = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if r["step"] == 1 and "loss" in r)
+    assert 4 * 256 / step1["tokens_per_s"] < census["compile_s"] / 2, (step1, census["compile_s"])
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
@@ -143,7 +147,7 @@ def test_new_run_form_starts_a_live_run_whose_metrics_and_log_appear(server, dem
     srv, dash = server
     config = {"model": str(demo[0] / "tiny_llama"), "data": str(asset_path("alpaca_sample.jsonl")),
               "template": "alpaca", "max_seq_len": 128, "lora_rank": 4, "batch_size": 2,
-              "max_steps": 6, "tp": 2}
+              "max_steps": 6, "tp": 2, "census": False}
     form = json.dumps({"name": "live", "config": config})
     headers = {"Content-Type": "application/json", "X-Spmd-Lora": "1"}
     assert _request(srv, "/api/runs", "POST", form, {"Content-Type": "application/json"})[0] == 403
@@ -175,6 +179,7 @@ def test_new_run_form_starts_a_live_run_whose_metrics_and_log_appear(server, dem
     counts = [n for _, n in seen]
     assert counts == sorted(counts)
     assert _get(srv, "/api/runs")[run_id]["status"] == "finished"
+    assert not (run_dir / "census.json").exists()                  # --no-census from the form
     assert len([r for r in _get(srv, f"/api/runs/{run_id}/metrics")["rows"] if "loss" in r]) == 6
     log = _get(srv, f"/api/runs/{run_id}/log")
     assert log["text"].startswith("$ spmd-lora train --model ") and "adapter written to" in log["text"]
@@ -218,7 +223,7 @@ def test_measured_peak_is_the_largest_reported(demo, tmp_path):
 
 def test_train_flags_reproduce_the_config():
     cfg = TrainConfig(model="m", data="d.jsonl", output_dir="o", tp=2, lora_targets="all",
-                      pack=True, learning_rate=1e-3, max_steps=5)
+                      pack=True, learning_rate=1e-3, max_steps=5, census=False)
     args = cli.build_parser().parse_args(["train", *launcher.train_flags(cfg)])
     assert cli._train_config(args) == cfg
 

@@ -30,9 +30,8 @@ def train_flags(cfg) -> list[str]:
         value = getattr(cfg, field.name)
         if field.default is not dataclasses.MISSING and value == field.default:
             continue
-        if isinstance(value, bool):
-            if value:
-                args.append(flag(field.name))
+        if isinstance(value, bool):                 # only flags that differ from the default
+            args.append(flag(field.name) if value else "--no-" + flag(field.name)[2:])
             continue
         if field.name == "lora_targets" and tuple(value) == tuple(field.default):
             continue

@@ -117,7 +117,7 @@ function renderInfo(run, s) {
   const m = s.memory || {}, cs = m.compiled_step;
   mem.appendChild(table({
     mesh: s.mesh ? Object.entries(s.mesh.axes).map(([a, n]) => `${a}=${n}`).join(" ") + " on " + s.mesh.platform : "-",
-    "compiled step peak": cs ? bytes(cs.peak) : "run with --census to record it",
+    "compiled step peak": cs ? bytes(cs.peak) : "no census.json (trained with --no-census?)",
     "  arguments / temporaries": cs ? `${bytes(cs.argument)} / ${bytes(cs.temp)}` : "",
     "measured peak (GPU)": m.measured_peak_bytes ? bytes(m.measured_peak_bytes) : "not reported by this device",
   }));
