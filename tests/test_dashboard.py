@@ -186,6 +186,15 @@ def test_new_run_form_starts_a_live_run_whose_metrics_and_log_appear(server, dem
     assert _get(srv, f"/api/runs/{run_id}/log?offset={log['next']}")["text"] == ""
 
 
+def test_foreign_host_header_is_refused(server):
+    """DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends Host: evil.example."""
+    for host in ("evil.example", "evil.example:8050", "127.0.0.1.evil.example"):
+        status, _ = _request(server[0], "/api/runs", headers={"Host": host})
+        assert status == 403, host
+    for host in ("localhost:1", "127.0.0.1", "[::1]:8050"):
+        assert _request(server[0], "/api/runs", headers={"Host": host})[0] == 200, host
+
+
 def test_read_metrics_leaves_a_half_written_line_for_later(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert runs.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

@@ -14,7 +14,9 @@ Routes (everything else is 404; a path with ``..`` in any spelling is 400):
   (same header; loopback only, as it starts a process).
 
 Runs are addressed by their index in the list, never by a path from the URL, so no request can
-name a file outside the run directories.
+name a file outside the run directories. On a loopback address, a request whose ``Host`` header
+is not a loopback name is refused (403): a web page that rebinds its own domain name to
+127.0.0.1 can then neither read the runs nor start one.
 """
 from __future__ import annotations
 
@@ -116,7 +118,12 @@ def make_handler(dash: Dashboard):
             self._send(code, json.dumps(obj).encode(), "application/json")
 
         def _route(self):
-            """(path, query) or None after answering 400 for a traversal attempt."""
+            """(path, query), or None after answering 403 for a foreign Host header or 400 for
+            a traversal attempt."""
+            host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+            if dash.allow_launch and not is_loopback(host):
+                self._json(403, {"error": "Host must be a loopback address"})
+                return None
             parts = urllib.parse.urlsplit(self.path)
             decoded = parts.path
             for _ in range(3):                   # %252e%252e and friends
