@@ -34,6 +34,8 @@ def lora_norm(lora) -> jax.Array:
 
 
 class DivergenceGuard:
+    """Checks each finished step (see the module docstring); keeps the zero-gradient streak."""
+
     def __init__(self, max_lora_norm: float = MAX_LORA_NORM, zero_grad_steps: int = ZERO_GRAD_STEPS):
         self.max_lora_norm, self.zero_grad_steps = max_lora_norm, zero_grad_steps
         self.zero_streak = 0

@@ -204,8 +204,8 @@ def serve(run_dirs, host: str = "127.0.0.1", port: int = 8050, new_runs_dir="spm
     """Serve until interrupted (``spmd-lora dashboard``)."""
     server, dash = make_server(run_dirs, host, port, new_runs_dir)
     h, p = server.server_address[:2]
-    print(f"dashboard of {len(dash.runs)} run(s) at http://{h}:{p}/  (Ctrl-C stops it)",
-          flush=True)
+    print(f"dashboard of {len(dash.runs)} run(s) at http://{h}:{p}/  (Ctrl-C stops it and the "
+          f"runs started from its form; --resume continues them)", flush=True)
     if not dash.allow_launch:
         print(f"note: {host} is not a loopback address: the new-run form is disabled",
               file=sys.stderr)
