@@ -33,6 +33,12 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
+    needed = 8 + n + max((int(m["data_offsets"][1]) for m in header.values()
+                          if isinstance(m, dict) and "data_offsets" in m), default=0)
+    size = path.stat().st_size
+    if size < needed:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {needed}; "
+                              f"copy or download it again")
     return 8 + n, header
 
 

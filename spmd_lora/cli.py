@@ -1,4 +1,4 @@
-"""``spmd-lora train | eval | export | generate | demo | plan`` (also ``python -m spmd_lora``).
+"""``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard`` (also ``python -m spmd_lora``).
 
 User mistakes (bad paths, malformed data, impossible configs, NaN loss) print one clear
 ``error:`` line and exit with status 2; no traceback.
@@ -13,6 +13,7 @@ import sys
 import typing
 
 from . import data
+from .cli_parser import OneLineErrorParser
 from .errors import ConfigError, SpmdLoraError
 
 DEMO_DIR = "spmd_lora_demo"
@@ -27,27 +28,32 @@ def _ensure_host_devices(n: int) -> None:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per TrainConfig field, its help and choices from ``train_fields``."""
     from .train import TrainConfig
+    from .train_fields import CHOICES, FIELD_HELP, flag
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
-        flag = "--" + field.name.replace("_", "-")
+        name = flag(field.name)
         required = field.default is dataclasses.MISSING
         hint = hints[field.name]
+        text = FIELD_HELP[field.name]
         if field.name == "output_dir":
-            parser.add_argument(flag, "--output", dest="output_dir")
+            parser.add_argument(name, "--output", dest="output_dir", help=text)
         elif hint is bool:
-            action = argparse.BooleanOptionalAction if field.default else "store_true"
-            parser.add_argument(flag, action=action, default=field.default)
+            parser.add_argument(name, default=field.default, help=text,
+                                action=argparse.BooleanOptionalAction if field.default
+                                else "store_true")
         elif field.name == "lora_targets":
-            parser.add_argument(flag, default=",".join(field.default),
-                                help="comma-separated projections or 'all' (default %(default)s)")
+            parser.add_argument(name, default=",".join(field.default),
+                                help=text + " (default: %(default)s)")
         else:
             kind = {int: int, float: float, str: str}.get(hint, int if "int" in str(hint) else str)
-            parser.add_argument(flag, type=kind,   # required ones are checked in _train_config
+            parser.add_argument(name, type=kind,   # required ones are checked in _train_config
+                                choices=CHOICES.get(field.name),
                                 default=None if required else field.default,
-                                help=None if required else "default %(default)s")
+                                help=text + ("" if required else " (default: %(default)s)"))
 
 
 def _train_config(args, file_values=None, given=None, **overrides):
@@ -88,7 +94,8 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded default: a tiny Llama + tokenizer built on the spot, the bundled Alpaca
-    sample, tp=2 on (fake) devices."""
+    sample, tp=2 on (fake) devices. A previous demo run is never deleted silently."""
+    import shutil
     from pathlib import Path
 
     from .tiny import asset_path, build_tiny_llama
@@ -96,19 +103,42 @@ def cmd_demo(args) -> int:
 
     out = Path(args.output)
     model_dir = out / "tiny_llama"
+    run = out / "run"
+    cfg = _train_config(args, model=str(model_dir), data=str(asset_path("alpaca_sample.jsonl")),
+                        output_dir=str(run), template="alpaca")
+    if run.exists() and not args.resume:
+        if not args.overwrite:
+            raise ConfigError(f"{run} holds a previous demo run: pass --resume to continue it, "
+                              f"--overwrite to replace it, or --output DIR for a new one")
+        shutil.rmtree(run)
     if not (model_dir / "config.json").exists():
         build_tiny_llama(model_dir)
-    cfg = _train_config(
-        args, model=str(model_dir), data=str(asset_path("alpaca_sample.jsonl")),
-        output_dir=str(out / "run"), template="alpaca")
-    if not args.resume and (out / "run").exists():
-        import shutil
-        shutil.rmtree(out / "run")
     result = train(cfg)
     print(json.dumps(result))
-    print(f"demo done: adapter in {out / 'run' / 'adapter'}, loss curve in "
-          f"{out / 'run' / 'metrics.jsonl'}")
+    from .reporting import read_metrics
+    before = [m["eval_loss"] for m in read_metrics(run) if m.get("step") == 0 and "eval_loss" in m]
+    if before and "eval_loss" in result:
+        print(f"eval loss {before[0]:.3f} -> {result['eval_loss']:.3f} (held-out "
+              f"{cfg.eval_fraction:.0%} of the sample, before -> after training)")
+    plot = run / "loss.png"
+    print(f"demo done: adapter in {run / 'adapter'}, metrics in {run / 'metrics.jsonl'}"
+          + (f", loss plot in {plot}" if plot.exists() else ""))
+    print(f"see it: spmd-lora dashboard {run}")
     return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import write_loss_plot
+    for run_dir in args.run_dir:
+        path = write_loss_plot(run_dir, args.output if len(args.run_dir) == 1 else None)
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from .dashboard.server import serve
+    return serve(args.run_dir, host=args.host, port=args.port, new_runs_dir=args.new_runs_dir)
 
 
 def cmd_eval(args) -> int:
@@ -149,7 +179,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spmd-lora", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters")
@@ -158,55 +188,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny built-in Llama on the bundled Alpaca sample")
-    p.add_argument("--output", default=DEMO_DIR, help="default %(default)s")
+    p.add_argument("--output", default=DEMO_DIR, help="demo directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous demo run in --output")
     _add_train_flags(p, skip=("model", "data", "output_dir", "template"))
     p.set_defaults(func=cmd_demo, tp=2, max_seq_len=256, lora_rank=8, lora_targets="all",
                    learning_rate=1e-2, batch_size=4, epochs=5, lora_dropout=0.0, warmup_steps=2,
-                   eval_fraction=0.1)
+                   eval_fraction=0.1, eval_every=10)
 
     def model_flags(p, adapter=True):
-        p.add_argument("--model", required=True)
+        from .train_fields import CHOICES, FIELD_HELP
+        p.add_argument("--model", required=True, help=FIELD_HELP["model"])
         if adapter:
-            p.add_argument("--adapter", default=None)
-        p.add_argument("--tp", type=int, default=1)
-        p.add_argument("--dp", type=int, default=1)
-        p.add_argument("--dtype", default="float32")
+            p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
+        p.add_argument("--tp", type=int, default=1, help=FIELD_HELP["tp"] + " (default: 1)")
+        p.add_argument("--dp", type=int, default=1, help=FIELD_HELP["dp"] + " (default: 1)")
+        p.add_argument("--dtype", default="float32", choices=CHOICES["dtype"],
+                       help=FIELD_HELP["dtype"] + " (default: %(default)s)")
 
     p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
     model_flags(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--template", default="auto")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--train-on-inputs", action="store_true")
+    p.add_argument("--data", required=True, help="records: .json list, .jsonl, .parquet, .arrow or a save_to_disk directory")
+    p.add_argument("--template", default="auto", choices=("auto", "alpaca", "rag", "text", "chat"),
+                   help="record format (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
+    p.add_argument("--train-on-inputs", action="store_true",
+                   help="score the prompt tokens too, not only the response")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="shard activations along the sequence over tp (default on)")
     p.add_argument("--mlp-chunk-tokens", type=int, default=8192,
-                   help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
-
+                   help="tile the MLP (and, with sequence parallelism, the attention "
+                        "projections) above this many tokens; 0 = never (default %(default)s)")
     p.add_argument("--chat-template", default=None,
                    help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model", required=True, help="base HF model directory")
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    p.add_argument("--output", required=True, help="directory for the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from the model (+ adapter)")
     model_flags(p)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--template", default=None, help="alpaca | rag | chat: wrap the prompt")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--template", default=None, choices=("alpaca", "rag", "chat"),
+                   help="wrap the prompt in a training template (default: raw prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--chat-template", default=None,
                    help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="write RUN_DIR/loss.png (train and eval loss; needs matplotlib)")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="training output directory")
+    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("dashboard", help="live local web page of one or more runs")
+    p.add_argument("run_dir", nargs="*", metavar="RUN_DIR", help="training output directories")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="0 picks a free port (default: %(default)s)")
+    p.add_argument("--new-runs-dir", default="spmd_lora_runs",
+                   help="where runs started from the page's form go (default: %(default)s)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("plan", help="per-device memory plan (no weights needed)", add_help=False)
     p.set_defaults(func=None)
@@ -214,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # transformers' import-time "PyTorch was not found" advice is noise here: JAX does the work.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
         _ensure_host_devices(8)
@@ -233,7 +287,8 @@ def _guard(fn) -> int:
     try:
         return fn()
     except SpmdLoraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .train_fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

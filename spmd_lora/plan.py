@@ -47,6 +47,9 @@ def ensure_host_devices(n: int) -> None:
         from jax._src import xla_bridge
         if xla_bridge.backends_are_initialized():
             return                       # too late; plan_devices() reports what is missing
+    if m:
+        print(f"note: XLA_FLAGS asks for {m.group(1)} host devices; using {n} (tp*dp = {n}) "
+              f"for this compile", file=sys.stderr)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
     os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
 
@@ -352,32 +355,51 @@ def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 
     return (lo or None), tried
 
 
+def train_defaults() -> dict:
+    """``TrainConfig``'s defaults: plan, like train, assumes them for flags not given."""
+    import dataclasses
+
+    from .train import TrainConfig
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from .cli_parser import OneLineErrorParser
+    ap = OneLineErrorParser(
         prog="spmd-lora plan",
         description="Per-device memory of a LoRA train step (no weights needed): compiles the "
                     "real step on abstract shapes and reads XLA's memory analysis.")
     ap.add_argument("--model", required=True, help="HF model directory or preset "
                     "(llama2-7b, llama2-13b, llama2-70b, llama3-8b)")
+    d = train_defaults()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1, help="global batch per micro-batch (split over dp)")
-    ap.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
-    ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--lora-alpha", type=float, default=16.0)
-    ap.add_argument("--targets", default="all", help="comma list of projections, or 'all'")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"],
+    ap.add_argument("--batch-size", dest="batch", type=int, default=d["batch_size"],
+                    help="global batch per micro-batch (split over dp)")
+    ap.add_argument("--grad-accum-steps", dest="micro_batches", type=int,
+                    default=d["grad_accum_steps"], help="micro-batches per optimizer step")
+    ap.add_argument("--lora-rank", type=int, default=d["lora_rank"])
+    ap.add_argument("--lora-alpha", type=float, default=d["lora_alpha"])
+    ap.add_argument("--lora-targets", dest="targets", default=",".join(d["lora_targets"]),
+                    help="comma list of projections, or 'all'")
+    ap.add_argument("--dtype", default=d["dtype"], choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--remat", default=d["remat"], choices=["none", "full", "save-dots", "offload"],
                     help="offload: full remat with the saved layer inputs in pinned host memory")
-    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
+                    default=d["sequence_parallel"],
                     help="shard activations along the sequence over tp (default on)")
-    ap.add_argument("--mlp-chunk-tokens", type=int, default=8192,
-                    help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
+    ap.add_argument("--mlp-chunk-tokens", type=int, default=d["mlp_chunk_tokens"],
+                    help="tile the MLP (and, with sequence parallelism, the attention "
+                         "projections) above this many tokens; 0 = never (default %(default)s)")
     ap.add_argument("--devices-per-host", type=int, default=8,
                     help="devices sharing one host's memory, for the offload host total")
     ap.add_argument("--attention", default="blockwise",
                     help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn)")
+    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
+                            ("--targets", "targets", str)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--device-memory", type=parse_bytes, default=None,
                     help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict")
@@ -426,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
+        print(f"settings (spmd-lora train's defaults unless given): --dtype {args.dtype} "
+              f"--remat {args.remat} --lora-rank {lora.rank} --lora-targets "
+              f"{','.join(lora.targets)} --batch-size {args.batch} --grad-accum-steps "
+              f"{args.micro_batches} --attention {args.attention}")
         if not args.find_max_seq_len:
             p = plan_at(args.max_seq_len)
             print_plan(p, budget, key=key)
@@ -454,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .train_fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -27,20 +26,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import checkpoints, data
+from . import checkpoints, data, reporting
 from .config import ModelConfig
 from .config_file import check_resume_config, write_resolved_config
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError
+from .health import DivergenceGuard, lora_norm
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
-from .model import REMAT_POLICIES, ForwardOptions
+from .model import ForwardOptions
 from .tokenizer import load_tokenizer
+from .train_fields import CHOICES, check_choice
 from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every field is also a ``spmd-lora train`` flag (kebab-case)."""
+    """Every field is also a ``spmd-lora train`` flag (kebab-case); what each one means, and
+    the values of the choice-valued ones, is in ``spmd_lora.train_fields`` (the flag help)."""
 
     model: str
     data: str
@@ -79,15 +81,18 @@ class TrainConfig:
     allow_pickle: bool = False
     sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
     mlp_chunk_tokens: int = 8192           # tile the MLP above this many tokens; 0 = never
-
     chat_template: str | None = None       # llama2 | llama3 | chatml | a Jinja file; default: the tokenizer's
     data_cache_dir: str | None = None      # tokenized-data cache; default $SPMD_LORA_CACHE or ~/.cache/spmd_lora/tokenized
     data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
+    report_to: str = "none"                # none | tensorboard
+    census: bool = True                    # write census.json at start-up (--no-census)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(
                 t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        elif isinstance(self.lora_targets, list):           # e.g. from a JSON config file
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         positive = ("tp", "dp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
                     "epochs", "log_every", "ce_chunk_tokens")
         for name in positive:
@@ -101,8 +106,8 @@ class TrainConfig:
         if self.batch_size % self.dp:
             raise ConfigError(f"batch_size={self.batch_size} must be a multiple of dp={self.dp} "
                               f"(each data-parallel group gets batch_size/dp rows)")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0:
@@ -174,6 +179,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     model_cfg.check_tp(cfg.tp)
     lora_cfg = cfg.lora_config
     out = _check_output_dir(cfg)
+    reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
     mesh = make_mesh(cfg.dp, cfg.tp)
@@ -222,17 +228,23 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     if is_main:
         _truncate_metrics(metrics_path, start_step)
         write_resolved_config(out, cfg)
+        reporting.write_run_config(out, cfg, model_cfg, mesh, len(train_ex), len(eval_ex),
+                                   total_steps)
     progress = Progress(total_steps, start_step, cfg.log_every,
                         progress_stream if is_main else open(os.devnull, "w"))
     progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
                      f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
                      + (f", resumed at step {start_step}" if start_step else ""))
+    if cfg.resume and not found:
+        progress.message(f"no checkpoint in {ckpt_root}; starting from step 0")
 
     last = {}
+    guard = DivergenceGuard()
     with open(metrics_path, "a") as metrics_file:
-        def log(entry):
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+        reporter = reporting.MetricsReporter(metrics_file, out, cfg.report_to if is_main else "none")
+        log = reporter.log
+        if eval_ex and start_step == 0:
+            log({"step": 0, **_eval(model, eval_ex, cfg)})          # the "before" of the curve
 
         def prepare():
             """The next step's micro-batches on the devices, their token count and the data
@@ -249,14 +261,14 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             m = {k: float(v) for k, v in m.items()}
             now = time.perf_counter()
             elapsed, clock[0] = now - clock[0], now
-            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-                raise TrainingError(
-                    f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; lower "
-                    f"learning_rate or check the data. Last checkpoint: "
-                    f"{(checkpoints.list_checkpoints(ckpt_root) or ['none'])[-1]}")
+            guard.check(step, m["loss"], m["grad_norm"], float(lora_norm(lora)),
+                        lambda: str((checkpoints.list_checkpoints(ckpt_root) or ["none"])[-1]))
             last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
                     "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
                     "tokens_per_s": seq_tokens / elapsed}
+            peak = reporting.device_peak_bytes(mesh)
+            if peak is not None:
+                last["peak_bytes"] = peak
             log(last)
             progress.update(step, last)
 
@@ -267,7 +279,11 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
         nxt = prepare() if start_step < total_steps else None
         for step in range(start_step + 1, total_steps + 1):
             micro, seq_tokens, data_state = nxt
-            lora, opt_state, m = step_fn(params, lora, opt_state, micro, jax.random.fold_in(base_key, step))
+            step_key = jax.random.fold_in(base_key, step)
+            if cfg.census and is_main and step == start_step + 1:
+                reporting.write_census(out, step_fn, (params, lora, opt_state, micro, step_key),
+                                       mesh, lora_cfg.rank, note=progress.message)
+            lora, opt_state, m = step_fn(params, lora, opt_state, micro, step_key)
             if step < total_steps:
                 nxt = prepare()
             if pending is not None:
@@ -292,8 +308,12 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             ev = _eval(model, eval_ex, cfg)
             log({"step": total_steps, **ev})
             last = {**last, **ev}
+        reporter.close()
     save_adapter(out / "adapter", lora, lora_cfg, base_model_path=str(cfg.model))
     progress.message(f"adapter written to {out / 'adapter'}")
+    if is_main:
+        from .plots import write_loss_plot
+        write_loss_plot(out, note=progress.message)
     return last
 
 

@@ -5,7 +5,7 @@
 
 Same model and step on both sides: a random Llama (``CONFIGS`` below: 2-4 layers, heads =
 d/64, intermediate = 2.6875 d as Llama-2, vocab 32000), LoRA r=8 alpha=16 on all linear
-projections (``--targets``), no dropout, AdamW (lr 2e-4, no weight decay, no clipping),
+projections (``--lora-targets``), no dropout, AdamW (lr 2e-4, no weight decay, no clipping),
 batch 1, loss on every token. CPU: fp32; GPU: bf16 base weights (LoRA and optimizer fp32).
 
 Each measurement runs in its own subprocess (``--worker``), so peak memory (the process's
@@ -198,8 +198,8 @@ def run_worker(args):
 
 def spawn(config, framework, args, remat=None, timeout=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--targets", args.targets,
-           "--rank", str(args.rank), "--batch", str(args.batch), "--attention", args.attention,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-targets", args.targets,
+           "--lora-rank", str(args.rank), "--batch-size", str(args.batch), "--attention", args.attention,
            "--ce-chunk-tokens", str(args.ce_chunk_tokens), "--tp", str(args.tp),
            "--sequence-parallel" if args.sequence_parallel else "--no-sequence-parallel"]
     if remat:
@@ -284,9 +284,12 @@ def build_parser():
     ap.add_argument("--config", default="tiny", choices=[*CONFIGS, "all"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--targets", default="all")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--lora-targets", dest="targets", default="all")
+    ap.add_argument("--lora-rank", dest="rank", type=int, default=8)
+    ap.add_argument("--batch-size", dest="batch", type=int, default=1)
+    for old, dest, kind in (("--targets", "targets", str), ("--rank", "rank", int),
+                            ("--batch", "batch", int)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--remat", default="full,save-dots",
                     help="comma list of remat policies to run for ours (best is reported)")

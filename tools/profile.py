@@ -2,7 +2,7 @@
 """Collective census (and optional per-collective timing) of the real LoRA train step.
 
     python tools/profile.py --model llama2-7b --tp 4 --max-seq-len 4096 --lora-rank 16 \
-        --targets all --dtype bfloat16 --json census.json [--time]
+        --lora-targets all --dtype bfloat16 --json census.json [--time]
 
 Compiles ``step.make_train_step`` on abstract shapes (presets need no weights; a model
 directory only needs config.json), parses the compiled HLO (``spmd_lora.hlo``) and prints
@@ -22,7 +22,8 @@ layer / cross-entropy / accumulation scans are multiplied by the trip counts), t
     collective's device time inside the step).
 
 On CPU the fake device count must be fixed before JAX starts: this script sets
-``XLA_FLAGS=--xla_force_host_platform_device_count=tp*dp`` itself when it is not set.
+``XLA_FLAGS=--xla_force_host_platform_device_count=tp*dp`` itself when it is not set, and says
+so on stderr when it raises a smaller count the user set.
 """
 from __future__ import annotations
 
@@ -45,10 +46,14 @@ def build_parser():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, required=True)
-    ap.add_argument("--batch", type=int, default=1, help="global rows per micro-batch")
-    ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--batch-size", dest="batch", type=int, default=1,
+                    help="global rows per micro-batch")
+    ap.add_argument("--grad-accum-steps", dest="micro_batches", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--targets", default="all")
+    ap.add_argument("--lora-targets", dest="targets", default="all")
+    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
+                            ("--targets", "targets", str)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"])
     ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
@@ -247,7 +252,8 @@ def main(argv=None) -> int:
             sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens)
         compiled = lowered.compile()
     except SpmdLoraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from spmd_lora.train_fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)

@@ -101,6 +101,9 @@ def iter_json_records(p: Path) -> Iterator[Record]:
         raw = p.read_bytes()
         yield from _load_json_list(p, _decode(p, raw, 0))
         return
+    if p.suffix.lower() == ".json" and first == b"{" and _one_line(p):
+        raise DataError(f"{p}: a .json file must hold a JSON list of records ([{{...}}, ...]), "
+                        "not one object; wrap it in [ ], or name the file .jsonl")
     count = 0
     with open(p, "rb") as f:
         for lineno, raw_line in enumerate(f, 1):
@@ -108,6 +111,18 @@ def iter_json_records(p: Path) -> Iterator[Record]:
             if line.strip():
                 yield _jsonl_record(p, line, lineno, count)
                 count += 1
+
+
+def _one_line(p: Path) -> bool:
+    """Whether the file holds at most one non-blank line (read until a second one appears)."""
+    seen = 0
+    with open(p, "rb") as f:
+        for line in f:
+            if line.strip():
+                seen += 1
+                if seen > 1:
+                    return False
+    return True
 
 
 def _decode(p: Path, raw: bytes, lines_before: int) -> str:

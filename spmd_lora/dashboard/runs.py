@@ -1,0 +1,104 @@
+"""What the dashboard knows about one run directory, read fresh on every request.
+
+A run directory is what ``spmd-lora train`` writes: ``metrics.jsonl`` (appended while it
+trains), ``run_config.json``, optional ``census.json``, ``checkpoints/step_N/``, ``adapter/``,
+``loss.png`` and, for runs started from the dashboard, ``train.log``. Any of them may be missing
+(a run that has not started yet, or that is still writing its first step): the summary then
+carries a ``message`` saying so instead of failing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..reporting import read_metrics
+
+#: a run whose metrics changed this recently (seconds) counts as running
+LIVE_SECONDS = 120
+
+
+def display_name(run_dir: Path) -> str:
+    """``parent/name``: runs are often all called ``run`` (``spmd_lora_demo/run``)."""
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def checkpoints_on_disk(run_dir: Path) -> list[dict]:
+    root = run_dir / "checkpoints"
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit():
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                found.append({"name": d.name, "step": int(d.name[5:]), "bytes": size,
+                              "mtime": d.stat().st_mtime})
+    return sorted(found, key=lambda c: c["step"])
+
+
+def run_status(run_dir: Path, child_running: bool = False) -> str:
+    metrics = run_dir / "metrics.jsonl"
+    if child_running:
+        return "running"
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return "finished"
+    if not run_dir.exists():
+        return "not started"
+    if not metrics.is_file():
+        return "no metrics yet"
+    return "running" if time.time() - metrics.stat().st_mtime < LIVE_SECONDS else "stopped"
+
+
+def summary(run_dir, child_running: bool = False) -> dict:
+    """Everything but the metric rows: status, message, config, mesh, memory, census,
+    checkpoints."""
+    run_dir = Path(run_dir)
+    status = run_status(run_dir, child_running)
+    message = None
+    if not run_dir.exists():
+        message = f"{run_dir} does not exist yet; the page fills in when training starts"
+    elif not (run_dir / "metrics.jsonl").is_file():
+        message = (f"no metrics yet in {run_dir}: training writes metrics.jsonl after its first "
+                   f"step (is this a training output directory?)")
+    run_config = _read_json(run_dir / "run_config.json")
+    census = _read_json(run_dir / "census.json")
+    rows = read_metrics(run_dir)
+    peaks = [r["peak_bytes"] for r in rows if "peak_bytes" in r]
+    memory = {
+        "compiled_step": (census or {}).get("memory_per_device") or None,
+        "measured_peak_bytes": max(peaks) if peaks else None,
+    }
+    return {
+        "path": str(run_dir), "name": display_name(run_dir), "status": status, "message": message,
+        "config": (run_config or {}).get("train"),
+        "model": (run_config or {}).get("model"),
+        "mesh": (run_config or {}).get("mesh"),
+        "data": (run_config or {}).get("data"),
+        "total_steps": (run_config or {}).get("total_steps"),
+        "memory": memory,
+        "census": None if census is None else {
+            "summary": census.get("summary"), "measured": census.get("measured"),
+            "rows": census.get("census"), "compile_s": census.get("compile_s"),
+            "backend": census.get("backend")},
+        "checkpoints": checkpoints_on_disk(run_dir),
+        "adapter": (run_dir / "adapter").is_dir(),
+        "loss_png": (run_dir / "loss.png").is_file(),
+    }
+
+
+def read_log(run_dir, offset: int = 0, limit: int = 65536) -> dict:
+    """Bytes of ``run_dir/train.log`` from ``offset`` (at most ``limit``), as text."""
+    path = Path(run_dir) / "train.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read(limit)
+    except FileNotFoundError:
+        return {"text": "", "next": offset, "exists": False}
+    return {"text": chunk.decode("utf-8", "replace"), "next": offset + len(chunk), "exists": True}
