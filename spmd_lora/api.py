@@ -62,15 +62,18 @@ class Model:
 
 
 def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
-               attention="auto", allow_pickle=False) -> Model:
+               attention="auto", allow_pickle=False, base_quant="none") -> Model:
     """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
 
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
+    ``base_quant``: "none" | "int8" | "nf4": quantise the seven decoder linears while loading
+    (QLoRA; see spmd_lora/quant.py); ``dtype`` is then the compute dtype.
     """
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
     mesh = make_mesh(dp, tp)
-    params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle)
+    params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle,
+                            base_quant=base_quant)
     model = Model(config=config, mesh=mesh, params=params, attention=attention)
     if adapter is not None:
         from .peft_io import load_adapter

@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .kernels import attention
 from .lora import LoraConfig
 from .mesh import DP, TP
+from .quant import matmul
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "full", "save-dots")
@@ -110,7 +111,7 @@ def column_linear(x, w, lora, unit, opts: ForwardOptions, key=None):
     1): this device's slice of b starts at unit ``axis_index(tp) * units_total // tp`` (so with
     tp > KV, the devices sharing a kv head read the same columns of b). Returns [B, S, out_l].
     """
-    y = x @ w
+    y = matmul(x, w)
     if lora is not None:
         units, size = unit
         width = w.shape[-1]
@@ -124,7 +125,7 @@ def row_linear(x, w, lora, opts: ForwardOptions, key=None):
     """Row-parallel projection. x [B, S, in_l] (local slice of the input features);
     w [in_l, out] local rows. LoRA uses the local rows of a; its rank-r term is added before
     the single psum(tp). Returns [B, S, out], replicated over tp."""
-    y = x @ w
+    y = matmul(x, w)
     if lora is not None:
         in_l = w.shape[0]
         a_local = jax.lax.dynamic_slice_in_dim(lora["a"], jax.lax.axis_index(TP) * in_l, in_l, axis=0)

@@ -63,14 +63,21 @@ def _is_shape(x):
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16") -> dict:
-    """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype)."""
+def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16", base_quant="none") -> dict:
+    """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype); with
+    ``base_quant`` int8 | nf4 the seven linears are QuantWeights of packed leaves (quant.py)."""
+    from .quant import QUANTISED_LINEARS, abstract_weight, check_base_quant
+    check_base_quant(base_quant)
     tp = mesh.shape["tp"]
     shapes = param_shapes(cfg, tp)
     shardings = named(mesh, param_specs(shapes))
     dt = resolve_dtype(dtype)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings,
+    tree = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings,
                         is_leaf=_is_shape)
+    if base_quant != "none":
+        for name in QUANTISED_LINEARS:
+            tree["layers"][name] = abstract_weight(base_quant, name, shapes["layers"][name], mesh, dt)
+    return tree
 
 
 def random_params(cfg: ModelConfig, mesh, dtype="float32", seed=0, std=0.02) -> dict:
