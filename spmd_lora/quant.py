@@ -66,13 +66,13 @@ def check_base_quant(base_quant: str) -> str:
 
 
 def _linspace_f32(start: float, stop: float, n: int) -> np.ndarray:
-    """float32 linspace computed as torch does (start + i*step for the first half, stop - ... for
-    the second), so the dynamic map below matches bitsandbytes' bit for bit."""
-    step = (np.float32(stop) - np.float32(start)) / np.float32(n - 1)
+    """float32 linspace rounded as torch's CPU kernel rounds it (start + i*step for the first
+    half, stop - (n-1-i)*step for the second, each with a single rounding), so the dynamic map
+    below equals bitsandbytes' bit for bit."""
+    start32, stop32 = np.float32(start), np.float32(stop)
+    step = np.float64((stop32 - start32) / np.float32(n - 1))
     i = np.arange(n)
-    half = n // 2
-    out = np.where(i < half, np.float32(start) + step * i.astype(np.float32),
-                   np.float32(stop) - step * (n - 1 - i).astype(np.float32))
+    out = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(stop32) - step * (n - 1 - i))
     return out.astype(np.float32)
 
 
@@ -84,9 +84,8 @@ def dynamic_map() -> np.ndarray:
     for i in range(7):
         bounds = _linspace_f32(0.1, 1.0, 2 ** i + 1)
         means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-        scale = 10.0 ** (i - 6)
-        values += [np.float32(scale * m) for m in means.tolist()]
-        values += [np.float32(-scale * m) for m in means.tolist()]
+        scale = np.float32(10.0 ** (i - 6))
+        values += list(scale * means) + list(-scale * means)
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
     return np.sort(np.array(values, np.float32))

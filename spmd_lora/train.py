@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .errors import ConfigError, DataError, TrainingError
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
+from .quant import check_base_quant
 from .model import REMAT_POLICIES, ForwardOptions
 from .tokenizer import load_tokenizer
 from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
@@ -61,6 +62,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
+    base_quant: str = "none"               # none | int8 | nf4: quantised frozen base (QLoRA)
     remat: str = "none"                    # none | full | save-dots
     attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
     pack: bool = False
@@ -88,6 +90,7 @@ class TrainConfig:
         if self.batch_size % self.dp:
             raise ConfigError(f"batch_size={self.batch_size} must be a multiple of dp={self.dp} "
                               f"(each data-parallel group gets batch_size/dp rows)")
+        check_base_quant(self.base_quant)
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -171,7 +174,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                         f"grad_accum_steps, or set max_steps")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
-    params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle)
+    params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle,
+                            base_quant=cfg.base_quant)
     opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                               total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio,
                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)

@@ -52,6 +52,8 @@ def build_parser():
     ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots"])
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
+                    help="quantised frozen base linears (QLoRA); default %(default)s")
     ap.add_argument("--json", default=None, help="write census, totals and timings here")
     ap.add_argument("--time", action="store_true", help="time each distinct collective")
     ap.add_argument("--time-iters", type=int, default=5)
@@ -190,7 +192,7 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
     opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
                           remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens)
     opt = make_optimizer(OptimizerConfig())
-    params = random_params(cfg, mesh, args.dtype)
+    params = random_params(cfg, mesh, args.dtype, base_quant=args.base_quant)
     lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
     state = replicate(opt.init(lora), mesh)
     rng = np.random.default_rng(0)
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
         lowered, mesh, _ = plan.lower_train_step(
             cfg, args.tp, args.dp, max_seq_len=args.max_seq_len, batch=args.batch, lora=lora_cfg,
             dtype=args.dtype, remat=args.remat, attention=args.attention,
-            micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens)
+            micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
+            base_quant=args.base_quant)
         compiled = lowered.compile()
     except SpmdLoraError as e:
         print(f"error: {e}", file=sys.stderr)

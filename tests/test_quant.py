@@ -1,0 +1,200 @@
+"""Quantised frozen base (base_quant int8 / nf4, spmd_lora/quant.py): code books and blockwise
+quantisation against bitsandbytes, bounded round-trip error, model parity with a float model
+built from the dequantised weights (logits and LoRA gradients, tp 1/2/4, dp x tp, GQA, tied),
+an NF4 fine-tune whose adapter loads in PEFT over the dequantised base, load-time host memory,
+export and plan accounting."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+import spmd_lora
+from spmd_lora import quant, sharded
+from spmd_lora.errors import ConfigError
+from spmd_lora.lora import LoraConfig, init_lora
+from spmd_lora.mesh import BATCH_SPEC, put_global
+from spmd_lora.model import ForwardOptions
+from spmd_lora.step import replicate
+from spmd_lora.tiny import asset_path, build_tiny_llama
+
+# hidden 512 = 8 NF4 blocks per row, so a 256-absmax group is 32 rows: every tp <= 4 shard of
+# every linear (kv heads of 64 rows, replicated at tp=4) holds whole groups.
+SHAPES = {
+    "gqa": dict(vocab_size=96, hidden_size=512, intermediate_size=512, num_attention_heads=8,
+                num_key_value_heads=2),
+    "tied": dict(vocab_size=96, hidden_size=512, intermediate_size=512, num_attention_heads=8,
+                 num_key_value_heads=8, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_tiny_llama(tmp_path_factory.mktemp(name), with_tokenizer=False,
+                                           init_std=0.05, **SHAPES[name])
+        return cache[name]
+    return get
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+# ----------------------------------------------------------------------------- code books
+
+def test_nf4_code_book_is_the_published_one():
+    # independent derivation: normal quantiles as in Dettmers et al. (QLoRA, appendix E)
+    np.testing.assert_allclose(quant.NF4_CODE, quant.normal_float_code(), atol=2e-7)
+    assert quant.NF4_CODE[7] == 0.0 and quant.NF4_CODE[0] == -1.0 and quant.NF4_CODE[-1] == 1.0
+    dyn = quant.DYNAMIC_CODE
+    assert dyn.shape == (256,) and np.all(np.diff(dyn) >= 0) and dyn[-1] == 1.0
+    np.testing.assert_allclose(dyn[0], -(1 - 0.9 / 128), rtol=1e-6)   # midpoint of the last step
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    np.testing.assert_array_equal(quant.NF4_CODE, bnb_f.get_4bit_type("nf4", device="cpu").numpy())
+    np.testing.assert_array_equal(dyn, bnb_f.create_dynamic_map(signed=True).numpy())
+
+
+def test_nf4_blockwise_equals_bitsandbytes_quantize_4bit():
+    torch = pytest.importorskip("torch")
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    rng = np.random.default_rng(0)
+    # one double-quantisation group (256 blocks of 64): offset = the tensor mean, as bitsandbytes
+    w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    ours = quant.quantize_nf4(w)
+    packed, state = bnb_f.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4",
+                                        compress_statistics=True)
+    np.testing.assert_array_equal(ours["packed"].reshape(-1), packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(ours["absmax_codes"].reshape(-1), state.absmax.numpy())
+    np.testing.assert_array_equal(ours["group_scale"], state.state2.absmax.numpy())
+    np.testing.assert_array_equal(ours["group_offset"], np.float32(state.offset.item()))
+    np.testing.assert_array_equal(quant.dequantize_host("nf4", ours),
+                                  bnb_f.dequantize_4bit(packed, state).numpy())
+    # several groups: the first level (codes and absmax) is bitsandbytes' exactly
+    w = (rng.standard_normal((96, 512)) * 0.05).astype(np.float32)
+    ours = quant.quantize_nf4(w)
+    packed, state = bnb_f.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    np.testing.assert_array_equal(ours["packed"].reshape(-1), packed.numpy().reshape(-1))
+    absmax = quant.dequantize_host("nf4", {**ours, "packed": np.full_like(ours["packed"], 0xFF)})
+    np.testing.assert_allclose(absmax[:, ::64].reshape(-1), state.absmax.numpy(), rtol=2e-2)
+
+
+def test_round_trip_error_is_bounded():
+    rng = np.random.default_rng(1)
+    c = (rng.standard_normal((64, 512)) * 0.02).astype(np.float32)
+    c[3, 7] = 0.5                                          # an outlier only hurts its own row/block
+    q8 = quant.quantize_int8(c)
+    err8 = np.abs(quant.dequantize_host("int8", q8) - c)
+    assert np.all(err8 <= q8["scale"][:, None] * 0.5 * (1 + 1e-5))          # half a step
+    q4 = quant.quantize_nf4(c)
+    deq = quant.dequantize_host("nf4", q4)
+    blocks = np.abs(c).reshape(64, 8, 64).max(-1)
+    half_gap = np.max(np.diff(quant.NF4_CODE)) / 2                          # 0.1385
+    # per block: half the widest code gap of the block absmax, plus the double-quantised
+    # absmax error (at most ~1% of the absmax here)
+    err4 = np.abs(deq - c).reshape(64, 8, 64).max(-1)
+    assert np.all(err4 <= blocks * (half_gap + 0.01))
+    assert np.sqrt(np.mean((deq - c) ** 2)) < 0.1 * np.sqrt(np.mean(c ** 2)) + 0.1 * 0.02
+    zero = quant.quantize_nf4(np.zeros((32, 512), np.float32))
+    assert np.all(quant.dequantize_host("nf4", zero) == 0)
+
+
+# ----------------------------------------------------------------------------- model parity
+
+def _lora(model, seed=0):
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets="all")
+    lora = init_lora(model.config, lcfg, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), lora)
+    return lcfg, replicate(lora, model.mesh)
+
+
+@pytest.mark.parametrize("kind,name,dp,tp", [
+    ("nf4", "gqa", 1, 1), ("nf4", "gqa", 1, 2), ("nf4", "gqa", 1, 4), ("nf4", "gqa", 2, 2),
+    ("nf4", "tied", 1, 2), ("int8", "gqa", 2, 2), ("int8", "tied", 1, 1)])
+def test_quantised_model_equals_float_model_of_dequantised_weights(models, kind, name, dp, tp):
+    model = spmd_lora.load_model(models(name), tp=tp, dp=dp, base_quant=kind)
+    assert all(quant.is_quantised(model.params["layers"][p]) for p in quant.QUANTISED_LINEARS)
+    dense = quant.dequantized_params(model.params, model.mesh)
+    tokens = np.random.default_rng(0).integers(0, 96, (2 * dp, 12))
+    lcfg, lora = _lora(model)
+    opts = ForwardOptions(cfg=model.config, tp=tp, lora=lcfg, remat="full")
+    logits = jax.jit(sharded.logits_fn(opts, model.mesh))
+    put = lambda x: put_global(np.asarray(x, np.int32), NamedSharding(model.mesh, BATCH_SPEC))
+    a, b = logits(model.params, lora, put(tokens)), logits(dense, lora, put(tokens))
+    assert rel(a, b) <= 1e-5
+    loss = sharded.loss_sum_fn(opts, model.mesh)
+    batch = {"tokens": put(tokens), "loss_mask": put(np.ones_like(tokens))}
+    grad = jax.jit(jax.grad(lambda p, lo: (lambda t, c: t / c)(*loss(p, lo, batch)), argnums=1))
+    ga, gb = grad(model.params, lora), grad(dense, lora)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert rel(x, y) <= 1e-5
+
+
+def test_quantised_base_is_the_same_at_every_tp(models):
+    """Blocks run along the hidden dimension, so the dequantised base does not depend on tp."""
+    dense = [np.asarray(quant.dequantized_params(m.params, m.mesh)["layers"]["down_proj"])
+             for m in (spmd_lora.load_model(models("gqa"), tp=tp, base_quant="nf4") for tp in (1, 4))]
+    np.testing.assert_array_equal(dense[0], dense[1])
+
+
+def test_bad_base_quant_and_unaligned_layouts_are_clear_errors(models, tmp_path):
+    with pytest.raises(ConfigError, match="base_quant 'nf5' unknown"):
+        spmd_lora.load_model(models("gqa"), base_quant="nf5")
+    small = build_tiny_llama(tmp_path / "m", with_tokenizer=False, vocab_size=64, hidden_size=32,
+                             intermediate_size=64)
+    with pytest.raises(ConfigError, match="hidden_size divisible by 64"):
+        spmd_lora.load_model(small, base_quant="nf4")
+    assert np.isfinite(np.asarray(spmd_lora.load_model(small, base_quant="int8").logits([[1, 2]]))).all()
+
+
+# ----------------------------------------------------------------------------- training + PEFT
+
+def test_nf4_finetune_lowers_loss_and_adapter_loads_in_peft(tmp_path):
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from spmd_lora.export import export_merged
+    from spmd_lora.train import TrainConfig, train
+
+    base = build_tiny_llama(tmp_path / "base", vocab_size=512, hidden_size=512,
+                            intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                            init_std=0.05)
+    cfg = TrainConfig(model=str(base), data=str(asset_path("alpaca_sample.jsonl")),
+                      output_dir=str(tmp_path / "run"), template="alpaca", max_seq_len=64,
+                      lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=("all",),
+                      learning_rate=1e-2, batch_size=4, max_steps=5, seed=0, tp=2,
+                      base_quant="nf4", remat="full")
+    train(cfg, progress_stream=open("/dev/null", "w"))
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+
+    ours = spmd_lora.load_model(base, tp=2, base_quant="nf4", adapter=adapter)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
+    want = np.asarray(ours.logits(tokens))
+    merged = export_merged(base, adapter, tmp_path / "merged", base_quant="nf4")
+    # PEFT over the dequantised base: every linear quantised and dequantised as NF4 does
+    from spmd_lora.export import _quant_roundtrip
+    hf = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            proj = name.split(".")[-2]
+            if proj in quant.QUANTISED_LINEARS:
+                p.copy_(torch.from_numpy(_quant_roundtrip("nf4", proj, p.numpy())))
+        got = PeftModel.from_pretrained(hf, str(adapter)).eval()(torch.from_numpy(tokens)).logits.numpy()
+        got_merged = LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32)(
+            torch.from_numpy(tokens)).logits.numpy()
+    assert rel(got, want) <= 1e-4
+    assert rel(got_merged, want) <= 1e-4
