@@ -48,6 +48,7 @@ from .errors import ConfigError
 BASE_QUANTS = ("none", "int8", "nf4")
 NF4_BLOCK = 64
 NF4_GROUP = 256                       # absmax values per double-quantisation group
+QUANT_CHUNK_ELEMENTS = 1 << 18       # weights quantised at once while loading (1 MiB in fp32)
 QUANTISED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The 16 NF4 values as published with QLoRA (Dettmers et al. 2023, appendix E) and used by
@@ -114,9 +115,10 @@ def _nearest(scaled: np.ndarray, code: np.ndarray) -> np.ndarray:
 def _blockwise(x: np.ndarray, code: np.ndarray):
     """x [n, block] float32 -> (codes [n, block] uint8, absmax [n] float32): bitsandbytes'
     blockwise rule, x * (1/absmax) clipped to [-1, 1], then the nearest code."""
-    absmax = np.abs(x).max(axis=-1)
+    absmax = np.maximum(x.max(axis=-1), -x.min(axis=-1))
     inv = np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))
-    scaled = np.clip(x * inv[:, None], -1.0, 1.0)
+    scaled = x * inv[:, None]
+    np.clip(scaled, -1.0, 1.0, out=scaled)
     return _nearest(scaled, code), absmax
 
 
@@ -328,25 +330,34 @@ def make_quantised_weight(kind: str, name: str, shape, mesh, compute_dtype, read
 
     ``shape``: dense global [L, in, out]; ``read_rows(layer, rows)`` -> float numpy C[layer, rows]
     [len(rows), D] read from the checkpoint (a memory-map slice). Each device's shard is
-    quantised once, layer by layer (the only full-precision data ever held is one layer's
-    rows of one shard), shared by all leaves of that shard, and dropped after the last leaf.
+    quantised once, layer by layer in chunks of about ``QUANT_CHUNK_ELEMENTS`` weights (whole
+    double-quantisation groups), so the only full-precision data ever held is one chunk; the
+    packed shard is shared by all leaves of that shard and dropped after the last leaf.
     """
     from .mesh import named, quant_specs
     tp = mesh.shape["tp"]
     canonical = canonical_shape(name, shape)
     if kind == "nf4":
         check_nf4_layout(name, canonical, tp)
-    L, n, _ = canonical
+    L, n, d = canonical
     rows_per_shard = n // tp
     shapes = leaf_shapes(kind, canonical)
     shardings = named(mesh, quant_specs(kind))
+    group_rows = max(1, NF4_GROUP * NF4_BLOCK // d) if kind == "nf4" else 1
+    chunk = max(group_rows, QUANT_CHUNK_ELEMENTS // d // group_rows * group_rows)
     cache: dict[int, dict] = {}
 
     def shard(k: int) -> dict:
         if k not in cache:
-            rows = np.arange(k * rows_per_shard, (k + 1) * rows_per_shard)
-            per_layer = [QUANTIZERS[kind](read_rows(layer, rows)) for layer in range(L)]
-            cache[k] = {f: np.stack([q[f] for q in per_layer]) for f in shapes}
+            out = {f: np.empty((L, s[1] // tp, *s[2:]), dt) for f, (s, dt) in shapes.items()}
+            for layer in range(L):
+                for r0 in range(0, rows_per_shard, chunk):
+                    r1 = min(r0 + chunk, rows_per_shard)
+                    rows = np.arange(k * rows_per_shard + r0, k * rows_per_shard + r1)
+                    for f, q in QUANTIZERS[kind](read_rows(layer, rows)).items():
+                        per_row = shapes[f][0][1] // tp / rows_per_shard
+                        out[f][layer, round(r0 * per_row):round(r1 * per_row)] = q
+            cache[k] = out
         return cache[k]
 
     def leaf(field):
