@@ -147,8 +147,11 @@ def test_quantised_base_is_the_same_at_every_tp(models):
 
 
 def test_bad_base_quant_and_unaligned_layouts_are_clear_errors(models, tmp_path):
+    from spmd_lora.train import TrainConfig
     with pytest.raises(ConfigError, match="base_quant 'nf5' unknown"):
         spmd_lora.load_model(models("gqa"), base_quant="nf5")
+    with pytest.raises(ConfigError, match="base_quant 'q4' unknown; choose from none, int8, nf4"):
+        TrainConfig(model="m", data="d", output_dir="o", base_quant="q4")
     small = build_tiny_llama(tmp_path / "m", with_tokenizer=False, vocab_size=64, hidden_size=32,
                              intermediate_size=64)
     with pytest.raises(ConfigError, match="hidden_size divisible by 64"):
