@@ -161,12 +161,12 @@ def test_bad_base_quant_and_unaligned_layouts_are_clear_errors(models, tmp_path)
 
 # ----------------------------------------------------------------------------- training + PEFT
 
-def test_nf4_finetune_lowers_loss_and_adapter_loads_in_peft(tmp_path):
+def test_nf4_finetune_lowers_loss_and_adapter_loads_in_peft(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from spmd_lora.export import export_merged
+    from spmd_lora import cli
     from spmd_lora.train import TrainConfig, train
 
     base = build_tiny_llama(tmp_path / "base", vocab_size=512, hidden_size=512,
@@ -186,7 +186,10 @@ def test_nf4_finetune_lowers_loss_and_adapter_loads_in_peft(tmp_path):
     ours = spmd_lora.load_model(base, tp=2, base_quant="nf4", adapter=adapter)
     tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
     want = np.asarray(ours.logits(tokens))
-    merged = export_merged(base, adapter, tmp_path / "merged", base_quant="nf4")
+    merged = tmp_path / "merged"
+    assert cli.main(["export", "--model", str(base), "--adapter", str(adapter), "--output",
+                     str(merged), "--base-quant", "nf4"]) == 0
+    assert "merged into the nf4-dequantised base" in capsys.readouterr().out
     # PEFT over the dequantised base: every linear quantised and dequantised as NF4 does
     from spmd_lora.export import _quant_roundtrip
     hf = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
