@@ -153,8 +153,8 @@ QUANTIZERS = {"int8": quantize_int8, "nf4": quantize_nf4}
 
 
 def dequantize_host(kind: str, q: dict) -> np.ndarray:
-    """numpy float32 C [N, D] from one layer's host leaves (the exact arithmetic of
-    :func:`dequantize`). For exports and tests."""
+    """numpy float32 C [N, D] from one layer's host leaves, with the exact arithmetic of
+    :meth:`QuantWeight.dequantize` (merged exports, tests)."""
     leaves = {k: jnp.asarray(v) for k, v in q.items()}
     return np.asarray(_DEQUANT[kind](leaves))
 
@@ -165,8 +165,7 @@ def _dequant_int8(q):
 
 def _dequant_nf4(q):
     packed = q["packed"]                                         # [.., N, D/2]
-    n, half = packed.shape[-2:]
-    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], 2 * half)
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1)
     values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]      # [.., N, D]
     ac = q["absmax_codes"]                                       # [.., N, nb]
     nb = ac.shape[-1]
