@@ -86,6 +86,19 @@ def test_nf4_blockwise_equals_bitsandbytes_quantize_4bit():
     np.testing.assert_array_equal(ours["packed"].reshape(-1), packed.numpy().reshape(-1))
     absmax = quant.dequantize_host("nf4", {**ours, "packed": np.full_like(ours["packed"], 0xFF)})
     np.testing.assert_allclose(absmax[:, ::64].reshape(-1), state.absmax.numpy(), rtol=2e-2)
+    # a whole weight with double quantisation: as a column-parallel [out, in] weight (blocks along
+    # in, as bitsandbytes) ours differs from bitsandbytes' only by the group-wise centring (far
+    # below the quantisation error); as a row-parallel one (blocks along out) it is an
+    # independent quantisation of the same accuracy
+    w = (rng.standard_normal((1024, 1024)) * 0.02).astype(np.float32)
+    packed, state = bnb_f.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4",
+                                        compress_statistics=True)
+    theirs = bnb_f.dequantize_4bit(packed, state).numpy()
+    column = quant.dequantize_host("nf4", quant.quantize_nf4(w))
+    row = quant.dequantize_host("nf4", quant.quantize_nf4(w.T)).T
+    err = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(w)
+    assert err(column, theirs) < 0.01 and 0.08 < err(theirs, w) < 0.1
+    assert abs(err(row, w) - err(theirs, w)) < 0.01 * err(theirs, w)
 
 
 def test_round_trip_error_is_bounded():
