@@ -67,18 +67,22 @@ class Model:
 
 def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
                attention="auto", allow_pickle=False, sequence_parallel: bool = True,
-               mlp_chunk_tokens: int = 8192) -> Model:
+               mlp_chunk_tokens: int = 8192, base_quant="none") -> Model:
     """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
 
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
     ``sequence_parallel``: with tp > 1, keep activations sharded along the sequence over tp
-    (the same function, less memory). ``mlp_chunk_tokens``: run the MLP over tiles of this many
-    tokens when the sequence is longer (0 = never).
+    (the same function, less memory). ``mlp_chunk_tokens``: run the MLP (and, with sequence
+    parallelism, the attention projections) over tiles of this many tokens when the sequence
+    is longer (0 = never).
+    ``base_quant``: "none" | "int8" | "nf4": quantise the seven decoder linears while loading
+    (QLoRA; see spmd_lora/quant.py); ``dtype`` is then the compute dtype.
     """
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
     mesh = make_mesh(dp, tp)
-    params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle)
+    params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle,
+                            base_quant=base_quant)
     model = Model(config=config, mesh=mesh, params=params, attention=attention,
                   sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens)
     if adapter is not None:

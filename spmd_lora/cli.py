@@ -147,7 +147,8 @@ def cmd_eval(args) -> int:
     from .tokenizer import load_tokenizer
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        sequence_parallel=args.sequence_parallel,
-                       mlp_chunk_tokens=args.mlp_chunk_tokens)
+                       mlp_chunk_tokens=args.mlp_chunk_tokens,
+                       base_quant=args.base_quant)
     tokenizer = load_tokenizer(args.model)
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs,
@@ -158,8 +159,10 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_merged
-    path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite)
-    print(f"merged checkpoint written to {path}")
+    path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite,
+                         base_quant=args.base_quant)
+    into = "" if args.base_quant == "none" else f" (merged into the {args.base_quant}-dequantised base)"
+    print(f"merged checkpoint written to {path}{into}")
     return 0
 
 
@@ -167,7 +170,8 @@ def cmd_generate(args) -> int:
     from .api import load_model
     from .generate import generate_text
     from .tokenizer import load_tokenizer
-    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter)
+    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
+                       base_quant=args.base_quant)
     tokenizer = load_tokenizer(args.model)
     outputs = generate_text(model, tokenizer, args.prompt, template=args.template,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -205,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dp", type=int, default=1, help=FIELD_HELP["dp"] + " (default: 1)")
         p.add_argument("--dtype", default="float32", choices=CHOICES["dtype"],
                        help=FIELD_HELP["dtype"] + " (default: %(default)s)")
+        base_quant_flag(p)
+
+    def base_quant_flag(p):
+        p.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
+                       help="quantise the frozen base linears (QLoRA); default %(default)s")
 
     p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
     model_flags(p)
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--output", required=True, help="directory for the merged checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    base_quant_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from the model (+ adapter)")

@@ -6,6 +6,10 @@ to the base tensor's dtype; every other tensor is copied byte for byte. Output i
 safetensors (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, or a single
 ``model.safetensors``) written tensor by tensor from the memory-mapped input, so at most one
 tensor is in memory at a time. config.json, generation_config.json and tokenizer files are copied.
+With ``base_quant`` int8 | nf4 (an adapter trained on a quantised base), the merge goes into the
+DEQUANTISED base: each of the seven decoder linears is quantised and dequantised exactly as
+training saw it (quant.py; the result does not depend on tp), then merged, and written in the
+base tensor's dtype (bf16/fp16 for usual checkpoints).
 The whole directory appears atomically (written in a temporary directory next to it, renamed).
 """
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .hf import hf_layer_key
 from .peft_io import _replace_dir, read_adapter
+from .quant import (QUANTISED_LINEARS, QUANTIZERS, check_base_quant, check_nf4_layout,
+                    dequantize_host)
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -33,8 +39,19 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+_ROW = ("o_proj", "down_proj")
+
+
+def _quant_roundtrip(kind: str, proj: str, w) -> np.ndarray:
+    """HF weight [out, in] -> the dequantised weight training used, same dtype."""
+    c = np.asarray(w, np.float32)
+    c = c.T if proj in _ROW else c                          # canonical [N, D] (quant.py)
+    deq = dequantize_host(kind, QUANTIZERS[kind](c))
+    return (deq.T if proj in _ROW else deq).astype(w.dtype)
+
+
 def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
-                  overwrite: bool = False, allow_pickle: bool = False) -> Path:
+                  overwrite: bool = False, allow_pickle: bool = False, base_quant: str = "none") -> Path:
     """Merge the PEFT adapter in ``adapter_dir`` into the HF Llama checkpoint in ``model_dir`` and
     write a standalone HF checkpoint to ``out_dir`` (same dtype as the base weights).
 
@@ -49,6 +66,7 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
                               f"directory or pass overwrite=True (--overwrite)")
     if out.resolve() in (model_dir.resolve(), Path(adapter_dir).resolve()):
         raise CheckpointError(f"export output {out} must differ from the model and adapter directories")
+    check_base_quant(base_quant)
     config = ModelConfig.from_pretrained(model_dir)
     lora, lora_cfg = read_adapter(adapter_dir, config)
     files = WeightFiles(model_dir, allow_pickle=allow_pickle)
@@ -71,8 +89,13 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
     shapes = {n: files.shape(n) for n in names}
     dtypes = {n: np.dtype(files.get(n).dtype) for n in names}
 
+    quantised = {hf_layer_key(i, proj): proj for proj in QUANTISED_LINEARS
+                 for i in range(config.num_layers)} if base_quant != "none" else {}
+
     def produce(n):
         w = files.get(n)
+        if n in quantised:
+            w = _quant_roundtrip(base_quant, quantised[n], w)
         if n not in merged:
             return np.asarray(w)
         proj, i = merged[n]
@@ -81,6 +104,9 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
         delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
         return (np.asarray(w, np.float32) + delta).astype(w.dtype)
 
+    for proj in set(quantised.values()) if base_quant == "nf4" else ():
+        out_f, in_f = files.shape(hf_layer_key(0, proj))
+        check_nf4_layout(proj, (1, in_f, out_f) if proj in _ROW else (1, out_f, in_f), 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

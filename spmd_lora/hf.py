@@ -13,6 +13,7 @@ from .checkpoint_io import WeightFiles
 from .config import ModelConfig
 from .mesh import named, param_specs
 from .params import kv_head_source, param_shapes, resolve_dtype
+from .quant import QUANTISED_LINEARS, check_base_quant, make_quantised_weight
 
 HF_LAYER_NAMES = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -61,8 +62,13 @@ def _check_shapes(files: WeightFiles, cfg: ModelConfig) -> None:
                 files.expect_shape(hf_layer_key(layer, name), (fan_out, fan_in))
 
 
-def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pickle=False) -> dict:
-    """Read a HF LlamaForCausalLM checkpoint into the sharded parameter tree of mesh.py."""
+def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pickle=False,
+                   base_quant="none") -> dict:
+    """Read a HF LlamaForCausalLM checkpoint into the sharded parameter tree of mesh.py.
+
+    ``base_quant`` int8 | nf4: the seven decoder linears are quantised while loading, each
+    device's shard layer by layer from the memory map (quant.py), and computed in ``dtype``."""
+    check_base_quant(base_quant)
     files = WeightFiles(model_dir, allow_pickle=allow_pickle)
     _check_shapes(files, cfg)
     tp = mesh.shape["tp"]
@@ -106,12 +112,25 @@ def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pic
             return np.stack(blocks)
         return read
 
+    def read_rows(name):                                   # canonical C[layer, rows] (quant.py)
+        def read(layer, rows):
+            t = files.get(hf_layer_key(layer, name))
+            if name in ("o_proj", "down_proj"):            # C = HF [D, in].T, rows of in
+                return np.asarray(t[:, rows[0]:rows[-1] + 1]).T
+            return np.asarray(_take_rows(t, _hf_out_rows(cfg, tp, name, rows)))
+        return read
+
+    def make_layer(name):
+        if base_quant != "none" and name in QUANTISED_LINEARS:
+            return make_quantised_weight(base_quant, name, shapes["layers"][name], mesh, dt,
+                                         read_rows(name))
+        return make(shapes["layers"][name], shardings["layers"][name], read_layer(name))
+
     params = {
         "embed": make(shapes["embed"], shardings["embed"], read_embed),
         "final_norm": make(shapes["final_norm"], shardings["final_norm"],
                            lambda idx: files.get("model.norm.weight")[idx[0]]),
-        "layers": {name: make(shapes["layers"][name], shardings["layers"][name], read_layer(name))
-                   for name in shapes["layers"]},
+        "layers": {name: make_layer(name) for name in shapes["layers"]},
     }
     if "lm_head" in shapes:
         params["lm_head"] = make(shapes["lm_head"], shardings["lm_head"], read_lm_head)

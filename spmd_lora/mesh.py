@@ -21,6 +21,15 @@ tp > KV, i.e. ``tp * max(KV // tp, 1)``)::
     layers/up_proj   [L, D, F]  columns over tp
     layers/down_proj [L, F, D]  rows over tp, psum(tp) after
 
+With a quantised base (``base_quant`` int8 / nf4, see quant.py) each of the seven linears is a
+QuantWeight whose leaves are in the canonical orientation ``[L, N, ...]``, ``N`` the tp-split
+dimension (out of q/k/v/gate/up, in of o/down); every leaf is split over tp along axis 1
+(``QUANT_SPECS``)::
+
+    int8: values [L, N, D] int8, scale [L, N] f32
+    nf4:  packed [L, N, D/2] uint8, absmax_codes [L, N, D/64] uint8,
+          group_scale / group_offset [L, N*D/16384] f32
+
 LoRA factors (``lora/layers/<proj>/a`` [L, in, r] and ``.../b`` [L, r, out], fp32) are
 replicated on every device. The batch ``[B, S]`` is split over dp.
 """
@@ -33,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .errors import ConfigError
+from .quant import is_quantised
 
 DP, TP = "dp", "tp"
 
@@ -51,6 +61,12 @@ PARAM_SPECS = {
     },
 }
 
+QUANT_SPECS = {
+    "int8": {"values": P(None, TP, None), "scale": P(None, TP)},
+    "nf4": {"packed": P(None, TP, None), "absmax_codes": P(None, TP, None),
+            "group_scale": P(None, TP), "group_offset": P(None, TP)},
+}
+
 BATCH_SPEC = P(DP, None)
 REPLICATED = P()
 
@@ -58,8 +74,14 @@ REPLICATED = P()
 def param_specs(params):
     """PartitionSpec tree matching ``params`` (which may omit lm_head when embeddings are tied)."""
     specs = {k: PARAM_SPECS[k] for k in params if k != "layers"}
-    specs["layers"] = {k: PARAM_SPECS["layers"][k] for k in params["layers"]}
+    specs["layers"] = {k: v.with_leaves(**quant_specs(v.kind)) if is_quantised(v)
+                       else PARAM_SPECS["layers"][k] for k, v in params["layers"].items()}
     return specs
+
+
+def quant_specs(kind: str) -> dict:
+    """Leaf name -> PartitionSpec of a quantised linear (``kind`` int8 | nf4)."""
+    return dict(QUANT_SPECS[kind])
 
 
 def lora_specs(lora):

@@ -37,6 +37,7 @@ from .dropout import Dropout
 from .kernels import attention
 from .lora import LoraConfig
 from .mesh import DP, TP
+from .quant import matmul
 from .sequence_parallel import SeqLayout, gather_tiles, scatter_tiles, tiled
 
 F32 = jnp.float32
@@ -160,7 +161,7 @@ def column_linear(x, w, lora, unit, opts: ForwardOptions, drop: Dropout | None =
     dim, or F and 1): this device's slice of b starts at unit ``axis_index(tp) * units_total //
     tp`` (so with tp > KV, the devices sharing a kv head read the same columns of b).
     Returns [B, S, out_l]; no collective."""
-    y = x @ w
+    y = matmul(x, w)
     if lora is not None:
         units, size = unit
         width = y.shape[-1]
@@ -176,7 +177,7 @@ def row_linear(x, w, lora, opts: ForwardOptions, drop: Dropout | None = None):
     [in_l, out] local rows. LoRA uses the local rows of a. Returns this device's PARTIAL sum
     [B, S, out] (the caller reduces it over tp: psum or psum_scatter), so LoRA's rank-r term
     rides in the same single reduction."""
-    y = x @ w
+    y = matmul(x, w)
     if lora is not None:
         in_l = x.shape[-1]
         start = jax.lax.axis_index(TP) * in_l

@@ -63,27 +63,44 @@ def _is_shape(x):
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16") -> dict:
-    """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype)."""
+def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16", base_quant="none") -> dict:
+    """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype); with
+    ``base_quant`` int8 | nf4 the seven linears are QuantWeights of packed leaves (quant.py)."""
+    from .quant import QUANTISED_LINEARS, abstract_weight, check_base_quant
+    check_base_quant(base_quant)
     tp = mesh.shape["tp"]
     shapes = param_shapes(cfg, tp)
     shardings = named(mesh, param_specs(shapes))
     dt = resolve_dtype(dtype)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings,
+    tree = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings,
                         is_leaf=_is_shape)
+    if base_quant != "none":
+        for name in QUANTISED_LINEARS:
+            tree["layers"][name] = abstract_weight(base_quant, name, shapes["layers"][name], mesh, dt)
+    return tree
 
 
-def random_params(cfg: ModelConfig, mesh, dtype="float32", seed=0, std=0.02) -> dict:
+def random_params(cfg: ModelConfig, mesh, dtype="float32", seed=0, std=0.02,
+                  base_quant="none") -> dict:
     """Random base weights created directly in their shards (for benchmarks and plans):
-    N(0, std) matrices, norms of ones."""
-    abstract = abstract_params(cfg, mesh, dtype)
+    N(0, std) matrices, norms of ones. Quantised linears get uniformly random codes and
+    constant scales of about std (valid weights of the right magnitude)."""
+    abstract = abstract_params(cfg, mesh, dtype, base_quant)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def leaf(k, name, a):
+        if "norm" in name:
+            return jnp.ones(a.shape, a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            lo, hi = (-127, 128) if a.dtype == jnp.int8 else (0, 256)
+            return jax.random.randint(k, a.shape, lo, hi, jnp.int32).astype(a.dtype)
+        if "scale" in name or "offset" in name:
+            return jnp.full(a.shape, std / 64 if name.endswith(".scale") else std, a.dtype)
+        return (std * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
 
     def init():
         keys = jax.random.split(jax.random.key(seed), len(paths))
-        return [jnp.ones(a.shape, a.dtype) if "norm" in jax.tree_util.keystr(path)
-                else (std * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
-                for k, (path, a) in zip(keys, paths)]
+        return [leaf(k, jax.tree_util.keystr(path), a) for k, (path, a) in zip(keys, paths)]
 
     made = jax.jit(init, out_shardings=[a.sharding for _, a in paths])()
     return jax.tree.unflatten(treedef, made)

@@ -83,7 +83,8 @@ def plan_mesh(dp: int, tp: int):
 # ----------------------------------------------------------------------------- lowering
 
 def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=None,
-                        dtype="bfloat16", micro_batches: int = 1, optimizer=None):
+                        dtype="bfloat16", micro_batches: int = 1, optimizer=None,
+                        base_quant="none"):
     """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings.
     ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp)."""
     import jax
@@ -101,7 +102,7 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     def put(tree, sharding):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
-    params = abstract_params(cfg, mesh, dtype)
+    params = abstract_params(cfg, mesh, dtype, base_quant)
     lora_p = put(jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0))), rep)
     opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
     bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
@@ -114,7 +115,8 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
 def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int = 1, lora=None,
                      dtype="bfloat16", remat="full", attention="blockwise", micro_batches=1,
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
-                     mlp_chunk_tokens: int = 0, mesh=None, optimizer=None):
+                     mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
+                     base_quant="none"):
     """Lower the real train step on abstract inputs. Returns (lowered, mesh, args)."""
     from .lora import LoraConfig
     from .model import ForwardOptions
@@ -128,7 +130,8 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                           ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
                           mlp_chunk_tokens=mlp_chunk_tokens)
     args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
-                               dtype=dtype, micro_batches=micro_batches, optimizer=optimizer)
+                               dtype=dtype, micro_batches=micro_batches, optimizer=optimizer,
+                               base_quant=base_quant)
     return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args
 
 
@@ -166,12 +169,18 @@ def cpu_upcast_allowance(params, dtype, compiled_text: str | None = None) -> int
     compiled program) shows the matmuls run natively in 16 bits (:func:`upcasts_matmuls`)."""
     import jax
     import numpy as np
+
+    from .quant import is_quantised
     if np.dtype(jax.numpy.dtype(dtype) if isinstance(dtype, str) else dtype).itemsize >= 4:
         return 0
     if compiled_text is not None and not upcasts_matmuls(compiled_text):
         return 0
 
     def local(a, drop_layer=False):
+        if is_quantised(a):                # dequantised dense shard: split over tp along N
+            leaf = next(iter(a.leaves.values()))
+            n = int(np.prod(a.shape[1:] if drop_layer else a.shape, dtype=np.int64))
+            return n * leaf.sharding.shard_shape(leaf.shape)[1] // leaf.shape[1] * 4
         shape = a.sharding.shard_shape(a.shape)
         return int(np.prod(shape[1:] if drop_layer else shape, dtype=np.int64)) * 4
 
@@ -209,10 +218,32 @@ def _jnp_dtype(dtype):
     return resolve_dtype(dtype)
 
 
+def quant_weight_bytes(params) -> dict:
+    """Per-device bytes of a quantised base, split into packed weights (int8 values / NF4 codes),
+    quantisation constants (scales; NF4 absmax codes + double-quant group scale and offset) and
+    the rest (embeddings, norms, LM head), plus bytes per parameter of the quantised linears
+    (global). Empty for a dense base."""
+    import numpy as np
+
+    from .quant import is_quantised
+    linears = [w for w in params["layers"].values() if is_quantised(w)]
+    if not linears:
+        return {}
+    packed = sum(_local_bytes(getattr(w, "packed", getattr(w, "values", None))) for w in linears)
+    total = sum(_local_bytes(w) for w in linears)
+    glob = sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+               for w in linears for a in w.leaves.values())
+    n_params = sum(int(np.prod(w.shape, dtype=np.int64)) for w in linears)
+    return {"base_quant": linears[0].kind, "weights_packed": packed,
+            "weights_quant_constants": total - packed, "weights_other": _local_bytes(params) - total,
+            "quant_bytes_per_param": glob / n_params}
+
+
 def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int = 1, lora=None,
                 dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
                 ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
-                mlp_chunk_tokens: int = 8192, devices_per_host: int = 8) -> dict:
+                mlp_chunk_tokens: int = 8192, devices_per_host: int = 8,
+                base_quant: str = "none") -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -235,7 +266,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
         attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
         sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
-        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None)
+        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None, base_quant=base_quant)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     out = {
@@ -251,7 +282,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         "arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
         "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes),
         "code": int(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(compile_s, 2), "base_quant": base_quant,
+        **quant_weight_bytes(params),
     }
     out["activations"] = out["temporaries"]
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
@@ -287,7 +319,12 @@ def _fmt(n: int) -> str:
 
 def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> None:
     file = file or sys.stdout
-    rows = [("base weights (per device)", p["weights"]), ("LoRA params (fp32)", p["lora"]),
+    rows = [("base weights (per device)", p["weights"])]
+    if p.get("weights_packed") is not None:
+        rows += [(f"  {p['base_quant']} packed linears", p["weights_packed"]),
+                 ("  quantisation constants", p["weights_quant_constants"]),
+                 ("  embeddings, norms, LM head", p["weights_other"])]
+    rows += [("LoRA params (fp32)", p["lora"]),
             ("optimizer state (AdamW, fp32)", p["optimizer"]), ("batch", p["batch_bytes"]),
             ("arguments (XLA)", p["arguments"]), ("outputs (XLA)", p["outputs"]),
             ("  of which aliased/donated", -p["aliased"]),
@@ -308,6 +345,9 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
           f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])} "
           f"(compiled on {p['backend']} in {p['compile_s']} s)", file=file)
+    if p.get("weights_packed") is not None:
+        print(f"  base_quant={p['base_quant']}: {p['quant_bytes_per_param']:.4f} bytes per "
+              f"parameter of the quantised linears", file=file)
     for name, n in rows:
         print(f"  {name:34s} {_fmt(n)}", file=file)
     if budget:
@@ -401,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("--targets", "targets", str)):   # names before they matched train's
         ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
+                    help="quantised frozen base linears (QLoRA); default %(default)s")
     ap.add_argument("--device-memory", type=parse_bytes, default=None,
                     help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict")
     ap.add_argument("--usable-fraction", type=float, default=0.9,
@@ -444,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                                ce_chunk_tokens=args.ce_chunk_tokens,
                                sequence_parallel=args.sequence_parallel,
                                mlp_chunk_tokens=args.mlp_chunk_tokens,
-                               devices_per_host=args.devices_per_host)
+                               devices_per_host=args.devices_per_host,
+                               base_quant=args.base_quant)
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")

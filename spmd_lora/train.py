@@ -67,6 +67,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
+    base_quant: str = "none"               # none | int8 | nf4: quantised frozen base (QLoRA)
     remat: str = "none"                    # none | full | save-dots | offload
     attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
     pack: bool = False
@@ -192,7 +193,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                         f"grad_accum_steps, or set max_steps")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
-    params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle)
+    params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle,
+                            base_quant=cfg.base_quant)
     opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                               total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio,
                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)

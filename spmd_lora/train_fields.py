@@ -17,6 +17,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "remat": ("none", "full", "save-dots", "offload"),
     "attention": ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax"),
     "report_to": ("none", "tensorboard"),
+    "base_quant": ("none", "int8", "nf4"),
 }
 
 #: One sentence per field: what it does (units, when it applies). Defaults are added by the CLI.
@@ -48,6 +49,8 @@ FIELD_HELP: dict[str, str] = {
     "epochs": "passes over the training data",
     "seed": "seed of the data order, the train/eval split, LoRA init and dropout",
     "dtype": "base weights and compute dtype (LoRA factors and optimizer state stay float32)",
+    "base_quant": "quantise the frozen base linears while loading (QLoRA): none, int8 "
+                  "(per-channel absmax) or nf4 (blocks of 64, double-quantised absmax)",
     "remat": "activation recomputation per layer: none, full (least memory), save-dots, or "
              "offload (full, with the saved layer inputs in pinned host memory)",
     "attention": "attention kernel: auto (fastest measured on the GPU, else Pallas on GPU, "

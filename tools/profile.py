@@ -62,6 +62,8 @@ def build_parser():
                     help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
+                    help="quantised frozen base linears (QLoRA); default %(default)s")
     ap.add_argument("--json", default=None, help="write census, totals and timings here")
     ap.add_argument("--time", action="store_true", help="time each distinct collective")
     ap.add_argument("--time-iters", type=int, default=5)
@@ -202,7 +204,7 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
                           sequence_parallel=args.sequence_parallel,
                           mlp_chunk_tokens=args.mlp_chunk_tokens)
     opt = make_optimizer(OptimizerConfig())
-    params = random_params(cfg, mesh, args.dtype)
+    params = random_params(cfg, mesh, args.dtype, base_quant=args.base_quant)
     lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
     state = replicate(opt.init(lora), mesh)
     rng = np.random.default_rng(0)
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
             cfg, args.tp, args.dp, max_seq_len=args.max_seq_len, batch=args.batch, lora=lora_cfg,
             dtype=args.dtype, remat=args.remat, attention=args.attention,
             micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
-            sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens)
+            sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens,
+            base_quant=args.base_quant)
         compiled = lowered.compile()
     except SpmdLoraError as e:
         from spmd_lora.train_fields import with_flag_names
