@@ -297,8 +297,10 @@ def _guard(fn) -> int:
     try:
         return fn()
     except SpmdLoraError as e:
+        from .config_file import ConfigFileError
         from .train_fields import with_flag_names
-        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
+        text = str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e))
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

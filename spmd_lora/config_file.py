@@ -24,6 +24,11 @@ from .errors import ConfigError
 
 #: TrainConfig fields that change how a run executes or reports, not what it computes (the
 #: mesh, kernels and recomputation give the same math; logging, checkpointing, caching).
+class ConfigFileError(ConfigError):
+    """A malformed run config file. Its message names the file's keys (TrainConfig field
+    names) as written in the file, not as CLI flags."""
+
+
 EXECUTION_ONLY_FIELDS = frozenset({
     "output_dir", "resume", "log_every", "save_every", "keep_checkpoints", "eval_every",
     "allow_pickle", "tp", "dp", "remat", "attention", "ce_chunk_tokens", "data_cache_dir",
@@ -36,17 +41,17 @@ def _fields():
 
 
 def _check_value(path: Path, key: str, value, hint):
-    """The value converted to the field's type, or a ConfigError naming the key."""
+    """The value converted to the field's type, or a ConfigFileError naming the key."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{path}: '{key}' is null; give a value or leave the key out")
+        raise ConfigFileError(f"{path}: '{key}' is null; give a value or leave the key out")
     base = next((a for a in args if a is not type(None)), hint) if args and optional else hint
 
     def bad(what):
-        return ConfigError(f"{path}: '{key}' must be {what}, got {value!r}")
+        return ConfigFileError(f"{path}: '{key}' must be {what}, got {value!r}")
 
     if base is bool:
         if not isinstance(value, bool):
@@ -83,21 +88,21 @@ def read_config_file(path) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (check the --config path)")
+        raise ConfigFileError(f"config file not found: {p} (check the --config path)")
     text = p.read_text(encoding="utf-8")
     try:
         raw = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}, line {e.lineno}: malformed JSON ({e.msg})") from None
+        raise ConfigFileError(f"{p}, line {e.lineno}: malformed JSON ({e.msg})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{where}: malformed YAML ({getattr(e, 'problem', None) or e})"
+        raise ConfigFileError(f"{p}{where}: malformed YAML ({getattr(e, 'problem', None) or e})"
                           ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a config file must be a mapping of TrainConfig fields "
+        raise ConfigFileError(f"{p}: a config file must be a mapping of TrainConfig fields "
                           f"(key: value), got {type(raw).__name__}")
     fields, hints = _fields()
     out = {}
@@ -106,7 +111,7 @@ def read_config_file(path) -> dict:
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{p}: unknown key '{key}'{hint}; the keys are the TrainConfig "
+            raise ConfigFileError(f"{p}: unknown key '{key}'{hint}; the keys are the TrainConfig "
                               "fields (spmd-lora train --help)")
         out[name] = _check_value(p, str(key), value, hints[name])
     return out

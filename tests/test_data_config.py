@@ -49,7 +49,7 @@ def test_yaml_config_run_equals_flags_run_and_resume_checks(tiny_model, tmp_path
 
     # --resume with a result-changing field changed is refused, naming the field ...
     rc, err = _train(capsys, *_flags(tiny_model, by_flags), "--resume", "--learning-rate", "0.5")
-    assert rc == 2 and "cannot resume: 'learning_rate' is 0.5" in err, err
+    assert rc == 2 and "cannot resume: '--learning-rate' is 0.5" in err, err
     # ... so is other data content at another path; execution-only fields may change.
     other = tmp_path / "other.jsonl"
     other.write_text("".join(line.replace("a", "e") + "\n" for line in
