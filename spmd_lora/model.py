@@ -228,7 +228,7 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
                           _drop(key, rows, 1))
         v = column_linear(hg, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts,
                           _drop(key, rows, 2))
-        return jnp.concatenate([q, k, v], axis=-1)
+        return q, k, v
 
     def o_proj(o, rows):                                                    # [B, N, Hl*hd]
         return row_linear(o, p["o_proj"], lora.get("o_proj"), opts, _drop(key, rows, 3))
@@ -236,12 +236,12 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     # Tiles pay under sequence parallelism, where the gathered input is tp x the local q.
     tile = opts.mlp_tile_rows(layout) if layout.sp else None
     if tile is None:
-        proj = qkv(layout.gather(h), seq.rows)                              # [B, S, F]
-    else:
-        proj = gather_tiles(lambda hg, start: qkv(hg, _tile_rows(seq, start, tile)), h, tile,
-                            layout)
-    b, s, _ = proj.shape
-    q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
+        q, k, v = qkv(layout.gather(h), seq.rows)                           # [B, S, ..]
+    else:   # one tiled scan for all three (concatenated per tile, split once after)
+        proj = gather_tiles(lambda hg, start: jnp.concatenate(
+            qkv(hg, _tile_rows(seq, start, tile)), axis=-1), h, tile, layout)
+        q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
+    b, s, _ = q.shape
     cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
     q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
     k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
