@@ -272,7 +272,7 @@ def test_chat_finetune_lowers_held_out_loss_and_loads_in_peft(tmp_path, capsys):
     """A chat fine-tune (built-in llama2 template, assistant-only loss) of the tiny model
     lowers the loss on the assistant tokens of held-out conversations; its adapter gives the
     same logits in PEFT."""
-    import torch
+    torch = pytest.importorskip("torch")   # PEFT comparison (not in the torch-free job)
     from test_peft_io import hf_logits, peft_model, rel_err
     from transformers import LlamaForCausalLM
 

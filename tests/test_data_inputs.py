@@ -51,7 +51,7 @@ def assert_same_batches(a, b):
 
 @pytest.mark.parametrize("name", ["rag", "alpaca"])
 def test_parquet_arrow_and_save_to_disk_equal_jsonl(tok, tmp_path, name):
-    import datasets
+    datasets = pytest.importorskip("datasets")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,7 +74,7 @@ def test_parquet_arrow_and_save_to_disk_equal_jsonl(tok, tmp_path, name):
 
 
 def test_columnar_errors_name_file_column_and_row(tok, tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -317,11 +317,12 @@ def test_pallas_block_kernels_lower_to_triton_for_cuda():
                                q_segment_ids=qi, kv_segment_ids=ki, block_sizes=bs,
                                interpret=False)
 
-    try:
-        lowered = jax.jit(step).trace(q, kv, kv, qi, ki).lower(lowering_platforms=("cuda",))
+    from spmd_lora.kernels.gpu_lowering import lower_for_cuda
+    try:   # through an abstract H100: lowering for CUDA on a CPU-only host needs it from 0.11
+        text = lower_for_cuda(step, q, kv, kv, qi, ki)
     except (ImportError, ModuleNotFoundError) as e:  # jaxlib built without Triton dialect
         pytest.skip(f"no Triton lowering in this jaxlib: {e}")
-    assert lowered.as_text().count("xla.gpu.triton") == 3
+    assert text.count("xla.gpu.triton") == 3
 
 
 # ----------------------------------------------------------------------------- zig-zag helpers
