@@ -378,8 +378,14 @@ def test_bad_arguments_raise():
 def test_cp_attention_timing_tool_runs(capsys):
     """tools/cp_attention_timing.py at a toy size: one row per variant and pass (allgather
     shares ring's code path and is left out to save compiles)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-    import cp_attention_timing
+    # Load the script by path: putting tools/ on sys.path would let tools/profile.py shadow
+    # the standard library's profile module for every later import (cProfile, transformers).
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                        "cp_attention_timing.py")
+    spec = importlib.util.spec_from_file_location("cp_attention_timing", path)
+    cp_attention_timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp_attention_timing)
     assert cp_attention_timing.main(["--cp", "2", "--seq-len", "32", "--heads", "2",
                                      "--kv-heads", "1", "--head-dim", "16", "--block", "16",
                                      "--repeats", "1", "--variants", "single", "local",
