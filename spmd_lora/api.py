@@ -13,7 +13,7 @@ from . import sharded
 from .config import ModelConfig
 from .hf import load_hf_params
 from .mesh import BATCH_SPEC, make_mesh, put_global
-from .model import ForwardOptions
+from .model import DEFAULT_MLP_CHUNK_TOKENS, ForwardOptions
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class Model:
     lora_config: object = None
     attention: str = "auto"
     sequence_parallel: bool = True
-    mlp_chunk_tokens: int = 8192
+    mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS
 
     @property
     def options(self) -> ForwardOptions:
@@ -67,7 +67,7 @@ class Model:
 
 def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
                attention="auto", allow_pickle=False, sequence_parallel: bool = True,
-               mlp_chunk_tokens: int = 8192, base_quant="none") -> Model:
+               mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS, base_quant="none") -> Model:
     """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
 
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).

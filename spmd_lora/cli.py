@@ -183,6 +183,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import DEFAULT_MLP_CHUNK_TOKENS
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the prompt tokens too, not only the response")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="shard activations along the sequence over tp (default on)")
-    p.add_argument("--mlp-chunk-tokens", type=int, default=8192,
+    p.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
                    help="tile the MLP (and, with sequence parallelism, the attention "
                         "projections) above this many tokens; 0 = never (default %(default)s)")
     p.add_argument("--chat-template", default=None,

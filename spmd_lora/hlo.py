@@ -657,7 +657,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
         out = {}
         for kind, term, v, _ in entries:
             out[(kind, term)] = out.get((kind, term), 0) + v * A
-        return {k: v for k, v in out.items()}
+        return out
 
     def total(entries, kind):
         return sum(v for k, _, v, _ in entries if k == kind) * A

@@ -42,6 +42,8 @@ from .sequence_parallel import SeqLayout, gather_tiles, scatter_tiles, tiled
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "full", "save-dots", "offload")
+# Tokens per MLP / attention-projection tile when the sequence is longer (the user-facing default).
+DEFAULT_MLP_CHUNK_TOKENS = 8192
 # Names of the per-layer values the ``offload`` remat policy keeps in host memory.
 LAYER_INPUT, MLP_INPUT = "layer_input", "mlp_input"
 
@@ -239,7 +241,7 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
         q, k, v = qkv(layout.gather(h), seq.rows)                           # [B, S, ..]
     else:   # one tiled scan for all three (concatenated per tile, split once after)
         proj = gather_tiles(lambda hg, start: jnp.concatenate(
-            qkv(hg, _tile_rows(seq, start, tile)), axis=-1), h, tile, layout)
+            qkv(hg, _tile_rows(seq.rows, layout, start, tile)), axis=-1), h, tile, layout)
         q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
     b, s, _ = q.shape
     cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
@@ -250,15 +252,16 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     o = o.reshape(b, s, -1)
     if tile is None:
         return layout.scatter(o_proj(o, seq.rows))
-    return scatter_tiles(lambda t, start: o_proj(t, _tile_rows(seq, start, tile)), o, tile,
+    return scatter_tiles(lambda t, start: o_proj(t, _tile_rows(seq.rows, layout, start, tile)), o, tile,
                          layout)
 
 
-def _tile_rows(seq: SequenceInputs, start, size: int):
-    """Global token row ids [B, g*size] of a gathered tile (for dropout), or None."""
-    if seq.rows is None:
+def _tile_rows(rows, layout: SeqLayout, start, size: int):
+    """Global token row ids [B, g*size] of a gathered tile (for dropout) from the whole
+    sequence's ``rows`` [B, S_pad], or None without dropout."""
+    if rows is None:
         return None
-    return jnp.take(seq.rows, seq.layout.tile_rows(start, size), axis=1, mode="clip")
+    return jnp.take(rows, layout.tile_rows(start, size), axis=1, mode="clip")
 
 
 def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, rows=None):
@@ -271,10 +274,7 @@ def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, row
 
     def mlp(h_tile, start):                                                 # [B, c, D] local
         hg = layout.gather(h_tile)                                          # [B, g*c, D]
-        tile_rows = None
-        if key is not None:
-            tile_rows = jnp.take(rows, layout.tile_rows(start, h_tile.shape[1]), axis=1,
-                                 mode="clip")
+        tile_rows = _tile_rows(rows, layout, start, h_tile.shape[1])
         gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
                              _drop(key, tile_rows, 4))                      # [B, g*c, Fl]
         up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,

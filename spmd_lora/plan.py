@@ -206,16 +206,13 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     per-layer saved inputs [B/dp, R, D] for every layer, R = S_pad/tp under sequence
     parallelism (which also offloads the mid-layer residual: twice that) or S."""
     import numpy as np
+
     from .model import ForwardOptions
+    from .params import resolve_dtype
     layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(max_seq_len)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
-    itemsize = np.dtype(_jnp_dtype(dtype)).itemsize
+    itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return cfg.num_layers * per_layer * itemsize * (2 if layout.sp else 1)
-
-
-def _jnp_dtype(dtype):
-    from .params import resolve_dtype
-    return resolve_dtype(dtype)
 
 
 def quant_weight_bytes(params) -> dict:
@@ -242,7 +239,7 @@ def quant_weight_bytes(params) -> dict:
 def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int = 1, lora=None,
                 dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
                 ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
-                mlp_chunk_tokens: int = 8192, devices_per_host: int = 8,
+                mlp_chunk_tokens: int | None = None, devices_per_host: int = 8,
                 base_quant: str = "none") -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
@@ -259,6 +256,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``temporaries``; a GPU keeps them on the host, so on CPU ``peak`` is the compiled peak
     (``compiled_peak``) minus them (on a GPU backend memory_analysis already excludes them).
     """
+    if mlp_chunk_tokens is None:
+        from .model import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
     t0 = time.perf_counter()
     mesh = plan_mesh(dp, tp)
     on_cpu = mesh.devices.flat[0].platform == "cpu"

@@ -64,19 +64,7 @@ class SeqLayout:
 
     def pad(self, x, value=0):
         """[B, S, ...] -> [B, S_pad, ...] (padding last, filled with ``value``)."""
-        extra = self.padded_len - x.shape[1]
-        if extra == 0:
-            return x
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, extra)
-        return jnp.pad(x, widths, constant_values=value)
-
-    def local(self, x):
-        """This device's rows of a whole-sequence array [B, S_pad, ...] -> [B, R, ...]."""
-        if not self.sp:
-            return x
-        r = self.local_rows
-        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TP) * r, r, axis=1)
+        return pad_axis(x, 1, self.padded_len, value)
 
     def tile_rows(self, start, size: int):
         """Global sequence indices [gather_factor * size] of the gathered tile whose local rows
@@ -104,6 +92,16 @@ class SeqLayout:
         return jax.lax.psum(y, TP)
 
 
+def pad_axis(x, axis: int, length: int, value=0):
+    """x padded at the end of ``axis`` to ``length`` (filled with ``value``)."""
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
 def tiled(fn, x, chunk: int, *, axis: int = 1):
     """Run a row-wise ``fn`` over tiles of ``chunk`` rows of ``x`` (along ``axis``) inside a
     rematerialised ``lax.scan``: ``fn(tile, start) -> out tile`` (same rows, any trailing
@@ -113,16 +111,11 @@ def tiled(fn, x, chunk: int, *, axis: int = 1):
     rows = x.shape[axis]
     chunk = max(1, min(chunk, rows))
     n = -(-rows // chunk)
-    pad = n * chunk - rows
-    if pad:
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, pad)
-        x = jnp.pad(x, widths)
+    x = pad_axis(x, axis, n * chunk)
     tiles = jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
-    out = jnp.moveaxis(_scan_tiles(lambda t, j: fn(t, j * chunk), tiles), 0, axis)                                    # [.., n, chunk, ..]
-    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2:])
-    return jax.lax.slice_in_dim(out, 0, rows, axis=axis) if pad else out
-
+    out = jnp.moveaxis(_scan_tiles(lambda t, j: fn(t, j * chunk), tiles), 0, axis)
+    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2:])   # [.., n*chunk, ..]
+    return jax.lax.slice_in_dim(out, 0, rows, axis=axis)
 
 
 def _scan_tiles(fn, tiles):
@@ -144,7 +137,7 @@ def gather_tiles(fn, x, chunk: int, layout: SeqLayout):
     b, rows, d = x.shape
     g = layout.gather_factor
     n = -(-rows // chunk)
-    x = jnp.pad(x, ((0, 0), (0, n * chunk - rows), (0, 0)))
+    x = pad_axis(x, 1, n * chunk)
     tiles = x.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)                  # [n, B, c, D]
     y = _scan_tiles(lambda t, j: fn(layout.gather(t), j * chunk), tiles)      # [n, B, g*c, F]
     f = y.shape[-1]
@@ -160,7 +153,7 @@ def scatter_tiles(fn, y, chunk: int, layout: SeqLayout):
     g = layout.gather_factor
     rows = s // g
     n = -(-rows // chunk)
-    y = jnp.pad(y.reshape(b, g, rows, f), ((0, 0), (0, 0), (0, n * chunk - rows), (0, 0)))
+    y = pad_axis(y.reshape(b, g, rows, f), 2, n * chunk)
     tiles = y.reshape(b, g, n, chunk, f).transpose(2, 0, 1, 3, 4).reshape(n, b, g * chunk, f)
     out = _scan_tiles(lambda t, j: layout.scatter(fn(t, j * chunk)), tiles)  # [n, B, c, D]
     d = out.shape[-1]

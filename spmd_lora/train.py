@@ -33,7 +33,7 @@ from .errors import ConfigError, DataError
 from .health import DivergenceGuard, lora_norm
 from .lora import LoraConfig, init_lora
 from .mesh import make_mesh
-from .model import ForwardOptions
+from .model import DEFAULT_MLP_CHUNK_TOKENS, ForwardOptions
 from .tokenizer import load_tokenizer
 from .train_fields import CHOICES, check_choice
 from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
@@ -81,7 +81,7 @@ class TrainConfig:
     ce_chunk_tokens: int = 4096
     allow_pickle: bool = False
     sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
-    mlp_chunk_tokens: int = 8192           # tile the MLP above this many tokens; 0 = never
+    mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS  # tile the MLP above this many tokens; 0 = never
     chat_template: str | None = None       # llama2 | llama3 | chatml | a Jinja file; default: the tokenizer's
     data_cache_dir: str | None = None      # tokenized-data cache; default $SPMD_LORA_CACHE or ~/.cache/spmd_lora/tokenized
     data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
