@@ -11,15 +11,17 @@ from jax.sharding import NamedSharding
 
 from . import sharded
 from .config import ModelConfig
+from .context_parallel import from_zigzag, prepare_batch
 from .hf import load_hf_params
-from .mesh import BATCH_SPEC, make_mesh, put_global
+from .mesh import BATCH_SPEC, CP, TP, make_mesh, put_global
 from .model import DEFAULT_MLP_CHUNK_TOKENS, ForwardOptions
 
 
 @dataclasses.dataclass
 class Model:
     """A loaded, sharded model. ``params``: frozen base weights laid out by the sharding plan;
-    ``lora``: replicated fp32 LoRA factors (or None); ``lora_config``: their LoraConfig."""
+    ``lora``: replicated fp32 LoRA factors (or None); ``lora_config``: their LoraConfig.
+    ``cp_impl``: context-parallel attention ("ring" | "allgather") when the mesh has cp > 1."""
 
     config: ModelConfig
     mesh: jax.sharding.Mesh
@@ -29,16 +31,24 @@ class Model:
     attention: str = "auto"
     sequence_parallel: bool = True
     mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS
+    cp_impl: str = "ring"
 
     @property
     def options(self) -> ForwardOptions:
-        return ForwardOptions(cfg=self.config, tp=self.mesh.shape["tp"], lora=self.lora_config,
+        return ForwardOptions(cfg=self.config, tp=self.mesh.shape[TP], lora=self.lora_config,
                               attention_impl=self.attention,
                               sequence_parallel=self.sequence_parallel,
-                              mlp_chunk_tokens=self.mlp_chunk_tokens)
+                              mlp_chunk_tokens=self.mlp_chunk_tokens, cp=self.mesh.shape[CP],
+                              cp_impl=self.cp_impl)
 
-    def _batch(self, x, dtype=jnp.int32):
-        return put_global(np.asarray(x, dtype), NamedSharding(self.mesh, BATCH_SPEC))
+    def put_batch(self, batch: dict) -> dict:
+        """Host arrays [B, S] (``tokens``, ``loss_mask``, optional ``positions`` /
+        ``segment_ids``) -> the prepared global batch of :func:`sharded.loss_sum_fn` (zig-zag
+        with cp > 1), B split over dp and S over cp."""
+        batch = {k: v for k, v in batch.items() if v is not None}
+        batch = prepare_batch(batch, self.mesh.shape[CP], self.mesh.shape[TP])
+        sharding = NamedSharding(self.mesh, BATCH_SPEC)
+        return {k: put_global(np.asarray(v, jnp.int32), sharding) for k, v in batch.items()}
 
     @cached_property
     def _logits(self):
@@ -50,9 +60,12 @@ class Model:
 
     def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens [B, S] int -> [B, S, V] float32 logits (gathered; for inspection)."""
-        opt = lambda x: None if x is None else self._batch(x)
-        return self._logits(self.params, self.lora or {}, self._batch(tokens), opt(positions),
-                            opt(segment_ids))
+        tokens = np.asarray(tokens)
+        batch = self.put_batch({"tokens": tokens, "loss_mask": np.zeros_like(tokens),
+                                "positions": positions, "segment_ids": segment_ids})
+        logits = self._logits(self.params, self.lora or {}, batch)
+        cp = self.mesh.shape[CP]
+        return from_zigzag(logits, cp, tokens.shape[1]) if cp > 1 else logits
 
     def loss(self, tokens, loss_mask=None) -> jax.Array:
         """Mean next-token cross-entropy over target tokens (loss_mask[t] = 1: token t is a target;
@@ -60,16 +73,19 @@ class Model:
         tokens = np.asarray(tokens)
         if loss_mask is None:
             loss_mask = np.ones_like(tokens)
-        batch = {"tokens": self._batch(tokens), "loss_mask": self._batch(loss_mask)}
+        batch = self.put_batch({"tokens": tokens, "loss_mask": loss_mask})
         total, count = self._loss(self.params, self.lora or {}, batch, None)
         return total / count
 
 
 def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
                attention="auto", allow_pickle=False, sequence_parallel: bool = True,
-               mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS, base_quant="none") -> Model:
-    """Load a HF Llama checkpoint directory into a (dp, tp) mesh.
+               mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS, base_quant="none",
+               cp: int = 1, cp_impl: str = "ring") -> Model:
+    """Load a HF Llama checkpoint directory into a (dp, cp, tp) mesh.
 
+    ``cp``: context-parallel degree (the sequence split over cp devices, ring attention of
+    ``cp_impl`` "ring" | "allgather"); generation needs cp = 1.
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
     ``sequence_parallel``: with tp > 1, keep activations sharded along the sequence over tp
     (the same function, less memory). ``mlp_chunk_tokens``: run the MLP (and, with sequence
@@ -80,11 +96,12 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
     """
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
-    mesh = make_mesh(dp, tp)
+    mesh = make_mesh(dp, tp, cp)
     params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle,
                             base_quant=base_quant)
     model = Model(config=config, mesh=mesh, params=params, attention=attention,
-                  sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens)
+                  sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
+                  cp_impl=cp_impl)
     if adapter is not None:
         from .peft_io import load_adapter
         model.lora, model.lora_config = load_adapter(adapter, config, mesh=mesh,

@@ -1,4 +1,5 @@
-"""Zig-zag layout of a batch for context parallelism (host side, numpy).
+"""Zig-zag layout of a batch for context parallelism (the batch preparation; numpy on the host,
+or jax.numpy inside a jitted function).
 
 With causal attention, splitting a sequence into cp contiguous shards gives the last rank
 cp times the attention work of the first. The zig-zag layout cuts the (padded) sequence into
@@ -12,7 +13,8 @@ The model passes the global index of each local token (:func:`zigzag_token_index
 like the tokens) as ``q_index`` / ``k_index`` to ``spmd_lora.kernels.ring_attention``, so the
 causal mask is exact in any layout.
 
-Padding rule (S padded up to a multiple of 2*cp, at the *end* of the sequence): tokens get
+Padding rule (S padded up to a multiple of 2*cp*tp, at the *end* of the sequence, so each
+rank's two chunks also split evenly over tp under sequence parallelism): tokens get
 ``pad_id``, the loss mask 0, segment ids ``PAD_SEGMENT_ID`` (-1, a segment no real token
 belongs to), positions 0. The padding lies after every real token, so under the causal mask
 no real token ever sees it, and its loss weight is 0: the loss and every gradient are those
@@ -24,16 +26,25 @@ does all of it.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PAD_SEGMENT_ID = -1
 
 
-def padded_seq_len(seq_len: int, cp: int) -> int:
-    """Smallest multiple of 2*cp that is >= seq_len."""
-    if cp < 1 or seq_len < 1:
-        raise ValueError(f"need cp >= 1 and seq_len >= 1, got cp={cp} seq_len={seq_len}")
-    return -(-seq_len // (2 * cp)) * (2 * cp)
+def _xp(x):
+    """numpy for host arrays, jax.numpy for jax arrays and tracers."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def padded_seq_len(seq_len: int, cp: int, tp: int = 1) -> int:
+    """Smallest multiple of 2*cp*tp that is >= seq_len."""
+    if cp < 1 or tp < 1 or seq_len < 1:
+        raise ValueError(f"need cp, tp >= 1 and seq_len >= 1, got cp={cp} tp={tp} "
+                         f"seq_len={seq_len}")
+    m = 2 * cp * tp
+    return -(-seq_len // m) * m
 
 
 def zigzag_permutation(seq_len_padded: int, cp: int) -> np.ndarray:
@@ -56,17 +67,17 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
 
 def pad_to(x, seq_len_padded: int, value):
     """Pad axis 1 of ``x`` [B, S, ...] at the end to seq_len_padded with ``value``."""
-    x = np.asarray(x)
+    xp = _xp(x)
+    x = xp.asarray(x)
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, seq_len_padded - x.shape[1])
-    return np.pad(x, widths, constant_values=value)
+    return xp.pad(x, widths, constant_values=value)
 
 
-def to_zigzag(x, cp: int, pad_value=0):
+def to_zigzag(x, cp: int, pad_value=0, tp: int = 1):
     """[B, S, ...] in global order -> [B, S_pad, ...] in zig-zag layout (padded with
-    ``pad_value``)."""
-    x = np.asarray(x)
-    s_pad = padded_seq_len(x.shape[1], cp)
+    ``pad_value`` to a multiple of 2*cp*tp)."""
+    s_pad = padded_seq_len(x.shape[1], cp, tp)
     return pad_to(x, s_pad, pad_value)[:, zigzag_permutation(s_pad, cp)]
 
 
@@ -77,45 +88,61 @@ def from_zigzag(x, cp: int, seq_len: int):
     return x[:, inverse_permutation(zigzag_permutation(s_pad, cp))][:, :seq_len]
 
 
-def zigzag_token_index(batch: int, seq_len: int, cp: int) -> np.ndarray:
+def zigzag_token_index(batch: int, seq_len: int, cp: int, tp: int = 1) -> np.ndarray:
     """int32 [B, S_pad]: the global token index at each zig-zag layout position (the
     q_index / k_index of ring attention; padding gets indices >= seq_len)."""
-    perm = zigzag_permutation(padded_seq_len(seq_len, cp), cp).astype(np.int32)
+    perm = zigzag_permutation(padded_seq_len(seq_len, cp, tp), cp).astype(np.int32)
     return np.broadcast_to(perm, (batch, perm.size)).copy()
 
 
 def next_token_targets(tokens, loss_mask):
     """(targets, weights) [B, S]: targets[t] = tokens[t + 1], weights[t] = loss_mask[t + 1]
     (0 at the last position): the loss of position t, aligned with the input token t."""
-    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
-    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
-    weights = np.concatenate([loss_mask[:, 1:], np.zeros_like(loss_mask[:, :1])], axis=1)
+    xp = _xp(tokens)
+    tokens, loss_mask = xp.asarray(tokens), xp.asarray(loss_mask)
+    targets = xp.concatenate([tokens[:, 1:], xp.zeros_like(tokens[:, :1])], axis=1)
+    weights = xp.concatenate([loss_mask[:, 1:], xp.zeros_like(loss_mask[:, :1])], axis=1)
     return targets, weights
 
 
 def zigzag_batch(tokens, loss_mask, cp: int, *, segment_ids=None, positions=None,
-                 pad_id: int = 0) -> dict:
+                 pad_id: int = 0, tp: int = 1) -> dict:
     """Pad and permute one batch for context parallelism (padding rule: module docstring).
 
     tokens, loss_mask [B, S] (loss_mask[t] = 1 when token t is a target); segment_ids and
-    positions optional [B, S] int (positions default to arange(S)). Returns [B, S_pad] numpy
-    arrays in zig-zag layout: tokens, loss_mask, targets and target_weights (next-token
-    targets and their loss weights, formed before permuting), positions, token_index and,
-    when given, segment_ids.
+    positions optional [B, S] int (positions default to arange(S)). Returns [B, S_pad] arrays
+    (numpy, or jax for jax inputs) in zig-zag layout: tokens, targets and target_weights
+    (next-token targets and their loss weights, formed before permuting), positions,
+    token_index and, when given, segment_ids. S_pad is a multiple of 2*cp*tp.
     """
-    tokens = np.asarray(tokens)
+    xp = _xp(tokens)
     b, s = tokens.shape
     if positions is None:
-        positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+        positions = xp.broadcast_to(xp.arange(s, dtype=np.int32), (b, s))
     targets, weights = next_token_targets(tokens, loss_mask)
+    z = lambda x, value: to_zigzag(x, cp, value, tp)  # noqa: E731
     out = {
-        "tokens": to_zigzag(tokens, cp, pad_id),
-        "loss_mask": to_zigzag(loss_mask, cp, 0),
-        "targets": to_zigzag(targets, cp, pad_id),
-        "target_weights": to_zigzag(weights, cp, 0),
-        "positions": to_zigzag(positions, cp, 0),
-        "token_index": zigzag_token_index(b, s, cp),
+        "tokens": z(tokens, pad_id),
+        "targets": z(targets, pad_id),
+        "target_weights": z(weights, 0),
+        "positions": z(positions, 0),
+        "token_index": xp.asarray(zigzag_token_index(b, s, cp, tp)),
     }
     if segment_ids is not None:
-        out["segment_ids"] = to_zigzag(segment_ids, cp, PAD_SEGMENT_ID)
+        out["segment_ids"] = z(segment_ids, PAD_SEGMENT_ID)
     return out
+
+
+def prepare_batch(batch: dict, cp: int, tp: int = 1) -> dict:
+    """The batch preparation of a train or eval step: with cp > 1, every [..., B, S] array of
+    ``batch`` (``tokens``, ``loss_mask``, optional ``positions`` / ``segment_ids``; any leading
+    axes, e.g. micro-batches) goes to the zig-zag layout of :func:`zigzag_batch`; with cp = 1
+    the batch is returned as it is."""
+    if cp == 1:
+        return batch
+    tokens = np.asarray(batch["tokens"])
+    lead, s = tokens.shape[:-1], tokens.shape[-1]
+    flat = lambda k: None if k not in batch else np.asarray(batch[k]).reshape(-1, s)  # noqa: E731
+    out = zigzag_batch(flat("tokens"), flat("loss_mask"), cp, segment_ids=flat("segment_ids"),
+                       positions=flat("positions"), tp=tp)
+    return {k: np.asarray(v).reshape(*lead, -1) for k, v in out.items()}

@@ -71,11 +71,9 @@ def evaluate(model, examples, batch_size: int = 8) -> dict:
             if seg is not None:
                 segments[j, :n] = seg
                 segments[j, n:] = seg.max(initial=0) + 1
-        batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask)}
-        if use_pos:
-            batch["positions"] = model._batch(positions)
-        if use_seg:
-            batch["segment_ids"] = model._batch(segments)
+        batch = model.put_batch({"tokens": tokens, "loss_mask": mask,
+                                 "positions": positions if use_pos else None,
+                                 "segment_ids": segments if use_seg else None})
         s, c = model._loss(model.params, model.lora or {}, batch, None)
         total += float(s)
         count += float(c)

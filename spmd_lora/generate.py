@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import model as M
 from .errors import ConfigError, DataError
 from .kernels import attention
-from .mesh import DP, TP, lora_specs, param_specs, put_global
+from .mesh import CP, DP, TP, lora_specs, param_specs, put_global
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
@@ -255,6 +255,11 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
     restricted by ``top_k`` (0: off) and ``top_p`` (1.0: off), deterministic for a given
     ``seed`` (and independent of the mesh). ``eos_token_id``: an int, a list of ints, or None.
     """
+    if model.mesh.shape[CP] > 1:
+        raise ConfigError(
+            f"generation needs cp = 1 (the KV cache holds whole sequences on every device), "
+            f"but the model was loaded with cp={model.mesh.shape[CP]}: load it again with "
+            f"cp=1 (--cp 1) to generate")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ConfigError(f"sampling settings invalid: temperature={temperature} (>= 0), "
                           f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")

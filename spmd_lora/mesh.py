@@ -1,8 +1,11 @@
 """Device mesh and THE sharding plan.
 
-Mesh axes: ``dp`` (data parallel: the batch is split over it) and ``tp`` (tensor parallel,
-Megatron-style). Every parameter's PartitionSpec comes from ``PARAM_SPECS`` below; nothing else
-in the package decides how a weight is laid out.
+Mesh axes ``(dp, cp, tp)``, tp varying fastest: ``dp`` (data parallel: the batch is split over
+it along B), ``cp`` (context parallel: the sequence is split over it along S, in the zig-zag
+layout of :mod:`spmd_lora.context_parallel`) and ``tp`` (tensor parallel, Megatron-style, with
+optional sequence parallelism of the activations). Every parameter's PartitionSpec comes from
+``PARAM_SPECS`` below; nothing else in the package decides how a weight is laid out. Weights
+are replicated over dp and cp alike.
 
 Parameter tree (global shapes; ``L`` layers, ``D`` hidden, ``F`` intermediate, ``H``/``KV`` heads,
 ``hd`` head dim, ``Vp`` vocab padded to a multiple of tp, ``KVe`` kv heads after replication for
@@ -31,7 +34,8 @@ dimension (out of q/k/v/gate/up, in of o/down); every leaf is split over tp alon
           group_scale / group_offset [L, N*D/16384] f32
 
 LoRA factors (``lora/layers/<proj>/a`` [L, in, r] and ``.../b`` [L, r, out], fp32) are
-replicated on every device. The batch ``[B, S]`` is split over dp.
+replicated on every device. The batch ``[B, S]`` is split over dp along B and over cp along S
+(``BATCH_SPEC``).
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .errors import ConfigError
 from .quant import is_quantised
 
-DP, TP = "dp", "tp"
+DP, CP, TP = "dp", "cp", "tp"
+MESH_AXES = (DP, CP, TP)
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -67,7 +72,7 @@ QUANT_SPECS = {
             "group_scale": P(None, TP), "group_offset": P(None, TP)},
 }
 
-BATCH_SPEC = P(DP, None)
+BATCH_SPEC = P(DP, CP)
 REPLICATED = P()
 
 
@@ -109,19 +114,25 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def make_mesh(dp: int = 1, tp: int = 1) -> Mesh:
-    """A (dp, tp) mesh over the first dp*tp devices; tp varies fastest, so a tp group sits on
-    neighbouring devices (one node's NVLink domain)."""
-    if dp < 1 or tp < 1:
-        raise ConfigError(f"dp and tp must be >= 1, got dp={dp} tp={tp}")
+def make_mesh(dp: int = 1, tp: int = 1, cp: int = 1) -> Mesh:
+    """A (dp, cp, tp) mesh over the first dp*cp*tp devices. tp varies fastest, so a tp group
+    sits on neighbouring devices (one node's NVLink domain), then cp, then dp."""
+    if min(dp, tp, cp) < 1:
+        raise ConfigError(f"dp, cp and tp must be >= 1, got dp={dp} cp={cp} tp={tp}")
     devices = jax.devices()
-    if dp * tp > len(devices):
+    n = dp * cp * tp
+    if n > len(devices):
         raise ConfigError(
-            f"dp*tp = {dp}*{tp} = {dp * tp} devices requested but only {len(devices)} "
+            f"dp*cp*tp = {dp}*{cp}*{tp} = {n} devices requested but only {len(devices)} "
             f"{devices[0].platform} device(s) are visible (on CPU, set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
-    return jax.make_mesh((dp, tp), (DP, TP), devices=devices[:dp * tp],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return mesh_over(devices[:n], dp, tp, cp)
+
+
+def mesh_over(devices, dp: int, tp: int, cp: int = 1) -> Mesh:
+    """The (dp, cp, tp) mesh over exactly these dp*cp*tp devices (in order, tp fastest)."""
+    return jax.make_mesh((dp, cp, tp), MESH_AXES, devices=list(devices),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def named(mesh: Mesh, spec_tree):

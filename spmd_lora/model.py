@@ -1,13 +1,18 @@
 """The Llama forward pass, written per device (runs inside ``jax.shard_map``).
 
-Every function here sees the LOCAL shard of one (dp, tp) device and communicates only through
-explicit collectives over the ``tp`` axis, Megatron-style:
+Every function here sees the LOCAL shard of one (dp, cp, tp) device and communicates only
+through explicit collectives: over the ``tp`` axis, Megatron-style,
 
 * column-parallel q/k/v/gate/up: local output columns, no collective;
 * row-parallel o/down: local input rows; the partial outputs are summed over tp (LoRA's rank-r
   term folded into that sum);
 * vocab-parallel embedding and vocab-parallel cross-entropy (``pmax`` + ``psum`` of sum-exp and
-  of the target logit) that never gathers the full logits.
+  of the target logit) that never gathers the full logits;
+
+and, with context parallelism (cp > 1), over the ``cp`` axis inside attention only: each cp
+rank holds two zig-zag chunks of the sequence (laid out by the batch preparation,
+:mod:`spmd_lora.context_parallel`), and ring attention (``ppermute`` of K/V blocks, or an
+all-gather of K/V) lets its queries see every earlier key, by global token index.
 
 Where the residual stream lives is the sequence layout's business
 (:mod:`spmd_lora.sequence_parallel`): replicated ``[B, S, D]`` on every tp device (the column
@@ -15,8 +20,8 @@ block input is ``pcast`` to tp-varying, the row block output ``psum``-ed), or, w
 parallelism, ``[B, S/tp, D]`` (``all_gather`` before a column block, ``psum_scatter`` after a row
 block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_tokens``).
 
-Shapes in comments are local: ``B`` local batch, ``S`` sequence (padded to a multiple of tp
-under sequence parallelism), ``R`` residual rows held (S/tp or S), ``D`` hidden, ``Hl``/``KVl``
+Shapes in comments are local: ``B`` local batch, ``S`` local sequence (the cp rank's tokens,
+padded to a multiple of tp under sequence parallelism), ``R`` residual rows held (S/tp or S), ``D`` hidden, ``Hl``/``KVl``
 local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
 Norms, rotary tables and softmax statistics run in float32 whatever the weight dtype (the
 rotation itself, as in HF, in the activations' dtype).
@@ -34,14 +39,18 @@ from jax.ad_checkpoint import checkpoint_name
 from . import dropout as lora_dropout
 from .config import ModelConfig
 from .dropout import Dropout
-from .kernels import attention
+from .kernels import CP_IMPLS, attention, ring_attention
 from .lora import LoraConfig
-from .mesh import DP, TP
+from .mesh import CP, DP, TP
 from .quant import matmul
 from .sequence_parallel import SeqLayout, gather_tiles, scatter_tiles, tiled
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "full", "save-dots", "offload")
+# Attention impls that have a context-parallel block kernel (ring attention needs the lse).
+CP_ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
+# token_index of padded positions: later than every real token, so no real query sees them.
+PAD_TOKEN_INDEX = 2 ** 30
 # Tokens per MLP / attention-projection tile when the sequence is longer (the user-facing default).
 DEFAULT_MLP_CHUNK_TOKENS = 8192
 # Names of the per-layer values the ``offload`` remat policy keeps in host memory.
@@ -53,7 +62,8 @@ class ForwardOptions:
     """Static (compile-time) settings of the per-device forward.
 
     ``sequence_parallel``: shard the residual stream along the sequence over tp (only matters
-    when tp > 1). ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole
+    when tp > 1). ``cp``: context-parallel degree (the batch arrives in zig-zag layout, with
+    ``targets`` / ``target_weights`` / ``token_index``); ``cp_impl``: "ring" | "allgather". ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole
     sequence at once). ``remat``: none | full | save-dots | offload (full, with the saved layer
     inputs in host memory).
     """
@@ -66,6 +76,8 @@ class ForwardOptions:
     ce_chunk_tokens: int = 4096
     sequence_parallel: bool = True
     mlp_chunk_tokens: int = 0
+    cp: int = 1
+    cp_impl: str = "ring"
 
     def __post_init__(self):
         from .errors import ConfigError
@@ -75,6 +87,14 @@ class ForwardOptions:
             raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = off), got {self.mlp_chunk_tokens}")
         if self.ce_chunk_tokens < 1:
             raise ConfigError(f"ce_chunk_tokens must be >= 1, got {self.ce_chunk_tokens}")
+        if self.cp < 1:
+            raise ConfigError(f"cp must be >= 1, got {self.cp}")
+        if self.cp_impl not in CP_IMPLS:
+            raise ConfigError(f"cp_impl {self.cp_impl!r} unknown; choose from {', '.join(CP_IMPLS)}")
+        if self.cp > 1 and self.attention_impl not in CP_ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention {self.attention_impl!r} has no context-parallel block kernel (it "
+                f"returns no log-sum-exp); with cp > 1 use one of {', '.join(CP_ATTENTION_IMPLS)}")
 
     def layout(self, seq_len: int) -> SeqLayout:
         """The sequence layout of a batch of ``seq_len`` tokens."""
@@ -193,22 +213,27 @@ def row_linear(x, w, lora, opts: ForwardOptions, drop: Dropout | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class SequenceInputs:
-    """Per-token inputs every layer reads, whole sequence on every tp device.
+    """Per-token inputs every layer reads, the cp rank's whole local sequence on every tp
+    device (padded to ``layout.padded_len`` = S_pad).
 
-    positions [B, S] int32 (rotary), segment_ids [B, S] int32 or None, rows [B, S] uint32 global
-    token row ids for LoRA dropout (or None without dropout)."""
+    positions [B, S_pad] int32 (rotary); segment_ids [B, S_pad] int32 or None; token_index
+    [B, S_pad] int32, each token's index in the unpermuted sequence (the causal mask of ring
+    attention, and the dropout row); batch_rows [B] uint32 global batch rows for LoRA dropout,
+    or None without dropout."""
 
     layout: SeqLayout
     positions: jax.Array
     segment_ids: jax.Array | None
-    rows: jax.Array | None
+    token_index: jax.Array
+    batch_rows: jax.Array | None
 
 
-def _drop(key, rows, index):
-    """Dropout of projection ``index`` (q k v o gate up down = 0..6), or None."""
-    if key is None:
+def _drop(key, seq: SequenceInputs, rows, index):
+    """Dropout of projection ``index`` (q k v o gate up down = 0..6) for the tokens ``rows``
+    [B, N] (token indices), or None."""
+    if key is None or seq.batch_rows is None:
         return None
-    return Dropout(jax.random.fold_in(key, index), rows)
+    return Dropout(jax.random.fold_in(key, index), seq.batch_rows, rows)
 
 
 def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
@@ -225,62 +250,72 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
 
     def qkv(hg, rows):                                                      # [B, N, D] gathered
         q = column_linear(hg, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
-                          _drop(key, rows, 0))
+                          _drop(key, seq, rows, 0))
         k = column_linear(hg, p["k_proj"], lora.get("k_proj"), (cfg.num_kv_heads, hd), opts,
-                          _drop(key, rows, 1))
+                          _drop(key, seq, rows, 1))
         v = column_linear(hg, p["v_proj"], lora.get("v_proj"), (cfg.num_kv_heads, hd), opts,
-                          _drop(key, rows, 2))
+                          _drop(key, seq, rows, 2))
         return q, k, v
 
     def o_proj(o, rows):                                                    # [B, N, Hl*hd]
-        return row_linear(o, p["o_proj"], lora.get("o_proj"), opts, _drop(key, rows, 3))
+        return row_linear(o, p["o_proj"], lora.get("o_proj"), opts, _drop(key, seq, rows, 3))
 
     # Tiles pay under sequence parallelism, where the gathered input is tp x the local q.
     tile = opts.mlp_tile_rows(layout) if layout.sp else None
     if tile is None:
-        q, k, v = qkv(layout.gather(h), seq.rows)                           # [B, S, ..]
+        q, k, v = qkv(layout.gather(h), seq.token_index)                    # [B, S, ..]
     else:   # one tiled scan for all three (concatenated per tile, split once after)
         proj = gather_tiles(lambda hg, start: jnp.concatenate(
-            qkv(hg, _tile_rows(seq.rows, layout, start, tile)), axis=-1), h, tile, layout)
+            qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), axis=-1), h, tile,
+            layout)
         q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
     b, s, _ = q.shape
     cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
     q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
     k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
     v = v.reshape(b, s, -1, hd)                                             # [B, S, KVl, hd]
-    o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids, impl=opts.attention_impl)
+    if opts.cp > 1:
+        kernel = "auto" if opts.attention_impl == "auto" else opts.attention_impl
+        o = ring_attention(q, k, v, axis_name=CP, q_index=seq.token_index,
+                           k_index=seq.token_index, q_segment_ids=seq.segment_ids,
+                           kv_segment_ids=seq.segment_ids, impl=opts.cp_impl, kernel=kernel)
+    else:
+        o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids,
+                      impl=opts.attention_impl)
     o = o.reshape(b, s, -1)
     if tile is None:
-        return layout.scatter(o_proj(o, seq.rows))
-    return scatter_tiles(lambda t, start: o_proj(t, _tile_rows(seq.rows, layout, start, tile)), o, tile,
-                         layout)
+        return layout.scatter(o_proj(o, seq.token_index))
+    return scatter_tiles(
+        lambda t, start: o_proj(t, _tile_rows(seq.token_index, layout, start, tile)), o, tile,
+        layout)
 
 
-def _tile_rows(rows, layout: SeqLayout, start, size: int):
-    """Global token row ids [B, g*size] of a gathered tile (for dropout) from the whole
-    sequence's ``rows`` [B, S_pad], or None without dropout."""
-    if rows is None:
-        return None
-    return jnp.take(rows, layout.tile_rows(start, size), axis=1, mode="clip")
+def _tile_rows(token_index, layout: SeqLayout, start, size: int):
+    """Token indices [B, g*size] of a gathered tile (its dropout rows) from the local
+    sequence's ``token_index`` [B, S_pad]."""
+    return jnp.take(token_index, layout.tile_rows(start, size), axis=1, mode="clip")
 
 
-def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None, rows=None):
+def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None,
+              seq: SequenceInputs | None = None):
     """SwiGLU MLP of the local residual rows x [B, R, D] -> [B, R, D] (after the down_proj
-    reduction), over tiles of ``opts.mlp_chunk_tokens`` gathered tokens when set. ``rows``
-    [B, S] global token row ids for dropout."""
+    reduction), over tiles of ``opts.mlp_chunk_tokens`` gathered tokens when set. ``seq``
+    gives the token indices and batch rows for dropout (None: no dropout)."""
     cfg = opts.cfg
     f = (cfg.intermediate_size, 1)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
 
     def mlp(h_tile, start):                                                 # [B, c, D] local
         hg = layout.gather(h_tile)                                          # [B, g*c, D]
-        tile_rows = _tile_rows(rows, layout, start, h_tile.shape[1])
+        use = seq is not None and key is not None
+        rows = _tile_rows(seq.token_index, layout, start, h_tile.shape[1]) if use else None
+        drop = lambda index: _drop(key, seq, rows, index) if use else None  # noqa: E731
         gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
-                             _drop(key, tile_rows, 4))                      # [B, g*c, Fl]
+                             drop(4))                                       # [B, g*c, Fl]
         up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,
-                           _drop(key, tile_rows, 5))                        # [B, g*c, Fl]
+                           drop(5))                                         # [B, g*c, Fl]
         y = row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts,
-                       _drop(key, tile_rows, 6))
+                       drop(6))
         return layout.scatter(y)
 
     tile = opts.mlp_tile_rows(layout)
@@ -294,7 +329,7 @@ def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=Non
     x = checkpoint_name(x, LAYER_INPUT)
     x = x + attention_block(x, p, lora, seq, opts, key)
     x = checkpoint_name(x, MLP_INPUT)
-    return x + mlp_block(x, p, lora, seq.layout, opts, key, seq.rows)
+    return x + mlp_block(x, p, lora, seq.layout, opts, key, seq)
 
 
 def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = None):
@@ -327,27 +362,33 @@ def _remat(fn, opts: ForwardOptions, layout: SeqLayout):
     return jax.checkpoint(fn, policy=policy)
 
 
-def dropout_rows(batch: int, seq_len: int, padded_len: int):
-    """[B, S_pad] uint32 global token row ids of this device's batch rows (dp-sharded)."""
+def global_batch_rows(batch: int):
+    """[B] uint32: the global batch rows of this device's (dp-sharded) batch rows."""
     first = jax.lax.axis_index(DP) * batch
-    b = (first + jnp.arange(batch, dtype=jnp.int32)).astype(jnp.uint32)
-    s = jnp.arange(padded_len, dtype=jnp.uint32)
-    return b[:, None] * jnp.uint32(seq_len) + s[None, :]
+    return (first + jnp.arange(batch, dtype=jnp.int32)).astype(jnp.uint32)
 
 
-def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOptions, key=None):
+def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOptions, key=None,
+                  token_index=None):
     """Embedding + all decoder layers (lax.scan over the stacked layers) + final norm.
 
-    tokens, positions [B, S] int32; segment_ids [B, S] int32 or None. Returns this device's
+    tokens, positions [B, S] int32 (the local sequence: with cp > 1, this rank's zig-zag
+    chunks); segment_ids [B, S] int32 or None; token_index [B, S] int32, each token's index in
+    the unpermuted sequence (required with cp > 1; default 0..S-1). Returns this device's
     residual rows [B, R, D] (``opts.layout(S)``: R = S, or S_pad/tp with sequence parallelism).
     """
     b, s = tokens.shape
     layout = opts.layout(s)
+    if token_index is None:
+        if opts.cp > 1:
+            raise ValueError("cp > 1 needs token_index (the batch's zig-zag layout)")
+        token_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     use_dropout = key is not None and opts.lora is not None and opts.lora.dropout > 0.0
     seq = SequenceInputs(
         layout=layout, positions=layout.pad(positions),
         segment_ids=None if segment_ids is None else layout.pad(segment_ids, -1),
-        rows=dropout_rows(b, s, layout.padded_len) if use_dropout else None)
+        token_index=layout.pad(token_index, PAD_TOKEN_INDEX),
+        batch_rows=global_batch_rows(b) if use_dropout else None)
     x = embed(layout.pad(tokens), params["embed"], opts, layout)            # [B, R, D]
     lora_layers = (lora or {}).get("layers", {})
 
@@ -392,28 +433,46 @@ def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
     return jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
 
 
-def loss_sum(params, lora, tokens, loss_mask, positions, segment_ids, opts: ForwardOptions,
-             key=None):
-    """Per-device loss of this device's batch rows: (sum of token losses, number of target
-    tokens), both tp-invariant and local to this dp shard."""
-    h = hidden_states(params, lora, tokens, positions, segment_ids, opts, key)
-    return cross_entropy_sum(h, tokens, loss_mask, params, opts)
+def next_token_targets(tokens, loss_mask):
+    """(targets, weights) [B, S]: targets[t] = tokens[t + 1], weights[t] = loss_mask[t + 1] as
+    float32 (0 at the last position). loss_mask[t] = 1 when token t is a target (HF labels !=
+    -100). For a whole, unpermuted sequence only (with cp > 1 the batch preparation forms them
+    before the zig-zag permutation)."""
+    b = tokens.shape[0]
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
+    return targets, weights.astype(F32)
 
 
-def cross_entropy_sum(h, tokens, loss_mask, params, opts: ForwardOptions):
-    """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); tokens, loss_mask
-    [B, S] whole (loss_mask[t] = 1 when token t is a target, i.e. HF labels != -100). Returns
-    (sum of losses, number of target tokens), local to this dp shard.
+def loss_sum(params, lora, batch: dict, opts: ForwardOptions, key=None):
+    """Per-device loss of this device's tokens: (sum of token losses, number of target tokens),
+    both tp-invariant and local to this device's dp (and cp) shard.
+
+    batch: dict of local [B, S] int32 arrays: ``tokens``, ``positions``, optional
+    ``segment_ids``, and either ``loss_mask`` (whole sequences, cp = 1) or, in zig-zag layout
+    (cp > 1), ``targets``, ``target_weights`` and ``token_index``."""
+    h = hidden_states(params, lora, batch["tokens"], batch["positions"],
+                      batch.get("segment_ids"), opts, key, batch.get("token_index"))
+    if "targets" in batch:
+        targets, weights = batch["targets"], batch["target_weights"].astype(F32)
+    else:
+        targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
+    return cross_entropy_sum(h, targets, weights, params, opts)
+
+
+def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
+    """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); targets, weights
+    [B, S] (the target token and loss weight of each local position, e.g. from
+    :func:`next_token_targets`). Returns (sum of losses, sum of weights), local to this dp
+    (and cp) shard.
 
     Runs over chunks of ``ce_chunk_tokens`` tokens with rematerialisation, so the [tokens, Vl]
     logits of only one chunk are ever live. Under sequence parallelism a chunk is gathered from
     every tp device's rows (all_gather; reduce-scatter of its gradient), so each token's loss is
     computed once and the LM head is never gathered."""
-    b, s = tokens.shape
+    b, s = targets.shape
     layout = opts.layout(s)
     rows, d = h.shape[1], h.shape[2]
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
     targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
     count = jnp.sum(weights)
     n = b * rows                                                              # local rows

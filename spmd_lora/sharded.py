@@ -13,59 +13,64 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import model
-from .mesh import BATCH_SPEC, DP, REPLICATED, TP, lora_specs, param_specs
+from .mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs, param_specs
 
 
-def batch_extras(tokens, positions, segment_ids):
-    """Default positions (0..S-1 per row) when none are given; segment ids pass through."""
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return positions, segment_ids
+def batch_extras(batch: dict) -> dict:
+    """The batch with default positions (0..S-1 per row, global arrays [.., S]) when it has
+    none."""
+    if "positions" in batch:
+        return batch
+    tokens = batch["tokens"]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+    return {**batch, "positions": positions}
 
 
 def loss_sum_fn(opts: model.ForwardOptions, mesh):
     """Returns f(params, lora, batch, key) -> (sum of token losses, number of target tokens),
-    both scalars summed over the whole global batch. ``batch`` is a dict with ``tokens``,
-    ``loss_mask`` and optional ``positions`` / ``segment_ids`` ([B, S], B split over dp);
-    ``key`` is a PRNG key for LoRA dropout or None."""
-    def per_device(params, lora, tokens, loss_mask, positions, segment_ids, key):
-        total, count = model.loss_sum(params, lora, tokens, loss_mask, positions, segment_ids,
-                                      opts, key)
-        return jax.lax.psum(total, DP), jax.lax.psum(count, DP)
+    both scalars summed over the whole global batch. ``batch``: dict of global [B, S] arrays
+    split over dp along B and over cp along S (``BATCH_SPEC``), as the batch preparation
+    (``context_parallel.prepare_batch``) leaves them: ``tokens``, ``loss_mask``, optional
+    ``positions`` / ``segment_ids``, or with cp > 1 the zig-zag fields. ``key`` is a PRNG key
+    for LoRA dropout or None."""
+    def per_device(params, lora, batch, key):
+        total, count = model.loss_sum(params, lora, batch, opts, key)
+        return jax.lax.psum(total, (DP, CP)), jax.lax.psum(count, (DP, CP))
 
     def f(params, lora, batch, key=None):
-        positions, segment_ids = batch_extras(batch["tokens"], batch.get("positions"),
-                                               batch.get("segment_ids"))
-        seg_spec = None if segment_ids is None else BATCH_SPEC
-        key_spec = None if key is None else REPLICATED
+        batch = batch_extras(batch)
         mapped = jax.shard_map(
             per_device, mesh=mesh,
-            in_specs=(param_specs(params), lora_specs(lora), BATCH_SPEC, BATCH_SPEC, BATCH_SPEC,
-                      seg_spec, key_spec),
+            in_specs=(param_specs(params), lora_specs(lora), {k: BATCH_SPEC for k in batch},
+                      None if key is None else REPLICATED),
             out_specs=(REPLICATED, REPLICATED), check_vma=True)
-        return mapped(params, lora, batch["tokens"], batch["loss_mask"], positions, segment_ids, key)
+        return mapped(params, lora, batch, key)
 
     return f
 
 
 def logits_fn(opts: model.ForwardOptions, mesh):
-    """Returns f(params, lora, tokens, positions=None, segment_ids=None) -> [B, S, V] float32
-    logits, gathered (for inspection and tests; training never materialises them)."""
+    """Returns f(params, lora, batch) -> [B, S, V] float32 logits, gathered, in the batch's
+    layout (zig-zag with cp > 1: see ``context_parallel.from_zigzag``); for inspection and
+    tests, training never materialises them. ``batch`` as for :func:`loss_sum_fn`."""
 
-    def per_device(params, lora, tokens, positions, segment_ids):
-        h = model.hidden_states(params, lora, tokens, positions, segment_ids, opts)
+    def per_device(params, lora, batch):
+        tokens = batch["tokens"]
+        h = model.hidden_states(params, lora, tokens, batch["positions"],
+                                batch.get("segment_ids"), opts,
+                                token_index=batch.get("token_index"))
         layout = opts.layout(tokens.shape[1])
         if layout.sp:                                   # gather the sequence back: [B, S, D]
             h = layout.gather(h)[:, :tokens.shape[1]]
         return model.local_logits(h, params, opts)                            # [B, S, Vl]
 
-    def f(params, lora, tokens, positions=None, segment_ids=None):
-        positions, segment_ids = batch_extras(tokens, positions, segment_ids)
+    def f(params, lora, batch):
+        batch = {k: v for k, v in batch_extras(batch).items()
+                 if k in ("tokens", "positions", "segment_ids", "token_index")}
         mapped = jax.shard_map(
             per_device, mesh=mesh,
-            in_specs=(param_specs(params), lora_specs(lora), BATCH_SPEC, BATCH_SPEC,
-                      None if segment_ids is None else BATCH_SPEC),
-            out_specs=P(DP, None, TP), check_vma=True)
-        return mapped(params, lora, tokens, positions, segment_ids)[..., :opts.cfg.vocab_size]
+            in_specs=(param_specs(params), lora_specs(lora), {k: BATCH_SPEC for k in batch}),
+            out_specs=P(DP, CP, TP), check_vma=True)
+        return mapped(params, lora, batch)[..., :opts.cfg.vocab_size]
 
     return f

@@ -16,10 +16,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import model, sharded
-from .mesh import DP, REPLICATED, TP, lora_specs, param_specs, put_global
+from .context_parallel import prepare_batch
+from .mesh import CP, DP, MESH_AXES, REPLICATED, TP, lora_specs, param_specs, put_global
 from .model import ForwardOptions
 
-MICRO_BATCH_SPEC = P(None, DP, None)      # [accum, batch, seq]: batch over dp
+MICRO_BATCH_SPEC = P(None, DP, CP)      # [accum, batch, seq]: batch over dp, sequence over cp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +57,15 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation):
     """Returns jitted step(params, lora, opt_state, batches, key) -> (lora, opt_state, metrics).
 
-    ``batches``: dict of int32 arrays [A, B, S] (A micro-batches of B rows, B split over dp) with
-    ``tokens``, ``loss_mask`` and optionally ``positions``, ``segment_ids``. ``key``: PRNG key
+    ``batches``: dict of int32 arrays [A, B, S] (A micro-batches of B rows, B split over dp, S
+    over cp) as :func:`shard_micro_batches` lays them out: ``tokens``, ``loss_mask`` and
+    optionally ``positions``, ``segment_ids`` (or, with cp > 1, the zig-zag fields of
+    ``context_parallel.zigzag_batch``). ``key``: PRNG key
     for LoRA dropout. ``lora`` and ``opt_state`` are donated. metrics: loss (token mean),
     grad_norm (before clipping), tokens (target tokens in the step).
 
     Gradients are taken per device inside the shard_map, w.r.t. a copy of the LoRA factors cast
-    to varying over (dp, tp): the backward then emits no LoRA-gradient collective at all, the
+    to varying over (dp, cp, tp): the backward then emits no LoRA-gradient collective at all, the
     micro-batch gradients accumulate locally, and ONE psum over the mesh per step reduces them
     (instead of one per layer and micro-batch).
     """
@@ -71,30 +74,29 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
     def accumulate(params, lora, batches, key):
         """Per device. Returns (LoRA gradients of the summed token loss, loss sum, token count),
         all summed over the mesh."""
-        lora_v = jax.lax.pcast(lora, (DP, TP), to="varying")
+        lora_v = jax.lax.pcast(lora, MESH_AXES, to="varying")
         varying = lambda x, axes: jax.lax.pcast(x, axes, to="varying")
 
         def micro(carry, xs):
             grad_acc, loss_acc, count_acc = carry
             batch, index = xs
             micro_key = jax.random.fold_in(key, index) if use_dropout else None
-            positions, segment_ids = sharded.batch_extras(
-                batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
             (total, count), grads = jax.value_and_grad(
-                lambda lp: model.loss_sum(params, lp, batch["tokens"], batch["loss_mask"],
-                                          positions, segment_ids, opts, micro_key),
+                lambda lp: model.loss_sum(params, lp, batch, opts, micro_key),
                 has_aux=True)(lora_v)
             grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
             return (grad_acc, loss_acc + total, count_acc + count), None
 
         n_micro = batches["tokens"].shape[0]
-        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), (DP, TP)), lora)
-        scalar0 = varying(jnp.zeros((), jnp.float32), (DP,))
+        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), MESH_AXES), lora)
+        scalar0 = varying(jnp.zeros((), jnp.float32), (DP, CP))
         (grads, total, count), _ = jax.lax.scan(
             micro, (zeros, scalar0, scalar0), (batches, jnp.arange(n_micro)))
-        return jax.lax.psum(grads, (DP, TP)), jax.lax.psum(total, DP), jax.lax.psum(count, DP)
+        return (jax.lax.psum(grads, MESH_AXES), jax.lax.psum(total, (DP, CP)),
+                jax.lax.psum(count, (DP, CP)))
 
     def step(params, lora, opt_state, batches, key):
+        batches = sharded.batch_extras(batches)
         per_device = jax.shard_map(
             accumulate, mesh=mesh,
             in_specs=(param_specs(params), lora_specs(lora),
@@ -113,7 +115,10 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
 
 
 def shard_micro_batches(batches: dict, mesh) -> dict:
-    """Place host arrays [A, B, S] with the batch dimension split over dp."""
+    """The batch preparation of a step: host arrays [A, B, S] (``tokens``, ``loss_mask``,
+    optional ``positions`` / ``segment_ids``), with cp > 1 put in the zig-zag layout
+    (``context_parallel.prepare_batch``), placed with B split over dp and S over cp."""
+    batches = prepare_batch(batches, mesh.shape[CP], mesh.shape[TP])
     sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
     return {k: put_global(np.asarray(v, np.int32), sharding) for k, v in batches.items()}
 

@@ -48,8 +48,8 @@ def test_whole_model_matches_xla_attention(hf_models, small_blocks, name, impl):
     path, _ = hf_models(name)
     base = spmd_lora.load_model(path, tp=2)
     tokens, segments, positions, lora_cfg, lora = _inputs(base.config)
-    batch = {"tokens": base._batch(tokens), "loss_mask": base._batch(np.ones_like(tokens)),
-             "positions": base._batch(positions), "segment_ids": base._batch(segments)}
+    batch = base.put_batch({"tokens": tokens, "loss_mask": np.ones_like(tokens),
+                            "positions": positions, "segment_ids": segments})
 
     def run(attention):
         model = spmd_lora.load_model(path, tp=2, attention=attention)

@@ -66,7 +66,7 @@ def test_param_gradients_match_torch_autograd(hf_models, name, dp, tp, ce_chunk)
     model = spmd_lora.load_model(path, tp=tp, dp=dp)
     loss_sum = sharded.loss_sum_fn(ForwardOptions(model.config, tp, ce_chunk_tokens=ce_chunk),
                                   model.mesh)
-    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(np.ones_like(tokens))}
+    batch = model.put_batch({"tokens": tokens, "loss_mask": np.ones_like(tokens)})
 
     def mean_loss(params):
         total, count = loss_sum(params, {}, batch, None)
@@ -104,7 +104,7 @@ def test_remat_policies_give_identical_gradients(hf_models):
     lora = init_lora(model.config, lcfg, jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), lora)
     tokens = tokens_for("gqa4")
-    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(np.ones_like(tokens))}
+    batch = model.put_batch({"tokens": tokens, "loss_mask": np.ones_like(tokens)})
     results = {}
     for remat in ("none", "full", "save-dots"):
         loss_sum = sharded.loss_sum_fn(ForwardOptions(model.config, 2, lcfg, remat=remat), model.mesh)

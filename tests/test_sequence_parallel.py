@@ -48,7 +48,7 @@ def _peft_reference(hf, adapter_dir, tokens, mask):
 
 def _our_grads(model, opts, tokens, mask, key=None):
     loss_sum = sharded.loss_sum_fn(opts, model.mesh)
-    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask)}
+    batch = model.put_batch({"tokens": tokens, "loss_mask": mask})
 
     def mean_loss(lora):
         total, count = loss_sum(model.params, lora, batch, key)
@@ -96,8 +96,8 @@ def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
         opts = ForwardOptions(model.config, tp, model.lora_config, sequence_parallel=sp,
                               mlp_chunk_tokens=chunk)
         fn = sharded.loss_sum_fn(opts, model.mesh)
-        batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask),
-                 "positions": model._batch(pos), "segment_ids": model._batch(seg)}
+        batch = model.put_batch({"tokens": tokens, "loss_mask": mask,
+                                 "positions": pos, "segment_ids": seg})
         results[(tp, sp, chunk)] = jax.jit(jax.value_and_grad(
             lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora)
     base = results.pop((1, False, 0))
@@ -135,7 +135,7 @@ def test_offload_equals_full(hf_models, tmp_path, tp, sp):
     opts = ForwardOptions(model.config, tp, model.lora_config, remat="offload",
                           sequence_parallel=sp)
     fn = sharded.loss_sum_fn(opts, model.mesh)
-    batch = {"tokens": model._batch(tokens), "loss_mask": model._batch(mask)}
+    batch = model.put_batch({"tokens": tokens, "loss_mask": mask})
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora))
     assert "<host>" in jaxpr                          # residuals typed as host memory
 

@@ -34,11 +34,12 @@ def _batch(vocab, rows, seq, seed):
 
 
 def _our_steps(model, lcfg, opt_cfg, batches, lora, **options):
-    tp = model.mesh.shape["tp"]
+    tp, cp = model.mesh.shape["tp"], model.mesh.shape["cp"]
     opt = make_optimizer(opt_cfg)
     lora = replicate(lora, model.mesh)
     state = replicate(opt.init(lora), model.mesh)
-    step = make_train_step(ForwardOptions(model.config, tp, lcfg, **options), model.mesh, opt)
+    step = make_train_step(ForwardOptions(model.config, tp, lcfg, cp=cp, **options), model.mesh,
+                           opt)
     losses = []
     for tokens, mask in batches:
         micro = shard_micro_batches({"tokens": tokens[None], "loss_mask": mask[None]}, model.mesh)
@@ -47,16 +48,16 @@ def _our_steps(model, lcfg, opt_cfg, batches, lora, **options):
     return losses, jax.device_get(lora)
 
 
-@pytest.mark.parametrize("tp,sp,seq", [(2, False, 24), (4, True, 22)])
-def test_loss_trajectory_matches_hf_peft(hf_models, tp, sp, seq):
+@pytest.mark.parametrize("tp,cp,sp,seq", [(2, 1, False, 24), (4, 1, True, 22), (2, 2, True, 22)])
+def test_loss_trajectory_matches_hf_peft(hf_models, tp, cp, sp, seq):
     """Same base weights, same LoRA init, same batches, 5 AdamW steps (with weight decay and
     gradient clipping): every step's loss within 1e-4 relative of transformers + PEFT. Replicated
-    layout at tp=2, and sequence parallelism at tp=4 (kv heads replicated, S=22 padded to 24,
-    MLP in tiles)."""
+    layout at tp=2; sequence parallelism at tp=4 (kv heads replicated, S=22 padded to 24, MLP in
+    tiles); context parallelism cp=2 x tp=2 with SP (zig-zag batches, ring attention)."""
     import peft
     path, _ = hf_models("gqa4")
     lcfg = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
-    model = spmd_lora.load_model(path, tp=tp)
+    model = spmd_lora.load_model(path, tp=tp, cp=cp)
     lora0 = jax.device_get(init_lora(model.config, lcfg, jax.random.key(3)))
     lr, wd, clip = 5e-3, 0.01, 1.0
     batches = [_batch(model.config.vocab_size, 2, seq, s % 2) for s in range(5)]   # 2 batches, alternating

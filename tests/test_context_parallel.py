@@ -1,0 +1,140 @@
+"""Context parallelism (the ``cp`` mesh axis): zig-zag batches + ring attention in the model.
+
+Oracles: transformers + PEFT (torch autograd) for logits and every LoRA gradient, and the
+unsharded (dp = cp = tp = 1) run for packing, dropout, remat offload and eval.
+"""
+import jax
+import numpy as np
+import pytest
+
+import spmd_lora
+from spmd_lora import sharded
+from spmd_lora.errors import ConfigError
+from spmd_lora.lora import LoraConfig
+from spmd_lora.model import ForwardOptions
+
+from conftest import CONFIGS, make_peft_adapter
+from test_sequence_parallel import _peft_reference, rel_err
+
+TOL = 1e-4
+SEQ = 23            # not divisible by 2*cp: padded at the end, then zig-zagged
+
+
+def _tokens(name, batch=2, seq=SEQ, seed=0):
+    return np.random.RandomState(seed).randint(0, CONFIGS[name]["vocab_size"], (batch, seq))
+
+
+def _grads(model, opts, batch, key=None):
+    fn = sharded.loss_sum_fn(opts, model.mesh)
+    prepared = model.put_batch(batch)
+
+    def mean_loss(lora):
+        total, count = fn(model.params, lora, prepared, key)
+        return total / count
+
+    return jax.jit(jax.value_and_grad(mean_loss))(model.lora)
+
+
+def _options(model, **kw):
+    return ForwardOptions(model.config, model.mesh.shape["tp"], model.lora_config,
+                          cp=model.mesh.shape["cp"], **kw)
+
+
+# (dp, cp, tp, cp_impl, MLP tile tokens); sequence parallelism on whenever tp > 1
+MESHES = [(1, 2, 1, "ring", 0), (1, 4, 1, "ring", 0), (1, 2, 2, "ring", 8),
+          (2, 2, 2, "ring", 0), (1, 2, 2, "allgather", 0)]
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa4", "llama3_rope", "tied", "odd_vocab"])
+@pytest.mark.parametrize("dp,cp,tp,impl,chunk", MESHES)
+def test_cp_logits_and_lora_grads_match_peft(hf_models, tmp_path, name, dp, cp, tp, impl, chunk):
+    path, hf = hf_models(name)
+    tokens = _tokens(name)
+    mask = (np.random.RandomState(1).rand(*tokens.shape) > 0.3).astype(np.int32)
+    ref_logits, ref_loss, ref_grads = _peft_reference(hf, tmp_path / "adapter", tokens, mask)
+    model = spmd_lora.load_model(path, tp=tp, dp=dp, cp=cp, cp_impl=impl,
+                                 adapter=tmp_path / "adapter", mlp_chunk_tokens=chunk)
+    assert model.mesh.shape == {"dp": dp, "cp": cp, "tp": tp}
+    assert rel_err(model.logits(tokens), ref_logits) <= TOL
+    loss, grads = _grads(model, _options(model, cp_impl=impl, mlp_chunk_tokens=chunk,
+                                         ce_chunk_tokens=8),
+                         {"tokens": tokens, "loss_mask": mask})
+    assert abs(float(loss) - ref_loss) <= TOL * ref_loss
+    for (proj, factor), ref in ref_grads.items():
+        assert rel_err(grads["layers"][proj][factor], ref) <= TOL, (proj, factor)
+
+
+def _packed():
+    """Two packed rows whose segments cross the zig-zag chunk boundaries (S=22 -> 24: chunks of
+    6 tokens at cp=2, of 3 at cp=4), with restarted positions and a padded tail."""
+    tokens = _tokens("gqa4", seq=22, seed=3)
+    seg = np.array([[1] * 9 + [2] * 13, [1] * 15 + [2] * 5 + [0] * 2])
+    pos = np.array([list(range(9)) + list(range(13)), list(range(15)) + list(range(5)) + [0, 0]])
+    return {"tokens": tokens, "loss_mask": (seg > 0).astype(np.int32), "positions": pos,
+            "segment_ids": seg}
+
+
+@pytest.mark.parametrize("remat", ["none", "offload"])
+def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat):
+    """Packed segments crossing chunk boundaries, GQA with tp > kv heads (gqa4: 2 kv heads,
+    tp=4 at cp=2), ring and allgather, remat none and offload: loss and every LoRA gradient
+    equal the dp = cp = tp = 1 run."""
+    path, hf = hf_models("gqa4")
+    make_peft_adapter(hf, tmp_path / "adapter")
+    batch = _packed()
+    base = None
+    for dp, cp, tp, impl in ((1, 1, 1, "ring"), (1, 4, 1, "ring"), (1, 2, 4, "ring"),
+                             (2, 2, 2, "allgather")):
+        model = spmd_lora.load_model(path, tp=tp, dp=dp, cp=cp, adapter=tmp_path / "adapter")
+        loss, grads = _grads(model, _options(model, cp_impl=impl, remat=remat,
+                                             mlp_chunk_tokens=4), batch)
+        if base is None:
+            base = loss, grads
+            continue
+        assert rel_err(loss, base[0]) <= 1e-6, (dp, cp, tp, impl)
+        errs = jax.tree.leaves(jax.tree.map(rel_err, grads, base[1]))
+        assert max(errs) <= 1e-5, (dp, cp, tp, impl, max(errs))
+
+
+def test_cp_lora_dropout_is_layout_independent(hf_models, tmp_path):
+    """Dropout masks hash (batch row, token index in the unpermuted sequence, feature): the
+    zig-zag order changes nothing. cp=2 x tp=2 (SP, tiles) and dp=2 x cp=2 == dp=cp=tp=1."""
+    path, hf = hf_models("gqa4")
+    make_peft_adapter(hf, tmp_path / "adapter", lora_dropout=0.3)
+    batch = {"tokens": _tokens("gqa4", seq=21, seed=5), "loss_mask": np.ones((2, 21), np.int32)}
+    key = jax.random.key(7)
+    runs = {}
+    for dp, cp, tp in ((1, 1, 1), (1, 2, 2), (2, 2, 1)):
+        model = spmd_lora.load_model(path, tp=tp, dp=dp, cp=cp, adapter=tmp_path / "adapter")
+        runs[(dp, cp, tp)] = _grads(model, _options(model, mlp_chunk_tokens=4), batch, key)
+    no_drop = _grads(model, ForwardOptions(model.config, 1, LoraConfig(
+        rank=4, alpha=8.0, targets="all"), cp=2), batch, key)
+    base = runs.pop((1, 1, 1))
+    assert abs(float(no_drop[0]) - float(base[0])) > 1e-4          # dropout did something
+    for k, (loss, grads) in runs.items():
+        assert rel_err(loss, base[0]) <= 1e-6, k
+        assert max(jax.tree.leaves(jax.tree.map(rel_err, grads, base[1]))) <= 1e-5, k
+
+
+def test_cp_eval_equals_unsharded_and_generation_refuses(hf_models, tmp_path):
+    from spmd_lora.evaluate import evaluate
+    from spmd_lora.generate import generate
+    path, hf = hf_models("mha")
+    make_peft_adapter(hf, tmp_path / "adapter")
+    examples = [{"input_ids": t, "loss_mask": m} for t, m in
+                zip(_tokens("mha", batch=3, seq=17), np.ones((3, 17), np.int32))]
+    ref = evaluate(spmd_lora.load_model(path, adapter=tmp_path / "adapter"), examples)
+    model = spmd_lora.load_model(path, cp=4, tp=2, adapter=tmp_path / "adapter")
+    got = evaluate(model, examples, batch_size=2)
+    assert got["tokens"] == ref["tokens"] and abs(got["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
+    with pytest.raises(ConfigError, match="generation needs cp = 1"):
+        generate(model, [[1, 2, 3]], 2)
+
+
+def test_cp_options_are_checked():
+    with pytest.raises(ConfigError, match="cp_impl"):
+        ForwardOptions(None, 1, cp=2, cp_impl="ulysses")
+    with pytest.raises(ConfigError, match="no context-parallel block kernel"):
+        ForwardOptions(None, 1, cp=2, attention_impl="xla")
+    with pytest.raises(ConfigError, match="dp, cp and tp"):
+        spmd_lora.make_mesh(1, 1, 0)
