@@ -148,7 +148,7 @@ def cmd_eval(args) -> int:
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        sequence_parallel=args.sequence_parallel,
                        mlp_chunk_tokens=args.mlp_chunk_tokens,
-                       base_quant=args.base_quant)
+                       base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
     tokenizer = load_tokenizer(args.model)
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs,
@@ -184,6 +184,7 @@ def cmd_generate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .model import DEFAULT_MLP_CHUNK_TOKENS
+    from .train_fields import CHOICES, FIELD_HELP
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "projections) above this many tokens; 0 = never (default %(default)s)")
     p.add_argument("--chat-template", default=None,
                    help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
+    p.add_argument("--cp", type=int, default=1, help=FIELD_HELP["cp"] + " (default: 1)")
+    p.add_argument("--cp-impl", default="ring", choices=CHOICES["cp_impl"],
+                   help=FIELD_HELP["cp_impl"] + " (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
@@ -281,8 +285,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
-        _ensure_host_devices(8)
-        from .plan import main as plan_main
+        from .plan import main as plan_main     # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -290,7 +293,8 @@ def main(argv=None) -> int:
     if args.command in ("train", "eval", "generate"):
         from .mesh import initialize_distributed
         initialize_distributed()
-    _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)))
+    _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)
+                             * (getattr(args, "cp", 1) or 1)))
     return _guard(lambda: args.func(args))
 
 

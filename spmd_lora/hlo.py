@@ -694,6 +694,82 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     return out
 
 
+def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
+                            segments: bool = False, remat: str = "full", micro_batches: int = 1,
+                            local_batch: int = 1, seq_len: int = 0, dtype_bytes: int = 2) -> dict:
+    """Collectives over the ``cp`` axis per train step, as compiled: only ring attention's, one
+    call per layer and micro-batch, counted in arrays (the census ``operands``).
+
+    Per call, ``spmd_lora.kernels.ring_attention`` asks for (m arrays per K/V block: k, v and
+    k_index, + segment ids when packed; the index arrays are int32, one per token):
+
+    * ring: forward (cp-1) m permutes; backward (cp-1) m (K/V again) + 2 cp (dK, dV: fp32);
+    * allgather: forward m all-gathers; backward 2 reduce-scatters (dK, dV).
+
+    A rematerialised layer (t = 1 for remat full | save-dots | offload) runs the forward's
+    again in the backward pass. XLA then removes two kinds of repeats, and the counts below are
+    what the compiled step keeps (checked against the census of tiny models):
+
+    * the index and segment-id blocks are the same in every layer, so the *forward's* sends of
+      them are hoisted out of the layer scan: (cp-1)(m-2) per micro-batch for ring, (m-2)
+      all-gathers for allgather, instead of per layer;
+    * at cp = 2 the ring's single step has no loop, and its backward resend of K/V and indices
+      is the same op as the recompute's (t = 1) or, for the indices, the hoisted forward's
+      (t = 0): merged (CSE).
+
+    =========================  ====================================  =========================
+    per layer, micro-batch     ring                                  allgather
+    =========================  ====================================  =========================
+    K/V arrays (k, v)          2(cp-1) (1 + t) + 2(cp-1) r + 2 cp    AG 2 (1 + t), RS 2
+    index arrays (m-2)         (m-2)(cp-1) (t + r')                  AG (m-2) t
+    per micro-batch            (m-2)(cp-1)                           AG (m-2)
+    =========================  ====================================  =========================
+
+    with r = 0 when cp = 2 and t = 1 (else 1) and r' = 0 when cp = 2 (else 1). Nothing else
+    crosses cp but the step's one LoRA-gradient all-reduce over the whole mesh and the loss /
+    token-count scalars: no weight collective, no all-gather of full-S K/V for ``ring``.
+
+    ``seq_len``: the global padded S (a multiple of 2*cp*tp); with it, ``wire_bytes`` is what
+    one device sends over cp per step (K/V in ``dtype_bytes``, dK/dV of ring in fp32, of
+    allgather in ``dtype_bytes``; indices int32). ``logical_wire_bytes`` is the same without
+    XLA's merges (``cp_bytes_per_device`` per call)."""
+    from .kernels import cp_bytes_per_device
+    out = {"permute_operands": 0, "all_gather_operands": 0, "reduce_scatter_operands": 0,
+           "wire_bytes": 0, "logical_wire_bytes": 0}
+    if cp == 1:
+        return out
+    L, A = cfg.num_layers, micro_batches
+    k = 2 if segments else 1                        # index arrays per K/V block
+    t = 0 if remat == "none" else 1
+    local = local_batch * (seq_len // cp)           # tokens of one K/V block
+    kv = local * cfg.kv_heads_per_device(tp) * cfg.head_dim     # elements of k (or v)
+    if cp_impl == "ring":
+        r = 0 if (cp == 2 and t) else 1
+        r_idx = 0 if cp == 2 else 1
+        kv_fwd = 2 * (cp - 1) * (1 + t) + 2 * (cp - 1) * r          # K/V sends per layer
+        kv_grad = 2 * cp                                            # dK/dV sends per layer
+        idx_layer, idx_micro = k * (cp - 1) * (t + r_idx), k * (cp - 1)
+        out["permute_operands"] = A * (L * (kv_fwd + kv_grad + idx_layer) + idx_micro)
+        sent = A * (L * (kv_fwd * kv * dtype_bytes + kv_grad * kv * 4 + idx_layer * local * 4)
+                    + idx_micro * local * 4)
+    else:
+        ag_layer, idx_layer, idx_micro = 2 * (1 + t), k * t, k
+        out["all_gather_operands"] = A * (L * (ag_layer + idx_layer) + idx_micro)
+        out["reduce_scatter_operands"] = A * L * 2
+        # an all-gather sends (cp-1) local pieces, a reduce-scatter (cp-1) local results
+        gathered = L * (ag_layer * kv * dtype_bytes + idx_layer * local * 4) + idx_micro * local * 4
+        sent = A * (cp - 1) * (gathered + L * 2 * kv * dtype_bytes)
+    if seq_len:
+        kw = dict(batch=local_batch, seq_len=seq_len, cp=cp,
+                  kv_heads=cfg.kv_heads_per_device(tp), head_dim=cfg.head_dim,
+                  kv_itemsize=dtype_bytes, segments=segments)
+        out["wire_bytes"] = int(sent)
+        out["logical_wire_bytes"] = A * L * (cp_bytes_per_device(cp_impl, **kw)
+                                             + t * cp_bytes_per_device(cp_impl, backward=False,
+                                                                       **kw))
+    return out
+
+
 def _proj_dims(cfg, name):
     from .lora import projection_dims
     return projection_dims(cfg, name)
@@ -703,19 +779,35 @@ def measured(census: list[dict], lora_rank: int | None) -> dict:
     """Per-step logical collectives by role from a census (bytes in the program's dtypes,
     ``program_shapes``): tp activation all-reduces (all, and those outside the cross-entropy,
     i.e. in the layers and the embedding), tp all-gathers and reduce-scatters (arrays, result
-    bytes), ring wire bytes over tp, LoRA gradient reductions (any axis), dp scalars, and ops
-    that are neither all-reduce, all-gather nor reduce-scatter. Layer (and embedding)
+    bytes), ring wire bytes over tp, LoRA gradient reductions (any axis), dp scalars, ops
+    that are neither all-reduce, all-gather nor reduce-scatter, and over cp: permutes,
+    all-gathers, reduce-scatters (arrays) and their wire bytes, and ``cp_other_ops``: anything
+    else touching cp but the LoRA-gradient and scalar all-reduces (0: no weight collective). Layer (and embedding)
     activations are [B, S, D]; the cross-entropy's are flattened token rows ([N] statistics,
     [N, D] gradients), which tells them apart also inside ops XLA combined with others."""
     out = {"tp_activation_reductions": 0, "tp_activation_bytes": 0,
            "tp_layer_activation_reductions": 0, "tp_all_gathers": 0, "tp_all_gather_bytes": 0,
            "tp_reduce_scatters": 0, "tp_reduce_scatter_bytes": 0, "tp_wire_bytes": 0,
            "lora_grad_reductions": 0, "lora_grad_bytes": 0, "dp_lora_grad_reductions": 0,
-           "dp_scalars": 0, "non_all_reduce_ops": 0, "other_ops": 0, "ops": 0}
+           "dp_scalars": 0, "non_all_reduce_ops": 0, "other_ops": 0, "ops": 0,
+           "cp_permute_operands": 0, "cp_all_gather_operands": 0,
+           "cp_reduce_scatter_operands": 0, "cp_wire_bytes": 0, "cp_other_ops": 0}
     for r in census:
         if r["axis"] == "self":
             continue
         out["ops"] += r["count"]
+        if r["axis"] == "cp" and r["kind"] in ("collective-permute", "all-gather",
+                                                "reduce-scatter"):
+            key = {"collective-permute": "permute", "all-gather": "all_gather",
+                   "reduce-scatter": "reduce_scatter"}[r["kind"]]
+            out[f"cp_{key}_operands"] += r["count"] * r["operands"]
+            out["cp_wire_bytes"] += r["count"] * r.get("program_wire_bytes", r["wire_bytes"])
+            out["non_all_reduce_ops"] += r["count"]
+            continue
+        if "cp" in r["axis"] and not (r["kind"] == "all-reduce" and all(
+                operand_role(_shape(sh), lora_rank) in ("lora_grad", "scalar")
+                for sh in r["shapes"])):
+            out["cp_other_ops"] += r["count"]
         if r["kind"] != "all-reduce":
             out["non_all_reduce_ops"] += r["count"]
         if r["kind"] not in ("all-reduce", "all-gather", "reduce-scatter"):
@@ -749,6 +841,11 @@ def measured(census: list[dict], lora_rank: int | None) -> dict:
                 if len(shape) == 3:        # [B, S, D]: layers and embedding ([N..] in the CE)
                     out["tp_layer_activation_reductions"] += r["count"]
     return out
+
+
+def _shape(text: str) -> tuple:
+    """'f32[2,3]' -> (2, 3)."""
+    return tuple(int(d) for d in text.split("[")[1].rstrip("]").split(",") if d)
 
 
 def census_to_json(census, path, **extra):

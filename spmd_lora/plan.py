@@ -72,12 +72,9 @@ def plan_devices(n: int):
         f"(spmd-lora plan does this itself when run as a fresh process)")
 
 
-def plan_mesh(dp: int, tp: int):
-    import jax
-    from .mesh import DP, TP
-    devices = plan_devices(dp * tp)
-    return jax.make_mesh((dp, tp), (DP, TP), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def plan_mesh(dp: int, tp: int, cp: int = 1):
+    from .mesh import mesh_over
+    return mesh_over(plan_devices(dp * cp * tp), dp, tp, cp)
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -86,7 +83,9 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
                         dtype="bfloat16", micro_batches: int = 1, optimizer=None,
                         base_quant="none"):
     """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings.
-    ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp)."""
+    ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp). With cp > 1 in the
+    mesh, the batch has the zig-zag fields of the batch preparation, S padded to a multiple of
+    2*cp*tp."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -106,8 +105,15 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     lora_p = put(jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0))), rep)
     opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
     bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, max_seq_len), jnp.int32, sharding=bs)
-               for k in ("tokens", "loss_mask")}
+    cp, tp = mesh.shape["cp"], mesh.shape["tp"]
+    if cp > 1:
+        from .context_parallel import padded_seq_len
+        seq, fields = padded_seq_len(max_seq_len, cp, tp), ("tokens", "targets", "target_weights",
+                                                            "positions", "token_index")
+    else:
+        seq, fields = max_seq_len, ("tokens", "loss_mask")
+    batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, seq), jnp.int32, sharding=bs)
+               for k in fields}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     return params, lora_p, opt_state, batches, key
 
@@ -116,19 +122,20 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      dtype="bfloat16", remat="full", attention="blockwise", micro_batches=1,
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                      mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
-                     base_quant="none"):
-    """Lower the real train step on abstract inputs. Returns (lowered, mesh, args)."""
+                     base_quant="none", cp: int = 1, cp_impl: str = "ring"):
+    """Lower the real train step on abstract inputs on a (dp, cp, tp) mesh. Returns
+    (lowered, mesh, args)."""
     from .lora import LoraConfig
     from .model import ForwardOptions
     from .step import OptimizerConfig, make_optimizer, make_train_step
 
     cfg.check_tp(tp)
     lora = lora or LoraConfig()
-    mesh = mesh or plan_mesh(dp, tp)
+    mesh = mesh or plan_mesh(dp, tp, cp)
     optimizer = optimizer or make_optimizer(OptimizerConfig())
     opts = ForwardOptions(cfg=cfg, tp=tp, lora=lora, attention_impl=attention, remat=remat,
                           ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-                          mlp_chunk_tokens=mlp_chunk_tokens)
+                          mlp_chunk_tokens=mlp_chunk_tokens, cp=cp, cp_impl=cp_impl)
     args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
                                dtype=dtype, micro_batches=micro_batches, optimizer=optimizer,
                                base_quant=base_quant)
@@ -201,15 +208,18 @@ def _local_bytes(tree) -> int:
 
 
 def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
-                    sequence_parallel: bool) -> int:
+                    sequence_parallel: bool, cp: int = 1) -> int:
     """Host bytes per device that remat ``offload`` keeps per step (computed, not compiled): the
-    per-layer saved inputs [B/dp, R, D] for every layer, R = S_pad/tp under sequence
-    parallelism (which also offloads the mid-layer residual: twice that) or S."""
+    per-layer saved inputs [B/dp, R, D] for every layer, R = S_cp/tp under sequence
+    parallelism (which also offloads the mid-layer residual: twice that) or S_cp, where S_cp is
+    the cp rank's share of the (padded) sequence."""
     import numpy as np
 
+    from .context_parallel import padded_seq_len
     from .model import ForwardOptions
     from .params import resolve_dtype
-    layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(max_seq_len)
+    local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
+    layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return cfg.num_layers * per_layer * itemsize * (2 if layout.sp else 1)
@@ -240,7 +250,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
                 dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
                 ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                 mlp_chunk_tokens: int | None = None, devices_per_host: int = 8,
-                base_quant: str = "none") -> dict:
+                base_quant: str = "none", cp: int = 1, cp_impl: str = "ring") -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -255,21 +265,27 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``devices_per_host`` devices). A CPU compile keeps them in its one memory, inside
     ``temporaries``; a GPU keeps them on the host, so on CPU ``peak`` is the compiled peak
     (``compiled_peak``) minus them (on a GPU backend memory_analysis already excludes them).
+
+    ``cp`` > 1: the sequence is split over cp devices (ring attention ``cp_impl``);
+    ``cp_wire_bytes`` is what one device sends over cp per step for the chosen impl and
+    ``cp_wire_bytes_by_impl`` for both, so the cheaper one shows (formula:
+    ``hlo.expected_cp_collectives``).
     """
     if mlp_chunk_tokens is None:
         from .model import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
     t0 = time.perf_counter()
-    mesh = plan_mesh(dp, tp)
+    mesh = plan_mesh(dp, tp, cp)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
         cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
         attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
         sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
-        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None, base_quant=base_quant)
+        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None, base_quant=base_quant,
+        cp=cp, cp_impl=cp_impl)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     out = {
-        "tp": tp, "dp": dp, "max_seq_len": max_seq_len, "batch": batch, "dtype": str(dtype),
+        "tp": tp, "dp": dp, "cp": cp, "cp_impl": cp_impl, "max_seq_len": max_seq_len, "batch": batch, "dtype": str(dtype),
         "remat": remat, "attention": attention, "micro_batches": micro_batches,
         "sequence_parallel": bool(sequence_parallel and tp > 1),
         "mlp_chunk_tokens": mlp_chunk_tokens, "ce_chunk_tokens": ce_chunk_tokens,
@@ -291,8 +307,21 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     out["host_offload"] = 0
     if remat == "offload":
         out["host_offload"] = offloaded_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
-                                              dtype=dtype, sequence_parallel=sequence_parallel)
-    out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp)
+                                              dtype=dtype, sequence_parallel=sequence_parallel,
+                                              cp=cp)
+    out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp * cp)
+    if cp > 1:
+        from .context_parallel import padded_seq_len
+        from .hlo import expected_cp_collectives
+        from .params import resolve_dtype
+        import numpy as np
+        by_impl = {impl: expected_cp_collectives(
+            cfg, tp, cp, cp_impl=impl, remat=remat, micro_batches=micro_batches,
+            local_batch=batch // dp, seq_len=padded_seq_len(max_seq_len, cp, tp),
+            dtype_bytes=np.dtype(resolve_dtype(dtype)).itemsize)["wire_bytes"]
+            for impl in ("ring", "allgather")}
+        out["cp_wire_bytes_by_impl"] = by_impl
+        out["cp_wire_bytes"] = by_impl[cp_impl]
     if on_cpu:       # the CPU compile kept the offloaded residuals in its one memory
         out["compiled_peak"] = out["peak"]
         out["peak"] -= out["host_offload"]
@@ -338,7 +367,8 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
     if p.get("host_offload"):
         rows += [("pinned host memory per device", p["host_offload"]),
                  ("pinned host memory per host", p["host_offload_per_host"])]
-    print(f"tp={p['tp']} dp={p['dp']} max_seq_len={p['max_seq_len']} batch={p['batch']} "
+    cp = f"cp={p['cp']} ({p['cp_impl']}) " if p.get("cp", 1) > 1 else ""
+    print(f"tp={p['tp']} dp={p['dp']} {cp}max_seq_len={p['max_seq_len']} batch={p['batch']} "
           f"dtype={p['dtype']} remat={p['remat']} attention={p['attention']} "
           f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
@@ -349,17 +379,22 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
               f"parameter of the quantised linears", file=file)
     for name, n in rows:
         print(f"  {name:34s} {_fmt(n)}", file=file)
+    if p.get("cp_wire_bytes_by_impl"):
+        by = p["cp_wire_bytes_by_impl"]
+        best = min(by, key=by.get)
+        print(f"  sent over cp per step and device: ring {_fmt(by['ring'])}, allgather "
+              f"{_fmt(by['allgather'])} -> fewer bytes: {best}", file=file)
     if budget:
         verdict = "fits" if p[key] <= budget else "does NOT fit"
         print(f"  usable device memory               {_fmt(budget)}  -> {verdict} (by {key})",
               file=file)
 
 
-def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 24,
+def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 25,
                      step: int = 1024, rel_tol: float = 0.01, log=None, key: str = "peak"):
     """Largest multiple of ``step`` whose plan fits ``budget``, to within ``rel_tol`` (the
     answer is at most 1 % + one step below the true limit by default): double from ``start``
-    until it does not fit (or ``limit``, 16M tokens), then bisect between the last fit and the
+    until it does not fit (or ``limit``, 32M tokens), then bisect between the last fit and the
     first miss on multiples of ``step`` until they are that close. ``plan_at(S) -> plan dict``.
     Returns (S or None, {S: plan})."""
     tried = {}
@@ -414,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = train_defaults()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=d["cp"],
+                    help="context-parallel degree: the sequence split over cp devices")
+    ap.add_argument("--cp-impl", default=d["cp_impl"], choices=["ring", "allgather"],
+                    help="ring attention's exchange (default %(default)s)")
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--batch-size", dest="batch", type=int, default=d["batch_size"],
                     help="global batch per micro-batch (split over dp)")
@@ -452,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "on GPU) instead of the conservative raw peak")
     ap.add_argument("--find-max-seq-len", action="store_true",
                     help="search the longest --max-seq-len that fits (powers of two up to "
-                         "16M, then bisection on multiples of 1024 to within 1 %%); needs "
+                         "32M, then bisection on multiples of 1024 to within 1 %%); needs "
                          "--device-memory")
     ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
     return ap
@@ -462,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     """``spmd-lora plan``: print the per-device breakdown and whether it fits. Returns 0, or
     1 when it does not fit, 2 on a usage/config error."""
     args = build_parser().parse_args(argv)
-    ensure_host_devices(args.tp * args.dp)
+    ensure_host_devices(args.tp * args.dp * args.cp)
     import json
 
     from .config import resolve_model_config
@@ -472,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_model_config(args.model)
         cfg.check_tp(args.tp)
+        if args.cp < 1:
+            raise SpmdLoraError(f"--cp must be >= 1, got {args.cp}")
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
         if args.find_max_seq_len and not args.device_memory:
             raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB)")
@@ -486,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                                sequence_parallel=args.sequence_parallel,
                                mlp_chunk_tokens=args.mlp_chunk_tokens,
                                devices_per_host=args.devices_per_host,
-                               base_quant=args.base_quant)
+                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")

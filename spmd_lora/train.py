@@ -82,6 +82,8 @@ class TrainConfig:
     allow_pickle: bool = False
     sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
     mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS  # tile the MLP above this many tokens; 0 = never
+    cp: int = 1                            # context parallel: the sequence split over cp devices
+    cp_impl: str = "ring"                  # ring | allgather: how attention sees the other chunks
     chat_template: str | None = None       # llama2 | llama3 | chatml | a Jinja file; default: the tokenizer's
     data_cache_dir: str | None = None      # tokenized-data cache; default $SPMD_LORA_CACHE or ~/.cache/spmd_lora/tokenized
     data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
@@ -94,7 +96,7 @@ class TrainConfig:
                 t.strip() for t in self.lora_targets.split(",") if t.strip()))
         elif isinstance(self.lora_targets, list):           # e.g. from a JSON config file
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        positive = ("tp", "dp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
+        positive = ("tp", "dp", "cp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
                     "epochs", "log_every", "ce_chunk_tokens")
         for name in positive:
             if getattr(self, name) < 1:
@@ -183,7 +185,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
-    mesh = make_mesh(cfg.dp, cfg.tp)
+    mesh = make_mesh(cfg.dp, cfg.tp, cfg.cp)
     batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                                  pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
     steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum_steps
@@ -218,11 +220,11 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     opts = ForwardOptions(cfg=model_cfg, tp=cfg.tp, lora=lora_cfg, attention_impl=cfg.attention,
                           remat=cfg.remat, ce_chunk_tokens=cfg.ce_chunk_tokens,
                           sequence_parallel=cfg.sequence_parallel,
-                          mlp_chunk_tokens=cfg.mlp_chunk_tokens)
+                          mlp_chunk_tokens=cfg.mlp_chunk_tokens, cp=cfg.cp, cp_impl=cfg.cp_impl)
     step_fn = make_train_step(opts, mesh, optimizer)
     model = Model(config=model_cfg, mesh=mesh, params=params, lora=lora, lora_config=lora_cfg,
                   attention=cfg.attention, sequence_parallel=cfg.sequence_parallel,
-                  mlp_chunk_tokens=cfg.mlp_chunk_tokens)
+                  mlp_chunk_tokens=cfg.mlp_chunk_tokens, cp_impl=cfg.cp_impl)
     # With several processes (multi-host) only process 0 writes metrics, checkpoints and adapter.
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax"),
     "report_to": ("none", "tensorboard"),
     "base_quant": ("none", "int8", "nf4"),
+    "cp_impl": ("ring", "allgather"),
 }
 
 #: One sentence per field: what it does (units, when it applies). Defaults are added by the CLI.
@@ -30,7 +31,12 @@ FIELD_HELP: dict[str, str] = {
                 "answer), text (text), chat (messages), or auto (detected from the first "
                 "record)",
     "tp": "tensor-parallel degree (devices per model replica); must divide the attention heads",
-    "dp": "data-parallel degree (model replicas); tp*dp devices are used",
+    "dp": "data-parallel degree (model replicas); dp*cp*tp devices are used",
+    "cp": "context-parallel degree: each sequence is split over cp devices (zig-zag chunks, "
+          "ring attention); generation needs cp=1",
+    "cp_impl": "how attention sees the other cp ranks' keys and values: ring (K/V blocks "
+               "passed around a ring, overlapped with compute) or allgather (all-gather K/V: "
+               "fewer bytes for GQA models with few kv heads)",
     "max_seq_len": "tokens per sequence; longer examples are skipped (rag: passages trimmed)",
     "lora_rank": "LoRA rank r",
     "lora_alpha": "LoRA alpha; the update is scaled by alpha/r",

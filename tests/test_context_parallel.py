@@ -9,6 +9,7 @@ import pytest
 
 import spmd_lora
 from spmd_lora import sharded
+from spmd_lora.context_parallel import padded_seq_len
 from spmd_lora.errors import ConfigError
 from spmd_lora.lora import LoraConfig
 from spmd_lora.model import ForwardOptions
@@ -138,3 +139,75 @@ def test_cp_options_are_checked():
         ForwardOptions(None, 1, cp=2, attention_impl="xla")
     with pytest.raises(ConfigError, match="dp, cp and tp"):
         spmd_lora.make_mesh(1, 1, 0)
+
+
+# ----------------------------------------------------------------------------- census and plan
+
+CENSUS_CASES = [  # cp, tp, cp_impl, remat, packed segments
+    (2, 2, "ring", "full", False), (2, 1, "ring", "none", True), (4, 1, "ring", "none", True),
+    (4, 2, "ring", "full", True), (2, 2, "allgather", "full", False),
+    (2, 2, "allgather", "none", True)]
+
+
+@pytest.mark.parametrize("cp,tp,impl,remat,segments", CENSUS_CASES)
+def test_cp_census_matches_formula(cp, tp, impl, remat, segments):
+    """The compiled train step's collectives over cp are exactly ring attention's (formula:
+    hlo.expected_cp_collectives, arrays and wire bytes): no weight collective over cp, no
+    all-gather over cp for ``ring``; the LoRA gradients are reduced once per step."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from spmd_lora import hlo, plan
+    from spmd_lora.config import ModelConfig
+    from spmd_lora.step import MICRO_BATCH_SPEC
+    cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=12)
+    lora = LoraConfig(rank=4, alpha=8.0, targets="all")
+    micro, seq = 2, 37
+    mesh = plan.plan_mesh(1, tp, cp)
+    args = list(plan.abstract_train_args(cfg, mesh, max_seq_len=seq, batch=1, lora=lora,
+                                         dtype="float32", micro_batches=micro))
+    if segments:
+        spec = args[3]["tokens"]
+        args[3]["segment_ids"] = jax.ShapeDtypeStruct(
+            spec.shape, jnp.int32, sharding=NamedSharding(mesh, MICRO_BATCH_SPEC))
+    from spmd_lora.step import OptimizerConfig, make_optimizer, make_train_step
+    opts = ForwardOptions(cfg, tp, lora, attention_impl="blockwise", remat=remat, cp=cp,
+                          cp_impl=impl)
+    lowered = make_train_step(opts, mesh, make_optimizer(OptimizerConfig())).lower(*args)
+    census = hlo.collective_census(lowered.compile(), mesh, lowered)
+    meas = hlo.measured(census, 4)
+    s_pad = padded_seq_len(seq, cp, tp)             # 37 -> a multiple of 2*cp*tp
+    assert s_pad == (48 if cp * tp == 8 else 40)
+    exp = hlo.expected_cp_collectives(cfg, tp, cp, cp_impl=impl, segments=segments,
+                                      remat=remat, micro_batches=micro, local_batch=1,
+                                      seq_len=s_pad, dtype_bytes=4)
+    assert meas["cp_permute_operands"] == exp["permute_operands"]
+    assert meas["cp_all_gather_operands"] == exp["all_gather_operands"]
+    assert meas["cp_reduce_scatter_operands"] == exp["reduce_scatter_operands"]
+    assert meas["cp_wire_bytes"] == exp["wire_bytes"]
+    assert meas["cp_other_ops"] == 0
+    if impl == "ring":
+        assert not any(r["kind"] == "all-gather" and "cp" in r["axis"] for r in census)
+    # one LoRA-gradient all-reduce per step, over the whole mesh
+    grads = [r for r in census if hlo.operand_role(hlo._shape(r["shapes"][0]), 4) == "lora_grad"]
+    assert grads and all(r["count"] == 1 and r["axis"] == ("cp+tp" if tp > 1 else "cp")
+                         for r in grads)
+
+
+def test_plan_with_cp_reports_bytes_by_impl_and_offload():
+    """plan_memory on a (1, 2, 2) mesh: the compiled step fits, cp wire bytes per impl follow
+    the formula (GQA with 2 kv heads: allgather sends fewer bytes in training), and remat
+    offload's host bytes count only the cp rank's rows."""
+    from spmd_lora import plan
+    from spmd_lora.config import ModelConfig
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=8, num_kv_heads=2, head_dim=8)
+    lora = LoraConfig(rank=4, alpha=8.0, targets="all")
+    p = plan.plan_memory(cfg, 2, 1, 64, lora=lora, dtype="float32", remat="offload", cp=2,
+                         cp_impl="ring")
+    assert p["cp"] == 2 and p["peak"] > 0
+    by = p["cp_wire_bytes_by_impl"]
+    assert by["allgather"] < by["ring"] == p["cp_wire_bytes"]
+    # offload: L layers x 2 residuals x (64 / cp / tp rows) x D x 4 bytes
+    assert p["host_offload"] == 2 * 2 * 16 * 64 * 4

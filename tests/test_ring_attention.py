@@ -349,10 +349,10 @@ def test_zigzag_layout_and_padding():
     mask = np.ones_like(tokens)
     seg = np.array([[0] * 7 + [1] * 6, [0] * 13])
     batch = cpl.zigzag_batch(tokens, mask, cp, segment_ids=seg, pad_id=0)
-    assert set(batch) == {"tokens", "loss_mask", "targets", "target_weights", "positions",
-                          "token_index", "segment_ids"}
+    assert set(batch) == {"tokens", "targets", "target_weights", "positions", "token_index",
+                          "segment_ids"}
     real = batch["token_index"] < s
-    assert (batch["loss_mask"][~real] == 0).all() and (batch["tokens"][~real] == 0).all()
+    assert (batch["tokens"][~real] == 0).all()
     assert (batch["segment_ids"][~real] == cpl.PAD_SEGMENT_ID).all()
     assert (batch["target_weights"][~real] == 0).all()
     # targets were shifted in global order: target of token t is token t + 1
