@@ -253,6 +253,12 @@ def _tile_kind(q_idx, k_idx, has_seg: bool):
     return jnp.where(skip, _TILE_SKIP, jnp.where(full, _TILE_FULL, _TILE_MASKED))
 
 
+def _opaque(n: int):
+    """The trip count ``n`` as a traced int32: a ``fori_loop`` over it is a ``while`` loop,
+    which autodiff never unrolls into a ``scan`` with per-iteration residuals."""
+    return lax.optimization_barrier(jnp.int32(n))
+
+
 def _index_mask(q_idx, k_idx, q_seg, k_seg):
     """[B, 1, 1, bq, bk]: key visible iff k_index <= q_index and (segments given) same segment."""
     mask = k_idx[:, None, :] <= q_idx[:, :, None]
@@ -326,7 +332,7 @@ def _forward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, cfg: _Cfg):
         carry = (_vma.zeros((b, kvh, g, bq, d), jnp.float32, axes),
                  _vma.full((b, kvh, g, bq), MASK_VALUE, jnp.float32, axes),
                  _vma.zeros((b, kvh, g, bq), jnp.float32, axes))
-        acc, m, l = lax.fori_loop(0, sk_pad // bk, body, carry)
+        acc, m, l = lax.fori_loop(0, _opaque(sk_pad // bk), body, carry)
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
         lse = jnp.where(empty, MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
