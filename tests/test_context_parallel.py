@@ -211,3 +211,27 @@ def test_plan_with_cp_reports_bytes_by_impl_and_offload():
     assert by["allgather"] < by["ring"] == p["cp_wire_bytes"]
     # offload: L layers x 2 residuals x (64 / cp / tp rows) x D x 4 bytes
     assert p["host_offload"] == 2 * 2 * 16 * 64 * 4
+
+
+def test_profile_script_with_cp(tmp_path):
+    """tools/profile.py --cp: the census of the compiled step over (dp, cp, tp) = (2, 2, 2)
+    matches both formulas (tp on the cp rank's local sequence, cp ring attention) with no
+    flag raised."""
+    import json
+    import subprocess
+    import sys
+
+    from test_tools import ROOT, _env, _tiny_dir
+    out = tmp_path / "census.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", str(_tiny_dir(tmp_path)),
+         "--tp", "2", "--dp", "2", "--cp", "2", "--batch-size", "2", "--max-seq-len", "37",
+         "--lora-rank", "4", "--dtype", "float32", "--attention", "blockwise", "--mlp-chunk-tokens",
+         "0", "--json", str(out)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["flags"] == [], res["flags"]
+    assert "collectives over cp" in p.stdout and "fewer bytes" in p.stdout
+    meas, want = res["measured"], res["cp_expected"]["ring"]
+    assert meas["cp_permute_operands"] == want["permute_operands"] > 0
+    assert meas["tp_all_gathers"] == res["expected"]["all_gather"]

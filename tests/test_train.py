@@ -140,16 +140,18 @@ def _metrics(out):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_tp_and_dp_give_the_same_training(tiny_model, tmp_path, dropout):
-    """tp1, tp4 and dp2 x tp2 (sequence parallelism on by default), and with dropout 0 also a
-    CLI run at tp2 with remat offload and MLP / attention tiles: the same losses and adapter.
-    LoRA dropout masks depend only on (seed, token, feature), so layouts agree with it too."""
+    """tp1, tp4, dp2 x tp2 (sequence parallelism on by default) and dp2 x cp2 x tp2 (context
+    parallelism), and with dropout 0 also a CLI run at cp2 x tp2 with remat offload and MLP /
+    attention tiles: the same losses and adapter. LoRA dropout masks depend only on (seed,
+    batch row, token, feature), so layouts agree with it too."""
     runs = {}
-    meshes = ((1, 1), (1, 4), (2, 2)) if dropout == 0.0 else ((1, 1), (2, 2))
-    for dp, tp in meshes:
-        out = tmp_path / f"dp{dp}tp{tp}"
-        train(_cfg(tiny_model, out, dp=dp, tp=tp, lora_dropout=dropout))
-        runs[(dp, tp)] = ([m["loss"] for m in _metrics(out) if "loss" in m],
-                          load_file(out / "adapter" / "adapter_model.safetensors"))
+    meshes = ((1, 1, 1), (1, 1, 4), (2, 1, 2), (2, 2, 2)) if dropout == 0.0 else \
+        ((1, 1, 1), (2, 2, 2))
+    for dp, cp, tp in meshes:
+        out = tmp_path / f"dp{dp}cp{cp}tp{tp}"
+        train(_cfg(tiny_model, out, dp=dp, cp=cp, tp=tp, lora_dropout=dropout))
+        runs[(dp, cp, tp)] = ([m["loss"] for m in _metrics(out) if "loss" in m],
+                              load_file(out / "adapter" / "adapter_model.safetensors"))
     if dropout == 0.0:
         out = tmp_path / "cli"
         assert cli.main(["train", "--model", str(tiny_model), "--data",
@@ -157,11 +159,11 @@ def test_tp_and_dp_give_the_same_training(tiny_model, tmp_path, dropout):
                          "--template", "alpaca", "--max-seq-len", "128", "--lora-rank", "4",
                          "--lora-alpha", "8", "--lora-dropout", "0", "--lora-targets", "all",
                          "--learning-rate", "3e-3", "--batch-size", "4", "--max-steps", "4",
-                         "--seed", "1", "--tp", "2", "--remat", "offload",
+                         "--seed", "1", "--tp", "2", "--cp", "2", "--remat", "offload",
                          "--mlp-chunk-tokens", "32", "--sequence-parallel"]) == 0
         runs["cli"] = ([m["loss"] for m in _metrics(out) if "loss" in m],
                        load_file(out / "adapter" / "adapter_model.safetensors"))
-    ref_losses, ref_adapter = runs[(1, 1)]
+    ref_losses, ref_adapter = runs[(1, 1, 1)]
     assert len(ref_losses) == 4
     for key, (losses, adapter) in runs.items():
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

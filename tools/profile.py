@@ -41,10 +41,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def build_parser():
+    from spmd_lora.model import DEFAULT_MLP_CHUNK_TOKENS   # jax backends start later, lazily
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model dir (config.json) or preset")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1,
+                    help="context-parallel degree (the sequence split over cp devices)")
+    ap.add_argument("--cp-impl", default="ring", choices=["ring", "allgather"])
     ap.add_argument("--max-seq-len", type=int, required=True)
     ap.add_argument("--batch-size", dest="batch", type=int, default=1,
                     help="global rows per micro-batch")
@@ -58,7 +62,7 @@ def build_parser():
     ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"])
     ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                     help="shard activations along the sequence over tp (default on)")
-    ap.add_argument("--mlp-chunk-tokens", type=int, default=8192,
+    ap.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
                     help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
@@ -202,7 +206,8 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
     opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
                           remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens,
                           sequence_parallel=args.sequence_parallel,
-                          mlp_chunk_tokens=args.mlp_chunk_tokens)
+                          mlp_chunk_tokens=args.mlp_chunk_tokens, cp=args.cp,
+                          cp_impl=args.cp_impl)
     opt = make_optimizer(OptimizerConfig())
     params = random_params(cfg, mesh, args.dtype, base_quant=args.base_quant)
     lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
@@ -236,7 +241,7 @@ def _jsonable(expected: dict) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from spmd_lora import plan                      # imports no jax at module level
-    plan.ensure_host_devices(args.tp * args.dp)
+    plan.ensure_host_devices(args.tp * args.dp * args.cp)
 
     from spmd_lora import hlo
     from spmd_lora.config import resolve_model_config
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
             dtype=args.dtype, remat=args.remat, attention=args.attention,
             micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
             sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens,
-            base_quant=args.base_quant)
+            base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
         compiled = lowered.compile()
     except SpmdLoraError as e:
         from spmd_lora.train_fields import with_flag_names
@@ -261,20 +266,24 @@ def main(argv=None) -> int:
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)
     summary = hlo.summarize(census)
+    from spmd_lora.context_parallel import padded_seq_len
     from spmd_lora.model import ForwardOptions
     local_batch = args.batch // args.dp
+    # the sequence one cp rank holds (zig-zag chunks, padded to a multiple of 2*cp*tp)
+    s_pad = padded_seq_len(args.max_seq_len, args.cp, args.tp) if args.cp > 1 else args.max_seq_len
+    local_seq = s_pad // args.cp
     opts = ForwardOptions(cfg=cfg, tp=args.tp, sequence_parallel=args.sequence_parallel,
                           mlp_chunk_tokens=args.mlp_chunk_tokens,
                           ce_chunk_tokens=args.ce_chunk_tokens)
-    layout = opts.layout(args.max_seq_len)
-    mlp_tiles, ce_chunks = opts.tile_counts(args.max_seq_len, local_batch)
+    layout = opts.layout(local_seq)
+    mlp_tiles, ce_chunks = opts.tile_counts(local_seq, local_batch)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
 
     def formula(sp, tiles=mlp_tiles, chunks=ce_chunks):
         return hlo.expected_collectives(
             cfg, args.tp, args.dp, sequence_parallel=sp, lora=lora_cfg, remat=args.remat,
             micro_batches=args.micro_batches, mlp_tiles=tiles, ce_chunks=chunks,
-            tokens=local_batch * args.max_seq_len,
+            tokens=local_batch * local_seq,
             padded_tokens=local_batch * layout.padded_len, dtype_bytes=dtype_bytes)
 
     expected = formula(layout.sp)
@@ -282,11 +291,12 @@ def main(argv=None) -> int:
     rep_chunks = ForwardOptions(cfg=cfg, tp=args.tp, sequence_parallel=False,
                                 mlp_chunk_tokens=args.mlp_chunk_tokens,
                                 ce_chunk_tokens=args.ce_chunk_tokens).tile_counts(
-                                    args.max_seq_len, local_batch)
+                                    local_seq, local_batch)
     replicated = formula(False, *rep_chunks)
     meas = hlo.measured(census, lora_cfg.rank)
 
-    print(f"{args.model}: tp={args.tp} dp={args.dp} S={args.max_seq_len} batch={args.batch} "
+    cp_text = f"cp={args.cp} ({args.cp_impl}) " if args.cp > 1 else ""
+    print(f"{args.model}: tp={args.tp} dp={args.dp} {cp_text}S={args.max_seq_len} batch={args.batch} "
           f"micro_batches={args.micro_batches} r={args.lora_rank} targets={','.join(lora_cfg.targets)} "
           f"{args.dtype} remat={args.remat} layout={expected['layout']} MLP tiles={mlp_tiles} "
           f"CE chunks={ce_chunks} (compiled on {mesh.devices.flat[0].platform} in "
@@ -334,12 +344,37 @@ def main(argv=None) -> int:
                      f"({meas['lora_grad_reductions']} arrays) vs "
                      f"{_fmt_bytes(expected['lora_grad_bytes_minimum'])} for one reduction of all "
                      "LoRA gradients per step")
+    cp_expected = {}
+    if args.cp > 1:
+        cp_expected = {impl: hlo.expected_cp_collectives(
+            cfg, args.tp, args.cp, cp_impl=impl, remat=args.remat,
+            micro_batches=args.micro_batches, local_batch=local_batch, seq_len=s_pad,
+            dtype_bytes=dtype_bytes) for impl in ("ring", "allgather")}
+        want = cp_expected[args.cp_impl]
+        print(f"\ncollectives over cp per step (arrays; ring attention, one call per layer and "
+              f"micro-batch; see hlo.expected_cp_collectives):")
+        for kind, key in (("collective-permute", "permute"), ("all-gather", "all_gather"),
+                          ("reduce-scatter", "reduce_scatter")):
+            got = meas[f"cp_{key}_operands"]
+            print(f"  {kind:<19} measured {got:>6}   formula {want[f'{key}_operands']:>6}")
+            if got != want[f"{key}_operands"]:
+                flags.append(f"cp {kind}: census {got} differs from the formula "
+                             f"{want[f'{key}_operands']}")
+        print(f"  bytes sent over cp per device: measured {_fmt_bytes(meas['cp_wire_bytes'])}, "
+              f"formula {_fmt_bytes(want['wire_bytes'])}; by impl: ring "
+              f"{_fmt_bytes(cp_expected['ring']['wire_bytes'])}, allgather "
+              f"{_fmt_bytes(cp_expected['allgather']['wire_bytes'])} -> fewer bytes: "
+              f"{min(cp_expected, key=lambda k: cp_expected[k]['wire_bytes'])}")
+        if meas["cp_other_ops"]:
+            flags.append(f"{meas['cp_other_ops']} collectives over cp that are not ring "
+                         "attention's (a weight collective over cp?)")
     for f in flags:
         print("  ! " + f)
 
     result = {"args": vars(args), "compile_s": compile_s, "census": census, "summary": summary,
               "measured": meas, "expected": _jsonable(expected),
-              "replicated_expected": _jsonable(replicated), "flags": flags,
+              "replicated_expected": _jsonable(replicated), "cp_expected": cp_expected,
+              "flags": flags,
               "backend": mesh.devices.flat[0].platform}
     if args.time:
         import jax
