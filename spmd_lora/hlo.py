@@ -582,7 +582,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                                                       products), else 0
     backward, per layer           AG 2 L, RS 2 L      transposes of the forward ones
                                   (tiles: 2n each)
-    embedding                     RS 1                the looked-up rows, scattered
+    embedding                     RS 1 (tiles: n)     the looked-up rows, scattered
     cross-entropy                 AG C (+C),          each chunk of rows gathered (again
                                   RS C,               in the recompute when C > 1), its
                                   AR 3C (+2C)         gradient scattered; the [N] softmax
@@ -641,6 +641,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
             # keeps the q/k/v products), their o_proj scatters under both
             outer_ag = n if remat == "full" else 0
             common[0] = (RS, "remat", n * re_scatter * L, tile / tp)
+            common[1] = (RS, "embedding", n, tile / tp)    # the lookup is tiled too
             ours = [(AG, "forward", 2 * n * L, tile), (RS, "forward", 2 * n * L, tile / tp),
                     (AG, "remat", (2 * n + outer_ag) * L, tile),
                     (AG, "backward", 2 * n * L, tile), (RS, "backward", 2 * n * L, tile / tp)]

@@ -334,13 +334,23 @@ def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=Non
 
 def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = None):
     """Vocab-parallel lookup. tokens [B, S]; table_local [Vl, D] -> the looked-up rows summed
-    over tp: [B, S, D] (psum), or this device's rows [B, R, D] under sequence parallelism."""
+    over tp: [B, S, D] (psum), or this device's rows [B, R, D] under sequence parallelism,
+    where the lookup and its reduce-scatter run over tiles of ``mlp_chunk_tokens`` tokens (so
+    the [B, S, D] partial rows never exist)."""
     vl = table_local.shape[0]
-    local = tokens - jax.lax.axis_index(TP) * vl
-    hit = (local >= 0) & (local < vl)
-    rows = jnp.take(table_local, jnp.clip(local, 0, vl - 1), axis=0)
-    rows = jnp.where(hit[..., None], rows, 0)
-    return layout.scatter(rows) if layout is not None else jax.lax.psum(rows, TP)
+
+    def lookup(tok):                                                        # [B, N] -> [B, N, D]
+        local = tok - jax.lax.axis_index(TP) * vl
+        hit = (local >= 0) & (local < vl)
+        rows = jnp.take(table_local, jnp.clip(local, 0, vl - 1), axis=0)
+        return jnp.where(hit[..., None], rows, 0)
+
+    if layout is None:
+        return jax.lax.psum(lookup(tokens), TP)
+    tile = opts.mlp_tile_rows(layout) if layout.sp else None
+    if tile is None:
+        return layout.scatter(lookup(tokens))
+    return scatter_tiles(lambda t, start: lookup(t[..., 0]), tokens[..., None], tile, layout)
 
 
 def _remat(fn, opts: ForwardOptions, layout: SeqLayout):
