@@ -280,22 +280,48 @@ def _block_inputs(q, k, v, q_index, k_index, q_seg, k_seg, bq, bk):
             sq_pad, sk_pad)
 
 
-def _forward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, cfg: _Cfg):
-    """q [B, Sq, H, D], k/v [B, Sk, KV, D] -> out [B, Sq, H, D] fp32, lse [B, H, Sq] fp32.
+def forward_state(q, k, block_q=None):
+    """Empty running state of :func:`forward_accumulate` for q [B, Sq, H, D] and k/v with KV
+    heads: o [B, Sq_pad, KV, G, D] = 0 and lse [B, KV, G, Sq_pad] = MASK_VALUE, fp32 (Sq
+    padded to a multiple of the q tile; q head h = (kv head h // G, h % G))."""
+    b, sq, h, d = q.shape
+    kvh = k.shape[2]
+    bq = min(int(block_q or DEFAULT_BLOCK_Q), sq)
+    sq_pad = _cdiv(sq, bq) * bq
+    axes = _vma.union_axes(q, k)
+    return (_vma.zeros((b, sq_pad, kvh, h // kvh, d), jnp.float32, axes),
+            _vma.full((b, kvh, h // kvh, sq_pad), MASK_VALUE, jnp.float32, axes))
 
-    Rows with no visible key get out 0 and lse MASK_VALUE (so a log-sum-exp merge gives them
-    weight 0)."""
+
+def forward_result(state, sq: int):
+    """(out [B, Sq, H, D], lse [B, H, Sq]) fp32 from a running state: rows that saw no key
+    have out 0 and lse MASK_VALUE."""
+    o, lse = state
+    b, sq_pad, kvh, g, d = o.shape
+    return (o.reshape(b, sq_pad, kvh * g, d)[:, :sq],
+            lse.reshape(b, kvh * g, sq_pad)[:, :, :sq])
+
+
+def _forward_accumulate(q, k, v, q_index, k_index, q_seg, k_seg, state, cfg: _Cfg):
+    """Fold one k block into the running softmax state of every q row: state (o, lse) of
+    :func:`forward_state` -> the state over the old keys and this block's. The state's o is
+    normalised, so (o, lse) restart the online softmax as (acc = o, m = lse, l = 1); the q-tile
+    loop updates the state in place, tile by tile, so nothing [Sq]-sized is allocated per
+    call. Both loops are while loops (opaque trip counts), which autodiff never turns into
+    scans with per-tile residuals."""
     b, sq, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
     bq, bk = cfg.bq, cfg.bk
-    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg)
     qp, kp, vp, qi, ki, qs, ks, sq_pad, sk_pad = _block_inputs(
         q, k, v, q_index, k_index, q_seg, k_seg, bq, bk)
     qg = qp.reshape(b, sq_pad, kvh, g, d)
     has_seg = qs is not None
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg, *state)
+    state = tuple(_vma.pvary(x, axes) for x in state)
 
-    def q_block(i):
+    def q_tile(i, state):
+        o_all, lse_all = state
         q_start = i * bq
         q_t = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
         qi_t = lax.dynamic_slice_in_dim(qi, q_start, bq, axis=1)
@@ -329,30 +355,41 @@ def _forward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, cfg: _Cfg):
                         lambda c: tile(c, k_t, v_t, ki_t, ks_t, masked=False)]
             return lax.switch(_tile_kind(qi_t, ki_t, has_seg), branches, carry)
 
-        carry = (_vma.zeros((b, kvh, g, bq, d), jnp.float32, axes),
-                 _vma.full((b, kvh, g, bq), MASK_VALUE, jnp.float32, axes),
-                 _vma.zeros((b, kvh, g, bq), jnp.float32, axes))
+        o_t = lax.dynamic_slice_in_dim(o_all, q_start, bq, axis=1)          # [B, bq, KV, G, D]
+        m_t = lax.dynamic_slice_in_dim(lse_all, q_start, bq, axis=3)        # [B, KV, G, bq]
+        carry = (o_t.transpose(0, 2, 3, 1, 4), m_t, _vma.full(m_t.shape, 1.0, jnp.float32, axes))
         acc, m, l = lax.fori_loop(0, _opaque(sk_pad // bk), body, carry)
-        empty = l == 0.0
-        out = acc / jnp.where(empty, 1.0, l)[..., None]
-        lse = jnp.where(empty, MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
-        return out.transpose(0, 3, 1, 2, 4), lse  # [B, bq, KV, G, D], [B, KV, G, bq]
+        o_t = (acc / l[..., None]).transpose(0, 3, 1, 2, 4)
+        lse_t = m + jnp.log(l)             # rows that saw nothing: m = MASK_VALUE, l = 1
+        return (lax.dynamic_update_slice_in_dim(o_all, o_t, q_start, axis=1),
+                lax.dynamic_update_slice_in_dim(lse_all, lse_t, q_start, axis=3))
 
-    outs, lses = lax.map(q_block, jnp.arange(sq_pad // bq, dtype=jnp.int32))
-    out = outs.transpose(1, 0, 2, 3, 4, 5).reshape(b, sq_pad, h, d)[:, :sq]
-    lse = lses.transpose(1, 2, 3, 0, 4).reshape(b, h, sq_pad)[:, :, :sq]
-    return out, lse
+    return lax.fori_loop(0, _opaque(sq_pad // bq), q_tile, state)
 
 
-def _backward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, cfg: _Cfg):
+def backward_state(q, k, block_q=None):
+    """Zero dq accumulator of :func:`backward_accumulate`: [B, Sq_pad, KV, G, D] fp32,
+    unscaled (the softmax scale is applied once, by :func:`backward_result`)."""
+    return forward_state(q, k, block_q)[0]
+
+
+def backward_result(dq_acc, sq: int, sm_scale: float):
+    """dq [B, Sq, H, D] fp32 from a dq accumulator."""
+    b, sq_pad, kvh, g, d = dq_acc.shape
+    return (dq_acc * sm_scale).reshape(b, sq_pad, kvh * g, d)[:, :sq]
+
+
+def _backward_accumulate(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, dq_acc,
+                         cfg: _Cfg):
     """Gradients of one (q block, k block) pair given the final lse and delta [B, H, Sq] of
-    every q row (over *all* keys the rows attend to). Returns dq [B, Sq, H, D],
-    dk/dv [B, Sk, KV, D], all fp32."""
+    every q row (over *all* keys the rows attend to): dq_acc (of :func:`backward_state`) plus
+    this block's unscaled dq, and the block's dk, dv [B, Sk, KV, D], all fp32."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     bq, bk = cfg.bq, cfg.bk
-    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta)
+    axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, dq_acc)
+    dq_acc = _vma.pvary(dq_acc, axes)
     qp, kp, vp, qi, ki, qs, ks, sq_pad, sk_pad = _block_inputs(
         q, k, v, q_index, k_index, q_seg, k_seg, bq, bk)
     qg = qp.reshape(b, sq_pad, kvh, g, d)
@@ -414,9 +451,7 @@ def _backward_indexed(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta, c
         dq, dk, dv = lax.fori_loop(0, sq_pad // bq, body, carry)
         return dq, (dk * cfg.sm_scale, dv)
 
-    dq0 = _vma.zeros((b, sq_pad, kvh, g, d), jnp.float32, axes)
-    dq, (dks, dvs) = lax.scan(k_block, dq0, jnp.arange(sk_pad // bk, dtype=jnp.int32))
-    dq = (dq * cfg.sm_scale).reshape(b, sq_pad, h, d)[:, :sq]
+    dq, (dks, dvs) = lax.scan(k_block, dq_acc, jnp.arange(sk_pad // bk, dtype=jnp.int32))
     dk = dks.transpose(1, 0, 2, 3, 4).reshape(b, sk_pad, kvh, d)[:, :sk]
     dv = dvs.transpose(1, 0, 2, 3, 4).reshape(b, sk_pad, kvh, d)[:, :sk]
     return dq, dk, dv
@@ -445,8 +480,22 @@ def blockwise_block_fwd(q, k, v, *, q_index, k_index, q_segment_ids=None,
     :func:`blockwise_block_bwd` and ``ring_attention.py``.
     """
     cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
+    state = forward_accumulate(q, k, v, forward_state(q, k, cfg.bq), q_index=q_index,
+                               k_index=k_index, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, block_q=block_q,
+                               block_k=block_k, sm_scale=sm_scale)
+    return forward_result(state, q.shape[1])
+
+
+def forward_accumulate(q, k, v, state, *, q_index, k_index, q_segment_ids=None,
+                       kv_segment_ids=None, block_q=None, block_k=None, sm_scale=None):
+    """:func:`blockwise_block_fwd` folded into a running state (``forward_state``; read it
+    with ``forward_result``): the state after this k block's keys are added. Lets ring
+    attention merge its blocks in place, with no per-block [Sq]-sized output or merge."""
+    cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    return _forward_indexed(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, cfg)
+    return _forward_accumulate(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, state,
+                               cfg)
 
 
 def blockwise_block_bwd(q, k, v, do, lse, delta, *, q_index, k_index, q_segment_ids=None,
@@ -458,6 +507,20 @@ def blockwise_block_bwd(q, k, v, do, lse, delta, *, q_index, k_index, q_segment_
     output. Returns this k block's share: dq [B, Sq, H, D], dk and dv [B, Sk, KV, D], fp32.
     """
     cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
+    dq, dk, dv = backward_accumulate(
+        q, k, v, do, lse, delta, backward_state(q, k, cfg.bq), q_index=q_index,
+        k_index=k_index, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        block_q=block_q, block_k=block_k, sm_scale=sm_scale)
+    return backward_result(dq, q.shape[1], cfg.sm_scale), dk, dv
+
+
+def backward_accumulate(q, k, v, do, lse, delta, dq_acc, *, q_index, k_index,
+                        q_segment_ids=None, kv_segment_ids=None, block_q=None, block_k=None,
+                        sm_scale=None):
+    """:func:`blockwise_block_bwd` with dq added into ``dq_acc`` (``backward_state``; read it
+    with ``backward_result``). Returns (dq_acc, dk, dv)."""
+    cfg = _indexed_cfg(q, k, block_q, block_k, sm_scale)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    return _backward_indexed(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, do,
-                             lse.astype(jnp.float32), delta.astype(jnp.float32), cfg)
+    return _backward_accumulate(q, k, v, q_index, k_index, q_segment_ids, kv_segment_ids, do,
+                                lse.astype(jnp.float32), delta.astype(jnp.float32), dq_acc,
+                                cfg)

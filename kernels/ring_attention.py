@@ -57,13 +57,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from . import _vma, registry
-from .blockwise import MASK_VALUE, blockwise_block_bwd, blockwise_block_fwd
+from .blockwise import (MASK_VALUE, backward_accumulate, backward_result, backward_state,
+                        forward_accumulate, forward_result, forward_state)
 from .flash_attention import BlockSizes
 
 CP_IMPLS = ("ring", "allgather")
@@ -79,32 +81,66 @@ class _RingCfg:
 
 
 # ----------------------------------------------------------------------------- block kernels
+#
+# The ring folds one K/V block at a time into a running state. With the blockwise kernel the
+# state is the kernel's own (normalised output and lse per q row, padded and grouped by kv
+# head), updated in place tile by tile; with Pallas it is (out, lse) and each block's partial
+# result is merged by log-sum-exp. Backward: a dq accumulator, likewise.
 
-def _block_fwd(cfg: _RingCfg, q, k, v, q_index, k_index, q_seg, k_seg):
-    """One (q block, k block) pair -> (out [B, Sq, H, D] fp32, lse [B, H, Sq] fp32)."""
+def _fwd_init(cfg: _RingCfg, q, k, axes):
+    if cfg.kernel == "pallas":
+        b, sq, h, d = q.shape
+        return (_vma.zeros((b, sq, h, d), jnp.float32, axes),
+                _vma.full((b, h, sq), MASK_VALUE, jnp.float32, axes))
+    return tuple(_vma.pvary(x, axes) for x in forward_state(q, k, cfg.block_sizes.block_q))
+
+
+def _fwd_step(cfg: _RingCfg, state, q, k, v, q_index, k_index, q_seg, k_seg):
+    """The running state after one more K/V block's keys."""
     bs = cfg.block_sizes
     if cfg.kernel == "pallas":
         from .flash_attention import flash_block_fwd
-        return flash_block_fwd(q, k, v, q_index=q_index, k_index=k_index,
-                               q_segment_ids=q_seg, kv_segment_ids=k_seg, block_sizes=bs,
-                               sm_scale=cfg.sm_scale)
-    return blockwise_block_fwd(q, k, v, q_index=q_index, k_index=k_index, q_segment_ids=q_seg,
-                               kv_segment_ids=k_seg, block_q=bs.block_q, block_k=bs.block_k,
-                               sm_scale=cfg.sm_scale)
+        o_b, lse_b = flash_block_fwd(q, k, v, q_index=q_index, k_index=k_index,
+                                     q_segment_ids=q_seg, kv_segment_ids=k_seg, block_sizes=bs,
+                                     sm_scale=cfg.sm_scale)
+        return merge_partials(*state, o_b, lse_b)
+    return forward_accumulate(q, k, v, state, q_index=q_index, k_index=k_index,
+                              q_segment_ids=q_seg, kv_segment_ids=k_seg, block_q=bs.block_q,
+                              block_k=bs.block_k, sm_scale=cfg.sm_scale)
 
 
-def _block_bwd(cfg: _RingCfg, q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta):
-    """This k block's share of (dq, dk, dv), fp32, from the merged lse and delta."""
+def _fwd_result(cfg: _RingCfg, state, sq):
+    """(out [B, Sq, H, D], lse [B, H, Sq]) fp32."""
+    return state if cfg.kernel == "pallas" else forward_result(state, sq)
+
+
+def _bwd_init(cfg: _RingCfg, q, k, axes):
+    if cfg.kernel == "pallas":
+        return _vma.zeros(q.shape, jnp.float32, axes)
+    return _vma.pvary(backward_state(q, k, cfg.block_sizes.block_q_bwd), axes)
+
+
+def _bwd_step(cfg: _RingCfg, dq, q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta):
+    """(dq accumulator with this K/V block's share added, the block's dk, dv), fp32."""
     bs = cfg.block_sizes
     if cfg.kernel == "pallas":
         from .flash_attention import flash_block_bwd
-        return flash_block_bwd(q, k, v, do, lse, delta, q_index=q_index, k_index=k_index,
-                               q_segment_ids=q_seg, kv_segment_ids=k_seg, block_sizes=bs,
-                               sm_scale=cfg.sm_scale)
-    return blockwise_block_bwd(q, k, v, do, lse, delta, q_index=q_index, k_index=k_index,
+        dq_b, dk, dv = flash_block_bwd(q, k, v, do, lse, delta, q_index=q_index,
+                                       k_index=k_index, q_segment_ids=q_seg,
+                                       kv_segment_ids=k_seg, block_sizes=bs,
+                                       sm_scale=cfg.sm_scale)
+        return dq + dq_b, dk, dv
+    return backward_accumulate(q, k, v, do, lse, delta, dq, q_index=q_index, k_index=k_index,
                                q_segment_ids=q_seg, kv_segment_ids=k_seg,
                                block_q=bs.block_q_bwd, block_k=bs.block_k_bwd,
                                sm_scale=cfg.sm_scale)
+
+
+def _bwd_result(cfg: _RingCfg, dq, q):
+    if cfg.kernel == "pallas":
+        return dq
+    scale = 1.0 / math.sqrt(q.shape[3]) if cfg.sm_scale is None else cfg.sm_scale
+    return backward_result(dq, q.shape[1], scale)
 
 
 def merge_partials(out, lse, out_b, lse_b):
@@ -135,38 +171,30 @@ def _shift(xs, axis_name):
 
 def _ring_fwd_pass(cfg: _RingCfg, q, k, v, q_index, k_index, q_seg, k_seg):
     n = _axis_size(cfg.axis_name)
-    b, sq, h, d = q.shape
     axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg)
-    out = _vma.zeros((b, sq, h, d), jnp.float32, axes)
-    lse = _vma.full((b, h, sq), MASK_VALUE, jnp.float32, axes)
-
-    def attend(out, lse, blk):
-        o_b, lse_b = _block_fwd(cfg, q, blk[0], blk[1], q_index, blk[2], q_seg, blk[3])
-        return merge_partials(out, lse, o_b, lse_b)
 
     def step(_, carry):
-        out, lse, blk = carry
+        state, blk = carry
         nxt = _shift(blk, cfg.axis_name)   # issued before the compute on blk: they overlap
-        out, lse = attend(out, lse, blk)
-        return out, lse, nxt
+        return _fwd_step(cfg, state, q, blk[0], blk[1], q_index, blk[2], q_seg, blk[3]), nxt
 
-    blk = (k, v, k_index, k_seg)
+    state, blk = _fwd_init(cfg, q, k, axes), (k, v, k_index, k_seg)
     if n > 1:
-        out, lse, blk = lax.fori_loop(0, n - 1, step, (out, lse, blk))
-    return attend(out, lse, blk)
+        state, blk = lax.fori_loop(0, n - 1, step, (state, blk))
+    state = _fwd_step(cfg, state, q, blk[0], blk[1], q_index, blk[2], q_seg, blk[3])
+    return _fwd_result(cfg, state, q.shape[1])
 
 
 def _ring_bwd_pass(cfg: _RingCfg, q, k, v, q_index, k_index, q_seg, k_seg, out, lse, do):
     n = _axis_size(cfg.axis_name)
     axes = _vma.union_axes(q, k, v, q_index, k_index, q_seg, k_seg, do)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
-    dq = _vma.zeros(q.shape, jnp.float32, axes)
     dkv = (_vma.zeros(k.shape, jnp.float32, axes), _vma.zeros(v.shape, jnp.float32, axes))
 
     def grads(dq, dkv, blk):
-        dq_b, dk_b, dv_b = _block_bwd(cfg, q, blk[0], blk[1], q_index, blk[2], q_seg, blk[3],
-                                      do, lse, delta)
-        return dq + dq_b, (dkv[0] + dk_b, dkv[1] + dv_b)
+        dq, dk_b, dv_b = _bwd_step(cfg, dq, q, blk[0], blk[1], q_index, blk[2], q_seg, blk[3],
+                                   do, lse, delta)
+        return dq, (dkv[0] + dk_b, dkv[1] + dv_b)
 
     def step(_, carry):
         dq, dkv, blk = carry
@@ -174,12 +202,13 @@ def _ring_bwd_pass(cfg: _RingCfg, q, k, v, q_index, k_index, q_seg, k_seg, out, 
         dq, dkv = grads(dq, dkv, blk)
         return dq, _shift(dkv, cfg.axis_name), nxt   # dK/dV travel with their block
 
-    blk = (k, v, k_index, k_seg)
+    dq, blk = _bwd_init(cfg, q, k, axes), (k, v, k_index, k_seg)
     if n > 1:
         dq, dkv, blk = lax.fori_loop(0, n - 1, step, (dq, dkv, blk))
     dq, dkv = grads(dq, dkv, blk)
     if n > 1:
         dkv = _shift(dkv, cfg.axis_name)   # the block in hand came from r + 1: return it
+    dq = _bwd_result(cfg, dq, q)
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
 
 
