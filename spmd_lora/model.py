@@ -151,11 +151,12 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_tables(positions, cfg: ModelConfig):
-    """positions [B, S] int -> (cos, sin) each [B, S, 1, hd] float32."""
+def rope_tables(positions, cfg: ModelConfig, dtype=F32):
+    """positions [B, S] int -> (cos, sin) each [B, S, 1, hd], computed in float32 and cast to
+    ``dtype`` (HF casts them to the activations' dtype the same way)."""
     freqs = positions.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))  # [B, S, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    return (jnp.cos(emb)[:, :, None, :].astype(dtype), jnp.sin(emb)[:, :, None, :].astype(dtype))
 
 
 def apply_rope(x, cos, sin):
@@ -245,8 +246,6 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     hd = cfg.head_dim
     layout = seq.layout
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)                       # [B, R, D]
-    q_width = cfg.num_heads // opts.tp * hd
-    kv_width = cfg.kv_heads_per_device(opts.tp) * hd
 
     def qkv(hg, rows):                                                      # [B, N, D] gathered
         q = column_linear(hg, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
@@ -264,13 +263,12 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     tile = opts.mlp_tile_rows(layout) if layout.sp else None
     if tile is None:
         q, k, v = qkv(layout.gather(h), seq.token_index)                    # [B, S, ..]
-    else:   # one tiled scan for all three (concatenated per tile, split once after)
-        proj = gather_tiles(lambda hg, start: jnp.concatenate(
-            qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), axis=-1), h, tile,
-            layout)
-        q, k, v = jnp.split(proj, [q_width, q_width + kv_width], axis=-1)
+    else:   # one tiled scan for all three
+        q, k, v = gather_tiles(
+            lambda hg, start: qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), h,
+            tile, layout)
     b, s, _ = q.shape
-    cos, sin = rope_tables(seq.positions, cfg)                              # [B, S, 1, hd]
+    cos, sin = rope_tables(seq.positions, cfg, q.dtype)                     # [B, S, 1, hd]
     q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
     k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
     v = v.reshape(b, s, -1, hd)                                             # [B, S, KVl, hd]
@@ -326,10 +324,15 @@ def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=Non
     """One pre-norm Llama layer on the local residual rows x [B, R, D] -> [B, R, D]: one
     reduction over tp after o_proj and one after down_proj (psum, or psum_scatter with
     sequence parallelism), and the matching gathers before the column blocks."""
+    attn = lambda x, p, lora, key: attention_block(x, p, lora, seq, opts, key)  # noqa: E731
+    mlp = lambda x, p, lora, key: mlp_block(x, p, lora, seq.layout, opts, key, seq)  # noqa: E731
+    if opts.remat == "offload":   # each half recomputed in its own backward (see _remat)
+        attn = jax.checkpoint(attn, policy=jax.checkpoint_policies.nothing_saveable)
+        mlp = jax.checkpoint(mlp, policy=jax.checkpoint_policies.nothing_saveable)
     x = checkpoint_name(x, LAYER_INPUT)
-    x = x + attention_block(x, p, lora, seq, opts, key)
+    x = x + attn(x, p, lora, key)
     x = checkpoint_name(x, MLP_INPUT)
-    return x + mlp_block(x, p, lora, seq.layout, opts, key, seq)
+    return x + mlp(x, p, lora, key)
 
 
 def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = None):
@@ -353,7 +356,7 @@ def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = 
     return scatter_tiles(lambda t, start: lookup(t[..., 0]), tokens[..., None], tile, layout)
 
 
-def _remat(fn, opts: ForwardOptions, layout: SeqLayout):
+def _remat(fn, opts: ForwardOptions):
     policies = jax.checkpoint_policies
     if opts.remat == "none":
         return fn
@@ -361,13 +364,11 @@ def _remat(fn, opts: ForwardOptions, layout: SeqLayout):
         return jax.checkpoint(fn, policy=policies.nothing_saveable)
     if opts.remat == "save-dots":
         return jax.checkpoint(fn, policy=policies.dots_with_no_batch_dims_saveable)
-    # offload: recompute everything but the named layer inputs, which wait in host memory.
-    # Under sequence parallelism the MLP input (the residual after attention) is offloaded too,
-    # so the recompute needs no reduce-scatter: the step then moves exactly the bytes of the
-    # replicated layout's all-reduces.
-    names = [LAYER_INPUT, MLP_INPUT] if layout.sp else [LAYER_INPUT]
+    # offload: the two half-layer inputs (the layer input and the residual after attention)
+    # wait in host memory; each half is its own checkpoint (decoder_layer), so the backward
+    # recomputes one half at a time and the device peak is that of the larger half.
     policy = policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, MLP_INPUT],
         offload_src="device", offload_dst="pinned_host")
     return jax.checkpoint(fn, policy=policy)
 
@@ -408,7 +409,7 @@ def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOpt
         return decoder_layer(h, p, lp, seq, opts, layer_key), None
 
     idx = jnp.arange(opts.cfg.num_layers)
-    x, _ = jax.lax.scan(_remat(body, opts, layout), x, (params["layers"], lora_layers, idx))
+    x, _ = jax.lax.scan(_remat(body, opts), x, (params["layers"], lora_layers, idx))
     return rms_norm(x, params["final_norm"], opts.cfg.rms_norm_eps)
 
 

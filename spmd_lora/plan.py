@@ -210,9 +210,9 @@ def _local_bytes(tree) -> int:
 def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
                     sequence_parallel: bool, cp: int = 1) -> int:
     """Host bytes per device that remat ``offload`` keeps per step (computed, not compiled): the
-    per-layer saved inputs [B/dp, R, D] for every layer, R = S_cp/tp under sequence
-    parallelism (which also offloads the mid-layer residual: twice that) or S_cp, where S_cp is
-    the cp rank's share of the (padded) sequence."""
+    two half-layer inputs [B/dp, R, D] of every layer (the layer input and the residual after
+    attention), R = S_cp/tp under sequence parallelism or S_cp, where S_cp is the cp rank's
+    share of the (padded) sequence."""
     import numpy as np
 
     from .context_parallel import padded_seq_len
@@ -222,7 +222,7 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
-    return cfg.num_layers * per_layer * itemsize * (2 if layout.sp else 1)
+    return cfg.num_layers * per_layer * itemsize * 2
 
 
 def quant_weight_bytes(params) -> dict:

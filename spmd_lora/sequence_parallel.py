@@ -132,17 +132,21 @@ def _scan_tiles(fn, tiles):
 def gather_tiles(fn, x, chunk: int, layout: SeqLayout):
     """Column side of a tiled block. x [B, R, D] local rows; each tile of ``chunk`` local rows
     is gathered over tp (``layout.gather``: [B, g*c, D], rows d*R + j*c + i, d-major) and mapped
-    by ``fn(gathered_tile, start) -> [B, g*c, F]``. Returns [B, S_pad, F] in sequence order, so
-    the whole gathered [B, S_pad, D] input never exists. Tiles are rematerialised."""
+    by ``fn(gathered_tile, start) -> [B, g*c, F]`` (or a tuple of such arrays, any F each).
+    Returns [B, S_pad, F] (or the tuple) in sequence order, so the whole gathered [B, S_pad, D]
+    input never exists. Tiles are rematerialised."""
     b, rows, d = x.shape
     g = layout.gather_factor
     n = -(-rows // chunk)
     x = pad_axis(x, 1, n * chunk)
     tiles = x.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)                  # [n, B, c, D]
-    y = _scan_tiles(lambda t, j: fn(layout.gather(t), j * chunk), tiles)      # [n, B, g*c, F]
-    f = y.shape[-1]
-    y = y.reshape(n, b, g, chunk, f).transpose(1, 2, 0, 3, 4)                # [B, g, n, c, F]
-    return y.reshape(b, g, n * chunk, f)[:, :, :rows].reshape(b, g * rows, f)
+    ys = _scan_tiles(lambda t, j: fn(layout.gather(t), j * chunk), tiles)     # [n, B, g*c, F]
+
+    def in_order(y):
+        f = y.shape[-1]
+        y = y.reshape(n, b, g, chunk, f).transpose(1, 2, 0, 3, 4)            # [B, g, n, c, F]
+        return y.reshape(b, g, n * chunk, f)[:, :, :rows].reshape(b, g * rows, f)
+    return jax.tree.map(in_order, ys)
 
 
 def scatter_tiles(fn, y, chunk: int, layout: SeqLayout):

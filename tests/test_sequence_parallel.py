@@ -109,10 +109,9 @@ def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
 
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
 def test_offload_equals_full(hf_models, tmp_path, tp, sp):
-    """remat offload (saved layer inputs in pinned_host memory) == remat full: bit for bit on
-    CPU when both keep the same residuals (tp=1, replicated layout). Under sequence parallelism
-    offload also keeps the mid-layer residual (so its recompute needs no reduce-scatter), which
-    full recomputes: equal to float rounding. The jaxpr places the saved residuals in host
+    """remat offload (the two half-layer inputs in pinned_host memory, each half recomputed in
+    its own backward) == remat full (the whole layer recomputed from its input) to float
+    rounding: same loss and LoRA gradients. The jaxpr places the saved residuals in host
     memory."""
     path, hf = hf_models("mha")
     make_peft_adapter(hf, tmp_path / "adapter")
@@ -124,14 +123,9 @@ def test_offload_equals_full(hf_models, tmp_path, tp, sp):
         opts = ForwardOptions(model.config, tp, model.lora_config, remat=remat,
                               mlp_chunk_tokens=8, sequence_parallel=sp)
         out[remat] = _our_grads(model, opts, tokens, mask)
-    if not sp:
-        assert np.array_equal(out["full"][0], out["offload"][0])
-        for a, b in zip(jax.tree.leaves(out["full"][1]), jax.tree.leaves(out["offload"][1])):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
-    else:
-        assert rel_err(out["offload"][0], out["full"][0]) <= 1e-6
-        errs = jax.tree.leaves(jax.tree.map(rel_err, out["offload"][1], out["full"][1]))
-        assert max(errs) <= 1e-5
+    assert rel_err(out["offload"][0], out["full"][0]) <= 1e-6
+    errs = jax.tree.leaves(jax.tree.map(rel_err, out["offload"][1], out["full"][1]))
+    assert max(errs) <= 1e-5
     opts = ForwardOptions(model.config, tp, model.lora_config, remat="offload",
                           sequence_parallel=sp)
     fn = sharded.loss_sum_fn(opts, model.mesh)
