@@ -25,6 +25,9 @@ stops a process whose peer died, agreement between processes, and per-process ba
   one cannot see.
 * :func:`put_rows` places a batch whose row axis is split over dp, building on each process
   only the rows of its own devices.
+* :func:`await_watchdog`: a collective that fails because a peer's connection dropped (gloo
+  raises at once when a peer process dies) waits for the watchdog's verdict, so the process
+  still ends with ``error: process K stopped responding`` rather than a traceback.
 * :func:`finish` ends a process of a multi-process run: marks it done or failed, and on failure
   exits at once (``os._exit``), skipping JAX's shutdown barrier, which would wait for peers
   that are themselves waiting for this process in a collective.
@@ -156,6 +159,22 @@ def start_watchdog(timeout: float | None = None) -> None:
         _state["watchdog"].start()
 
 
+def await_watchdog(error: BaseException) -> None:
+    """After a JAX runtime error in a multi-process run (gloo raises one as soon as a peer's
+    connection drops: ``Gloo all-reduce failed: ... Connection closed by peer``), give the
+    watchdog the time it needs to name the process that stopped; it then ends this process
+    with ``error: process K stopped responding``. Returns when it did not (another error)."""
+    dog = _state["watchdog"]
+    if dog is None or not isinstance(error, jax.errors.JaxRuntimeError):
+        return
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    sys.stderr.write(f"note: a JAX runtime error in a multi-process run ({first}); waiting up to "
+                     f"{dog.timeout + 2 * dog.interval:.0f} s for the watchdog to see whether a "
+                     f"peer process stopped\n")
+    sys.stderr.flush()
+    time.sleep(dog.timeout + 2 * dog.interval)
+
+
 def finish(status: int, message: str = "") -> int:
     """End this process's part of a multi-process run with exit ``status``: marks it ``done``
     (status 0) or ``failed`` for the others' watchdogs; a failure exits at once. Returns
@@ -216,3 +235,18 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def place_micro_batches(batches, where: list[tuple[int, int]], mesh) -> dict:
+    """The micro-batches at positions ``where`` ((epoch, index) pairs of a
+    :class:`~spmd_lora.data.BatchIterator`) as ``[A, B, S]`` arrays with B split over dp, the
+    layout of ``step.shard_micro_batches``; this process builds only its devices' rows."""
+    from jax.sharding import NamedSharding
+
+    from .step import MICRO_BATCH_SPEC
+    sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
+    shape = (len(where), batches.batch_size, batches.max_seq_len)
+    rows = local_rows(shape, sharding)
+    parts = [batches.batch(epoch, index, rows) for epoch, index in where]
+    return {k: put_rows(shape, sharding, rows, np.stack([p[k] for p in parts]).astype(np.int32))
+            for k in parts[0]}
