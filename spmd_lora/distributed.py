@@ -13,7 +13,9 @@ stops a process whose peer died, agreement between processes, and per-process ba
   status :data:`EXIT_PEER_LOST` at once (``os._exit``: a collective waiting for the dead peer
   would never return). A peer that failed with an error marks itself ``failed`` first, so the
   others stop at once (``error: process K failed ...``); one that finished marks itself
-  ``done`` and is no longer watched.
+  ``done`` and is no longer watched. A failing process 0 waits (up to ``peer_timeout``) until
+  the others have marked themselves before it exits, since they need the coordination service
+  it hosts to do so.
   ``peer_timeout`` is ``$SPMD_LORA_PEER_TIMEOUT`` (seconds, default 60). JAX's own heartbeat
   timeout is set to twice that, as a backstop: it aborts the process (status 134, JAX's own
   message) if the watchdog itself cannot run. When process 0 dies, JAX's runtime aborts the
@@ -145,8 +147,14 @@ class _Watchdog(threading.Thread):
 
 def _stop(reason: str) -> None:
     """Print why, then end this process at once (peers may be stuck in a collective)."""
-    if _state["watchdog"] is not None and _state["watchdog"].stopped.is_set():
+    dog = _state["watchdog"]
+    if dog is not None and dog.stopped.is_set():
         return                                        # finishing normally: nothing to stop
+    if dog is not None and not reason.startswith("process 0 "):
+        try:                          # process 0 waits for this before it exits (finish)
+            dog.publish("failed:stopped")
+        except Exception:
+            pass
     sys.stdout.flush()
     sys.stderr.write(f"error: {reason}; stopping process {jax.process_index()}\n")
     sys.stderr.flush()
@@ -190,8 +198,24 @@ def finish(status: int, message: str = "") -> int:
     if status != 0:
         sys.stdout.flush()
         sys.stderr.flush()
+        if dog.me == 0:      # the others still need the coordination service it hosts
+            _wait_for_peers(dog)
         os._exit(status)
     return status
+
+
+def _wait_for_peers(dog: _Watchdog) -> None:
+    """Until every peer has marked itself done or failed (or ``peer_timeout`` passed)."""
+    deadline = time.monotonic() + dog.timeout
+    while time.monotonic() < deadline:
+        try:
+            values = dict(dog.client.key_value_dir_get(_PREFIX))
+        except Exception:
+            return
+        if all(str(values.get(_PREFIX + str(k), "")).startswith(("done", "failed"))
+               for k in range(dog.n) if k != dog.me):
+            return
+        time.sleep(0.1)
 
 
 def agree(value: str, timeout_s: float = 1800.0) -> list[str]:

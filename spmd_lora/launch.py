@@ -9,12 +9,13 @@ NVIDIA host the local GPUs are split across the processes (``JAX_LOCAL_DEVICE_ID
 
 * Output: every line a process prints is prefixed with ``[rank K]`` (stdout to stdout, stderr
   to stderr); ``launch: rank K pid P`` is printed for each process at the start.
-* First failure: when a process exits non-zero, the others are stopped (SIGTERM, then SIGKILL
-  after ``--grace`` seconds) and the launcher prints ``error: process K ...`` with its exit
+* First failure: when a process exits non-zero, the others are stopped (SIGKILL: a run that
+  lost a process cannot go on, and checkpoints are written atomically) and the launcher prints ``error: process K ...`` with its exit
   status and its last error line, and exits with that status (128 + signal for a signal).
   Processes that only stopped because of that one (the watchdog's status 3, or JAX's abort
   when process 0 died) are not the one reported.
-* SIGTERM / SIGINT / SIGHUP to the launcher stop every process the same way; the processes also
+* SIGTERM / SIGINT / SIGHUP to the launcher stop every process (SIGTERM, then SIGKILL after
+  ``--grace`` seconds; JAX catches SIGTERM as a preemption notice); the processes also
   get SIGKILL when the launcher itself dies (Linux ``PR_SET_PDEATHSIG``). No orphans.
 """
 from __future__ import annotations
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "process (default: all GPUs split evenly)")
     p.add_argument("--port", type=int, default=0,
                    help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--grace", type=float, default=5.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping processes "
+    p.add_argument("--grace", type=float, default=3.0,
+                   help="seconds between SIGTERM and SIGKILL when the launcher is stopped "
                         "(default: %(default)s)")
     p.add_argument("--peer-timeout", type=float, default=None,
                    help="seconds without a peer's heartbeat before the others stop "
@@ -160,7 +161,7 @@ class _Stop(Exception):
 
 
 def run(command: list[str], nprocs: int, devices_per_process: int | None = None, port: int = 0,
-        grace: float = 5.0, peer_timeout: float | None = None) -> int:
+        grace: float = 3.0, peer_timeout: float | None = None) -> int:
     """Run ``python -m spmd_lora COMMAND`` as ``nprocs`` processes; returns the exit status."""
     if nprocs < 1:
         raise ConfigError(f"--nprocs must be >= 1, got {nprocs}")
@@ -210,7 +211,7 @@ def run(command: list[str], nprocs: int, devices_per_process: int | None = None,
             for t in r.pumps:
                 t.join()
         return 0
-    _stop_all(ranks, grace)
+    _stop_all(ranks, 0.0)          # a failed run cannot go on: SIGKILL the others at once
     code = failed.proc.returncode
     said = failed.last_error or failed.last_line or "(none)"
     sys.stderr.write(f"error: process {failed.rank} (pid {failed.proc.pid}) failed: "
@@ -244,7 +245,7 @@ def _wait(ranks: list[_Rank]) -> _Rank | None:
         bad = failed()
         if bad:
             # a victim exits moments after the process it reacted to; give that one a moment
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + 10.0
             while all(_victim(r) for r in bad) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 bad = failed()
@@ -256,10 +257,12 @@ def _wait(ranks: list[_Rank]) -> _Rank | None:
 
 
 def _stop_all(ranks: list[_Rank], grace: float) -> None:
-    """SIGTERM every running process, SIGKILL what is left after ``grace`` seconds, reap all."""
+    """SIGTERM every running process, SIGKILL what is left after ``grace`` seconds (at once
+    when 0), reap all. JAX catches SIGTERM in a multi-process run (a preemption notice for
+    its sync manager), so a busy process usually ends at the SIGKILL."""
     for r in ranks:
         if r.proc.poll() is None:
-            r.proc.terminate()
+            r.proc.terminate() if grace > 0 else r.proc.kill()
     deadline = time.monotonic() + grace
     for r in ranks:
         try:
