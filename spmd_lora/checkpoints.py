@@ -112,3 +112,21 @@ def load_checkpoint(path: Path, lora_template, opt_state_template):
         raise CheckpointError(f"{path}: optimizer state does not match this configuration")
     opt_state = jax.tree.unflatten(opt_def, opt_leaves)
     return lora, opt_state, state
+
+
+def agreed_checkpoints(ckpt_root: Path) -> list[Path]:
+    """:func:`list_checkpoints`, checked to be the same on every process of a multi-process
+    run (one string per process through ``distributed.agree``, a barrier): a process that sees
+    a different newest checkpoint (or none) than process 0 would resume from another state,
+    so every process raises the same CheckpointError instead."""
+    from .distributed import agree
+    found = list_checkpoints(ckpt_root)
+    views = agree(found[-1].name if found else "")
+    for rank, view in enumerate(views):
+        if view != views[0]:
+            what = lambda v: f"checkpoint {v}" if v else "no checkpoint"
+            raise CheckpointError(
+                f"process {rank} sees {what(view)} in {ckpt_root} but process 0 sees "
+                f"{what(views[0])}; every process must see the same output directory: put "
+                f"output_dir on a file system all hosts share (same path), then resume")
+    return found

@@ -1,7 +1,9 @@
-"""``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard`` (also ``python -m spmd_lora``).
+"""``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard | launch`` (also ``python -m spmd_lora``).
 
 User mistakes (bad paths, malformed data, impossible configs, NaN loss) print one clear
-``error:`` line and exit with status 2; no traceback.
+``error:`` line and exit with status 2; no traceback. In a multi-process run (``spmd-lora
+launch``, or several hosts) train / eval / generate print their results on process 0 only,
+and a process that fails exits at once and tells its peers (``spmd_lora.distributed``).
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def cmd_train(args) -> int:
     from .train import train
     file_values = read_config_file(args.config) if args.config else None
     result = train(_train_config(args, file_values, getattr(args, "given", set())))
-    print(json.dumps(result))
+    _print_main(json.dumps(result))
     return 0
 
 
@@ -153,7 +155,7 @@ def cmd_eval(args) -> int:
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs,
                                      chat_template=args.chat_template)
-    print(json.dumps(evaluate(model, examples, batch_size=args.batch_size)))
+    _print_main(json.dumps(evaluate(model, examples, batch_size=args.batch_size)))
     return 0
 
 
@@ -178,8 +180,15 @@ def cmd_generate(args) -> int:
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             chat_template=args.chat_template)
     for prompt, text in zip(args.prompt, outputs):
-        print(json.dumps({"prompt": prompt, "completion": text}))
+        _print_main(json.dumps({"prompt": prompt, "completion": text}))
     return 0
+
+
+def _print_main(text: str) -> None:
+    """Print on process 0 only (every process of a multi-process run has the same result)."""
+    import jax
+    if jax.process_index() == 0:
+        print(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="per-device memory plan (no weights needed)", add_help=False)
     p.set_defaults(func=None)
+    p = sub.add_parser("launch", add_help=False,
+                       help="run train / eval / generate as several JAX processes on this "
+                            "machine (spmd-lora launch --nprocs N -- train ...)")
+    p.set_defaults(func=None)
     return parser
 
 
@@ -287,18 +300,42 @@ def main(argv=None) -> int:
     if argv[:1] == ["plan"]:
         from .plan import main as plan_main     # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
+    if argv[:1] == ["launch"]:
+        from .launch import main as launch_main
+        return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train":
         args.given = _given_flags(argv[1:])
     if args.command in ("train", "eval", "generate"):
+        from .distributed import finish
         from .mesh import initialize_distributed
-        initialize_distributed()
+        multi = _guard(initialize_distributed)
+        if multi not in (True, False):               # the environment was wrong: exit status
+            return multi
+        if multi:
+            return finish(*_guard_multi(lambda: args.func(args)))
     _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)
                              * (getattr(args, "cp", 1) or 1)))
     return _guard(lambda: args.func(args))
 
 
-def _guard(fn) -> int:
+def _guard_multi(fn) -> tuple[int, str]:
+    """(exit status, its error line) of ``fn`` in a multi-process run: a bug's traceback is
+    printed here, since the failed process then exits without unwinding (see finish)."""
+    import traceback
+
+    from .distributed import await_watchdog
+    errors = []
+    try:
+        status = _guard(fn, errors.append)
+    except BaseException as e:                   # noqa: BLE001 - reported to the peers too
+        await_watchdog(e)                        # a dead peer: the watchdog names it, exits
+        traceback.print_exc()
+        return 1, f"{type(e).__name__}: {e}".splitlines()[0]
+    return status, (errors[-1] if errors else "")
+
+
+def _guard(fn, on_error=None) -> int:
     try:
         return fn()
     except SpmdLoraError as e:
@@ -306,6 +343,8 @@ def _guard(fn) -> int:
         from .train_fields import with_flag_names
         text = str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e))
         print(f"error: {text}", file=sys.stderr)
+        if on_error is not None:
+            on_error(text)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import model as M
 from .errors import ConfigError, DataError
 from .kernels import attention
+from .distributed import to_host
 from .mesh import CP, DP, TP, lora_specs, param_specs, put_global
 
 F32 = jnp.float32
@@ -306,7 +307,7 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
     out = [[] for _ in range(n)]
     done = np.zeros(n, bool)
     for step in range(max_new_tokens):
-        host = np.asarray(jax.device_get(tok))
+        host = to_host(tok)                  # gathered from every process when dp spans them
         for i in range(n):
             if not done[i]:
                 out[i].append(int(host[i]))

@@ -39,8 +39,6 @@ replicated on every device. The batch ``[B, S]`` is split over dp along B and ov
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -94,24 +92,18 @@ def lora_specs(lora):
     return jax.tree.map(lambda _: REPLICATED, lora)
 
 
-def initialize_distributed() -> None:
+def initialize_distributed() -> bool:
     """Start multi-host JAX when launched as several processes.
 
     Call once per process before any other JAX call. It runs ``jax.distributed.initialize()``
-    when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``),
-    or under SLURM / Open MPI with more than one task, where JAX discovers the cluster itself;
-    otherwise it does nothing. The ``spmd-lora`` CLI calls it for train/eval/generate.
+    when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``;
+    ``spmd-lora launch`` sets them), or under SLURM / Open MPI with more than one task, where
+    JAX discovers the cluster itself, and starts the watchdog that stops this process when a
+    peer dies (``spmd_lora.distributed``); otherwise it does nothing. Returns True when there
+    is more than one process. The ``spmd-lora`` CLI calls it for train/eval/generate.
     """
-    if jax.distributed.is_initialized():
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
-            int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
+    from .distributed import initialize
+    return initialize()
 
 
 def make_mesh(dp: int = 1, tp: int = 1, cp: int = 1) -> Mesh:

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from . import checkpoints, data, reporting
 from .config import ModelConfig
@@ -36,7 +35,8 @@ from .mesh import make_mesh
 from .model import DEFAULT_MLP_CHUNK_TOKENS, ForwardOptions
 from .tokenizer import load_tokenizer
 from .train_fields import CHOICES, check_choice
-from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate, shard_micro_batches
+from .distributed import place_micro_batches
+from .step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step, replicate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
 
     start_step = 0
     ckpt_root = out / "checkpoints"
-    found = checkpoints.list_checkpoints(ckpt_root) if cfg.resume else []
+    found = checkpoints.agreed_checkpoints(ckpt_root) if cfg.resume else []
     if found:
         lora, opt_state, state = checkpoints.load_checkpoint(found[-1], lora, opt_state)
         check_resume_config(state.get("config", {}), cfg, state.get("data_digest"),
@@ -253,9 +253,9 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
         def prepare():
             """The next step's micro-batches on the devices, their token count and the data
             position after them (host work that overlaps the running step)."""
-            rows = [next(batches) for _ in range(cfg.grad_accum_steps)]
-            micro = shard_micro_batches({k: np.stack([r[k] for r in rows]) for k in rows[0]}, mesh)
-            return micro, int(sum(np.count_nonzero(r["segment_ids"]) for r in rows)), batches.state()
+            where = [batches.take() for _ in range(cfg.grad_accum_steps)]
+            micro = place_micro_batches(batches, where, mesh)      # this process's rows only
+            return micro, sum(batches.batch_tokens(*w) for w in where), batches.state()
 
         clock = [time.perf_counter()]
 

@@ -118,6 +118,7 @@ class BatchIterator:
         self.seed, self.epochs, self.drop_last = int(seed), epochs, bool(drop_last)
         lengths = (np.asarray(self.examples.lengths) if hasattr(self.examples, "lengths")
                    else np.array([len(e) for e in self.examples], dtype=np.int64))
+        self._lengths = lengths
         over = np.flatnonzero(lengths > self.max_seq_len)
         if over.size:
             e, n = self.examples[int(over[0])], int(lengths[over[0]])
@@ -181,23 +182,36 @@ class BatchIterator:
             self._perm_epoch = epoch
         return self._perm
 
-    def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """Batch ``index`` of ``epoch`` (does not move the position)."""
-        rows = self._order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return collate([[self.examples[i] for i in self.rows[r]] for r in rows],
-                       self.max_seq_len, self.pad_id, batch_size=self.batch_size)
+    def batch(self, epoch: int, index: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Batch ``index`` of ``epoch`` (does not move the position). ``rows``: only these
+        rows of the batch, in this order (a process of a multi-process run builds only the
+        rows its devices hold); default all ``batch_size``."""
+        order = self._order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        want = range(self.batch_size) if rows is None else rows
+        picked = [[self.examples[i] for i in self.rows[order[j]]] if j < len(order) else []
+                  for j in want]
+        return collate(picked, self.max_seq_len, self.pad_id, batch_size=len(want))
+
+    def batch_tokens(self, epoch: int, index: int) -> int:
+        """Tokens (not padding) in batch ``index`` of ``epoch``, from the lengths alone."""
+        order = self._order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        return int(sum(self._lengths[i] for r in order for i in self.rows[r]))
+
+    def take(self) -> tuple[int, int]:
+        """The (epoch, index) of the next batch, moving past it without building it."""
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        out = (self.epoch, self.index)
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return out
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.epochs is not None and self.epoch >= self.epochs:
-            raise StopIteration
-        out = self.batch(self.epoch, self.index)
-        self.index += 1
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return out
+        return self.batch(*self.take())
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, max_seq_len: int, *,
