@@ -125,12 +125,14 @@ def test_batch_rows_and_placement_match_the_whole_batch(tiny_model):
         np.testing.assert_array_equal(part[k], whole[k][[3, 1]])
     assert it.batch_tokens(0, 1) == np.count_nonzero(whole["segment_ids"])
     assert it.take() == (0, 0) and it.take() == (0, 1) and it.state()["index"] == 2
-    mesh = make_mesh(2, 4)
-    placed = distributed.place_micro_batches(it, [(0, 0), (0, 1)], mesh)
-    ref = shard_micro_batches({k: np.stack([it.batch(0, 0)[k], whole[k]]) for k in whole}, mesh)
-    for k in ref:
-        assert placed[k].sharding == ref[k].sharding
-        np.testing.assert_array_equal(np.asarray(placed[k]), np.asarray(ref[k]))
+    for mesh in (make_mesh(2, 4), make_mesh(2, 2, cp=2)):     # cp: zig-zag batch preparation
+        placed = distributed.place_micro_batches(it, [(0, 0), (0, 1)], mesh)
+        ref = shard_micro_batches({k: np.stack([it.batch(0, 0)[k], whole[k]]) for k in whole},
+                                  mesh)
+        assert placed.keys() == ref.keys()
+        for k in ref:
+            assert placed[k].sharding == ref[k].sharding
+            np.testing.assert_array_equal(np.asarray(placed[k]), np.asarray(ref[k]))
     assert distributed.agree("x") == ["x"]          # one process: no barrier
 
 
@@ -190,6 +192,17 @@ def test_two_processes_dp_across_processes_equal_one_process(runs):
     results = [l for l in runs["out"].splitlines() if '"step"' in l]
     assert len(results) == 1 and results[0].startswith('[rank 0] {"step": 24')
     assert "[rank 1]" in runs["err"] and "[rank 0] step 24/24" in runs["err"]
+
+
+def test_cp_ring_spanning_two_processes_equals_one_process(tiny_model, tmp_path):
+    """2 processes x 2 devices, cp=2 x tp=2: ring attention's K/V permutes cross the
+    processes (one cp rank per process)."""
+    oracle = _oracle(tiny_model, tmp_path / "oracle", cp=2, tp=2, max_steps=3)
+    rc, _, err, wall = _run_launch(2, 2, _train_args(tiny_model, tmp_path / "two", cp=2, tp=2,
+                                                     max_steps=3))
+    assert rc == 0, err
+    _assert_close_runs(tmp_path / "two", oracle)
+    print(f"2-process cp=2 x tp=2 launch, 3 steps: {wall:.1f} s wall")
 
 
 def test_tp_group_spanning_two_processes_equals_one_process(tiny_model, tmp_path):
