@@ -13,7 +13,7 @@ Per device (inside shard_map, check_vma=True): the KV cache of every layer is
 ``[B_local, Smax, KVl, hd]`` (kv heads over tp exactly as the k/v_proj columns, batch over dp),
 stacked over layers to ``[L, B, Smax, KVe, hd]`` globally, spec ``P(None, dp, None, tp, None)``.
 The layers reuse model.py's embed / rms_norm / rope / column_linear / row_linear (with LoRA) /
-mlp_block / local_logits. Prefill attention is ``spmd_lora.kernels.attention`` (the model's
+mlp_residual / local_logits. Prefill attention is ``spmd_lora.kernels.attention`` (the model's
 ``attention`` impl, O(S) memory for long prompts; padding is segment 0); decode attention is a
 plain masked float32 softmax of the new token over the cache.
 
@@ -80,7 +80,7 @@ def _layer(x, p, lora, ck, cv, cos, sin, mask, start, segments, opts: M.ForwardO
     else:
         o = _cached_attention(q, ck, cv, mask)
     x = x + jax.lax.psum(M.row_linear(o.reshape(b, t, -1), p["o_proj"], lora.get("o_proj"), opts), TP)
-    return x + M.mlp_block(x, p, lora, opts.layout(t), opts), ck, cv
+    return M.mlp_residual(x, p, lora, opts.layout(t), opts), ck, cv
 
 
 def _forward_cached(params, lora, ck, cv, tokens, positions, pmask, start, opts, prefill=False):

@@ -294,16 +294,17 @@ def _tile_rows(token_index, layout: SeqLayout, start, size: int):
     return jnp.take(token_index, layout.tile_rows(start, size), axis=1, mode="clip")
 
 
-def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None,
-              seq: SequenceInputs | None = None):
-    """SwiGLU MLP of the local residual rows x [B, R, D] -> [B, R, D] (after the down_proj
-    reduction), over tiles of ``opts.mlp_chunk_tokens`` gathered tokens when set. ``seq``
-    gives the token indices and batch rows for dropout (None: no dropout)."""
+def mlp_residual(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None,
+                 seq: SequenceInputs | None = None):
+    """The MLP half of a layer on the local residual rows: x + SwiGLU(rms_norm(x)), x [B, R, D]
+    -> [B, R, D], over tiles of ``opts.mlp_chunk_tokens`` gathered tokens when set (norm,
+    MLP, down_proj reduction and residual add per tile, so no [B, R, D] intermediate but the
+    output). ``seq`` gives the token indices and batch rows for dropout (None: no dropout)."""
     cfg = opts.cfg
     f = (cfg.intermediate_size, 1)
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
 
-    def mlp(h_tile, start):                                                 # [B, c, D] local
+    def mlp(x_tile, start):                                                 # [B, c, D] local
+        h_tile = rms_norm(x_tile, p["mlp_norm"], cfg.rms_norm_eps)
         hg = layout.gather(h_tile)                                          # [B, g*c, D]
         use = seq is not None and key is not None
         rows = _tile_rows(seq.token_index, layout, start, h_tile.shape[1]) if use else None
@@ -314,25 +315,25 @@ def mlp_block(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None,
                            drop(5))                                         # [B, g*c, Fl]
         y = row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts,
                        drop(6))
-        return layout.scatter(y)
+        return x_tile + layout.scatter(y)
 
     tile = opts.mlp_tile_rows(layout)
-    return tiled(mlp, h, tile) if tile else mlp(h, 0)
+    return tiled(mlp, x, tile) if tile else mlp(x, 0)
 
 
 def decoder_layer(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=None):
     """One pre-norm Llama layer on the local residual rows x [B, R, D] -> [B, R, D]: one
     reduction over tp after o_proj and one after down_proj (psum, or psum_scatter with
     sequence parallelism), and the matching gathers before the column blocks."""
-    attn = lambda x, p, lora, key: attention_block(x, p, lora, seq, opts, key)  # noqa: E731
-    mlp = lambda x, p, lora, key: mlp_block(x, p, lora, seq.layout, opts, key, seq)  # noqa: E731
+    attn = lambda x, p, lora, key: x + attention_block(x, p, lora, seq, opts, key)  # noqa: E731
+    mlp = lambda x, p, lora, key: mlp_residual(x, p, lora, seq.layout, opts, key, seq)  # noqa: E731
     if opts.remat == "offload":   # each half recomputed in its own backward (see _remat)
         attn = jax.checkpoint(attn, policy=jax.checkpoint_policies.nothing_saveable)
         mlp = jax.checkpoint(mlp, policy=jax.checkpoint_policies.nothing_saveable)
     x = checkpoint_name(x, LAYER_INPUT)
-    x = x + attn(x, p, lora, key)
+    x = attn(x, p, lora, key)
     x = checkpoint_name(x, MLP_INPUT)
-    return x + mlp(x, p, lora, key)
+    return mlp(x, p, lora, key)
 
 
 def embed(tokens, table_local, opts: ForwardOptions, layout: SeqLayout | None = None):

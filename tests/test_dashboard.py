@@ -82,7 +82,7 @@ def test_demo_output_on_a_bare_install(demo):
     assert f"loss plot in {run / 'loss.png'}" in p.stdout
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = json.loads((run / "run_config.json").read_text())
-    assert cfg["train"]["tp"] == 2 and cfg["mesh"]["axes"] == {"dp": 1, "tp": 2}
+    assert cfg["train"]["tp"] == 2 and cfg["mesh"]["axes"] == {"dp": 1, "cp": 1, "tp": 2}
     census = json.loads((run / "census.json").read_text())
     # tp=2 with sequence parallelism: all-gathers / reduce-scatters of activations, nothing else
     assert census["measured"]["other_ops"] == 0 and census["memory_per_device"]["peak"] > 0
