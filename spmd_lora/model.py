@@ -21,8 +21,8 @@ parallelism, ``[B, S/tp, D]`` (``all_gather`` before a column block, ``psum_scat
 block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_tokens``).
 
 Shapes in comments are local: ``B`` local batch, ``S`` local sequence (the cp rank's tokens,
-padded to a multiple of tp under sequence parallelism), ``R`` residual rows held (S/tp or S), ``D`` hidden, ``Hl``/``KVl``
-local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
+padded to a multiple of tp under sequence parallelism), ``R`` residual rows held (S/tp or S),
+``D`` hidden, ``Hl``/``KVl`` local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
 Norms, rotary tables and softmax statistics run in float32 whatever the weight dtype (the
 rotation itself, as in HF, in the activations' dtype).
 """
@@ -63,9 +63,10 @@ class ForwardOptions:
 
     ``sequence_parallel``: shard the residual stream along the sequence over tp (only matters
     when tp > 1). ``cp``: context-parallel degree (the batch arrives in zig-zag layout, with
-    ``targets`` / ``target_weights`` / ``token_index``); ``cp_impl``: "ring" | "allgather". ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole
-    sequence at once). ``remat``: none | full | save-dots | offload (full, with the saved layer
-    inputs in host memory).
+    ``targets`` / ``target_weights`` / ``token_index``); ``cp_impl``: "ring" | "allgather".
+    ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole sequence at
+    once). ``remat``: none | full | save-dots | offload (the two half-layer inputs in host
+    memory, each half recomputed in its own backward).
     """
 
     cfg: ModelConfig
