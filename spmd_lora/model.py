@@ -22,9 +22,9 @@ block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_to
 
 Shapes in comments are local: ``B`` local batch, ``S`` local sequence (the cp rank's tokens,
 padded to a multiple of tp under sequence parallelism), ``R`` residual rows held (S/tp or S),
-``D`` hidden, ``Hl``/``KVl`` local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate, ``Vl`` local (padded) vocab.
-Norms, rotary tables and softmax statistics run in float32 whatever the weight dtype (the
-rotation itself, as in HF, in the activations' dtype).
+``D`` hidden, ``Hl``/``KVl`` local q/kv heads, ``hd`` head dim, ``Fl`` local intermediate,
+``Vl`` local (padded) vocab. Norms, rotary tables and softmax statistics run in float32 whatever
+the weight dtype (the rotation itself, as in HF, in the activations' dtype).
 """
 from __future__ import annotations
 
