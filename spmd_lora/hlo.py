@@ -548,9 +548,11 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     ============================  ============  ==========  ==================================
     forward, per layer            (1 + n) L     2 L         [B,S,D] psum after o_proj and after
                                                             down_proj (one per MLP tile)
-    remat, per layer              t L           t L         the recompute needs the o_proj psum
+    remat, per layer              r L           r L         the recompute needs the o_proj psum
                                                             (the down_proj one only feeds the
-                                                            carried residual: dead)
+                                                            carried residual: dead); r = 1 for
+                                                            full / save-dots, 0 for none and
+                                                            offload (MLP input from the host)
     backward, per layer           (1 + n) L     2 L         psum of the input gradient of the
                                                             attention / MLP block (Megatron f:
                                                             the normed input is pcast once)
@@ -593,7 +595,8 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     (remat full), AG 6 / RS 4 (offload), AG 4 / RS 4 (none). In bytes on a ring (all-reduce
     = 2 (tp-1)/tp of the array, all-gather and reduce-scatter (tp-1)/tp each), a layer of the
     SP step moves 11/10 of the replicated step's bytes under remat full (the re-scatter of the
-    recompute), the same bytes under offload and none.
+    recompute), the same bytes under none, and under offload more (the replicated layout's
+    recompute then needs no all-reduce at all, SP's still re-gathers the block inputs).
 
     LoRA weight gradients are accumulated per device over all micro-batches and all-reduced
     ONCE per step over the whole mesh: ``lora_grad_bytes_minimum`` (fp32 LoRA size when
@@ -623,7 +626,9 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     ours, mega = [], []                              # (kind, term, count, result bytes)
     if tp > 1 and not sp:
         AR = "all-reduce"
-        common = [(AR, "remat", t * L, whole), (AR, "embedding", 1, whole),
+        # offload keeps the MLP input on the host: its recompute needs no o_proj psum
+        re_reduce = 1 if remat in ("full", "save-dots") else 0
+        common = [(AR, "remat", re_reduce * L, whole), (AR, "embedding", 1, whole),
                   (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", C, chunk),
                   (AR, "ce_backward", ce_re, stats)]
         ours = [(AR, "forward", L, whole), (AR, "forward", n * L, tile),

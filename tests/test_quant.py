@@ -147,7 +147,8 @@ def test_quantised_model_equals_float_model_of_dequantised_weights(models, kind,
 
     @jax.jit
     def logits_and_lora_grads(params, lora):
-        return logits(params, lora, batch["tokens"]), jax.grad(mean_loss, argnums=1)(params, lora)
+        return (logits(params, lora, {"tokens": batch["tokens"]}),
+                jax.grad(mean_loss, argnums=1)(params, lora))
 
     (la, ga), (lb, gb) = logits_and_lora_grads(model.params, lora), logits_and_lora_grads(dense, lora)
     assert rel(la, lb) <= 1e-5

@@ -94,17 +94,18 @@ def test_census_sequence_parallel_matches_formula(remat, mlp_chunk, ce_chunk, se
 
 def test_sequence_parallel_moves_no_more_bytes_than_replicated():
     """Ring bytes per device over tp: SP equals the replicated layout's all-reduces with remat
-    none and offload, and is 11/10 of them (+ a CE gather) under remat full (the recompute's
-    re-scatter; see hlo.expected_collectives)."""
+    none; under remat full (the recompute's re-scatter) and offload (the replicated layout's
+    recompute needs no reduction at all, SP's re-gathers the block inputs) it moves at most
+    1.2x (see hlo.expected_collectives)."""
     for remat in ("none", "offload", "full"):
         _, sp, exp_sp = _census(tp=2, dp=1, remat=remat, sp=True)
         _, rep, exp_rep = _census(tp=2, dp=1, remat=remat, sp=False)
         assert sp["tp_wire_bytes"] == pytest.approx(exp_sp["tp_wire_bytes"], rel=1e-6)
         assert rep["tp_wire_bytes"] == pytest.approx(exp_rep["tp_wire_bytes"], rel=1e-6)
-        if remat != "full":
+        if remat == "none":
             assert sp["tp_wire_bytes"] <= rep["tp_wire_bytes"]
         else:
-            assert sp["tp_wire_bytes"] <= 1.12 * rep["tp_wire_bytes"]
+            assert sp["tp_wire_bytes"] <= 1.2 * rep["tp_wire_bytes"]
 
 
 def test_census_dp_gradient_reduction():
