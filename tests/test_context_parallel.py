@@ -75,7 +75,7 @@ def _packed():
             "segment_ids": seg}
 
 
-@pytest.mark.parametrize("remat", ["none", "offload"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "offload"])
 def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat):
     """Packed segments crossing chunk boundaries, GQA with tp > kv heads (gqa4: 2 kv heads,
     tp=4 at cp=2), ring and allgather, remat none and offload: loss and every LoRA gradient
@@ -97,6 +97,7 @@ def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat):
         assert max(errs) <= 1e-5, (dp, cp, tp, impl, max(errs))
 
 
+@pytest.mark.slow   # fast: test_train.py trains dp2 x cp2 x tp2 with dropout against tp1
 def test_cp_lora_dropout_is_layout_independent(hf_models, tmp_path):
     """Dropout masks hash (batch row, token index in the unpermuted sequence, feature): the
     zig-zag order changes nothing. cp=2 x tp=2 (SP, tiles) and dp=2 x cp=2 == dp=cp=tp=1."""
