@@ -25,8 +25,9 @@ so ``useful / step time / matmul ceiling`` compares frameworks fairly.
   half-layer is its own checkpoint, so o_proj's output is skipped as well);
 * remat ``save-dots``: matmuls without batch dimensions are saved, so only attention's
   forward (batched einsums) is recomputed;
-* cross-entropy in more than one chunk: each chunk's logits are recomputed in the backward
-  (``2 T D V``);
+* (nothing for the cross-entropy: it computes its input gradient in its forward, so no
+  chunking recomputes the logits; before that fused form, each chunk's logits were recomputed
+  in the backward, ``2 T D V`` more);
 * attention as implemented: ``xla`` computes the whole S x S square (forward 4 S^2 hd H, an
   autodiff backward of 4 matmuls, no score recomputation), ``blockwise`` computes whole
   diagonal tiles (tiles = the number of (q block, k block) pairs at or below the diagonal).
@@ -58,7 +59,6 @@ class StepFlops:
     attention: float
     attention_hw: float
     remat: float
-    ce_recompute: float
 
     @property
     def useful(self) -> float:
@@ -66,22 +66,19 @@ class StepFlops:
 
     @property
     def hardware(self) -> float:
-        return self.linears + self.lm_head + self.lora + self.attention_hw + self.remat \
-            + self.ce_recompute
+        return self.linears + self.lm_head + self.lora + self.attention_hw + self.remat
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "useful": self.useful, "hardware": self.hardware}
 
 
 def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int = 8,
-               lora_targets=PROJECTIONS, remat: str = "none", ce_chunks: int = 1,
-               attention: str = "blockwise", block_q: int = 512,
+               lora_targets=PROJECTIONS, remat: str = "none", attention: str = "blockwise", block_q: int = 512,
                block_k: int = 512) -> StepFlops:
     """Matmul FLOPs of one train step on ``rows`` sequences of ``seq_len`` tokens (see the
     module docstring). ``attention``: "blockwise" (tiles of ``block_q`` x ``block_k``, each at
     or below the diagonal computed whole), "xla" (the whole square, autodiff backward) or
-    "causal" (exactly the lower triangle: useful = hardware). ``ce_chunks``: cross-entropy
-    chunks per micro-batch (more than one recomputes the logits)."""
+    "causal" (exactly the lower triangle: useful = hardware)."""
     t = float(rows * seq_len)
     L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     H, hd = cfg.num_heads, cfg.head_dim
@@ -123,8 +120,7 @@ def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int 
         lora=6.0 * t * lora_w * L,
         attention=3.5 * attn_fwd_causal * L,
         attention_hw=(attn_fwd_hw + attn_bwd_hw) * L,
-        remat=remat_fl,
-        ce_recompute=2.0 * t * D * V if ce_chunks > 1 else 0.0)
+        remat=remat_fl)
 
 
 def measure_matmul_ceiling(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> dict:

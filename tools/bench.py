@@ -141,7 +141,7 @@ def _our_flops(cfg, opts, seq, batch):
         kw = {"attention": "xla"}
     _, chunks = opts.tile_counts(seq, batch)
     f = step_flops(cfg, seq, batch, lora_rank=opts.lora.rank, lora_targets=opts.lora.targets,
-                   remat=opts.remat, ce_chunks=chunks, **kw)
+                   remat=opts.remat, **kw)
     return {"useful_flops": f.useful, "hardware_flops": f.hardware, "ce_chunks": chunks,
             "attention_kernel": kc.reason}
 
