@@ -15,7 +15,7 @@
   box (fwd+bwd, B=1, 8 heads, hd=64, fp32, min of 15 runs, under load): S=128 xla 4.3 ms vs
   blockwise 3.1 ms; S=256 12.0 vs 12.6 ms (a tie); S=512 90 vs 52 ms; S=2048 ~2.0 s vs
   ~0.6 s. Blockwise never loses by more than noise, so there is no "short sequence -> xla"
-  threshold: "auto" is blockwise at every length. "pallas" still works off-GPU, interpreted
+  threshold: "auto" is blockwise at every length (block sizes: see ``CPU_BLOCKWISE``). "pallas" still works off-GPU, interpreted
   (slow; for tests).
 
 Add a GPU: append a :class:`GpuEntry` to ``GPU_TABLE`` (or call :func:`register_gpu`) before
@@ -110,7 +110,12 @@ GPU_TABLE: list[GpuEntry] = [
 ]
 
 # (max sequence length, blockwise block size); the last entry covers everything longer.
-CPU_BLOCKWISE: list[tuple[int, int]] = [(4096, 256), (1 << 62, 512)]
+# Measured fwd+bwd (tools/step_breakdown.py --parts attention, 8 heads x 64, fp32, 2-core
+# Xeon, load average ~5, min of 3-7 runs; docs/benchmarks.md, issue 17): S=512 b64 89 ms,
+# b128 109, b256 131, b512 252; S=2048 b64 1.22 s, b128 1.50, b256 1.56; S=8192 b64 19.9 s,
+# b256 19.6 s, b128 25.0 s, b512 25.2 s (per 4 layers). Small tiles win up to 2k (the
+# diagonal tiles waste less, the score tile stays in cache); at 8k the loop count catches up.
+CPU_BLOCKWISE: list[tuple[int, int]] = [(2048, 64), (1 << 62, 256)]
 
 
 @dataclasses.dataclass(frozen=True)

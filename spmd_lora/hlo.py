@@ -557,10 +557,10 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                                                             attention / MLP block (Megatron f:
                                                             the normed input is pcast once)
     embedding                     1             1           psum of the looked-up rows
-    cross-entropy                 3C + C (+2C)  3C + C      pmax, psum sum-exp, psum target
-                                                            ([N] each) + [N,D] psum of dL/dh;
-                                                            C > 1: checkpointed chunks redo
-                                                            pmax and sum-exp (2C)
+    cross-entropy                 3C + C        3C + C      pmax, psum sum-exp, psum target
+                                                            ([N] each) + [N,D] psum of dL/dh
+                                                            (the fused CE computes it in its
+                                                            forward; no chunk is recomputed)
     ============================  ============  ==========  ==================================
 
     **Sequence-parallel layout** (Megatron-SP; all-gather ``AG`` before a column block,
@@ -585,10 +585,10 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     backward, per layer           AG 2 L, RS 2 L      transposes of the forward ones
                                   (tiles: 2n each)
     embedding                     RS 1 (tiles: n)     the looked-up rows, scattered
-    cross-entropy                 AG C (+C),          each chunk of rows gathered (again
-                                  RS C,               in the recompute when C > 1), its
-                                  AR 3C (+2C)         gradient scattered; the [N] softmax
-                                                      statistics stay all-reduces
+    cross-entropy                 AG C, RS C, AR 3C   each chunk of rows gathered once
+                                                      (the fused CE recomputes nothing),
+                                                      its gradient scattered; the [N]
+                                                      softmax statistics stay all-reduces
     ============================  ==================  ===================================
 
     The Megatron-SP minimum is the untiled count with remat's re-gathers: per layer AG 6 / RS 5
@@ -614,7 +614,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     targets = tuple(lora.targets) if lora is not None else ()
     r = lora.rank if lora is not None else 0
     t = 0 if remat == "none" else 1
-    ce_re = 2 * C if C > 1 else 0
+    ce_re = 0                    # the fused CE recomputes no chunk (before: 2C stats, C AG)
     # Bytes of one op's RESULT on one device, from the local token counts (0 without tokens).
     D = cfg.hidden_size
     tok = tokens or 0
@@ -638,7 +638,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
         AG, RS, AR = "all-gather", "reduce-scatter", "all-reduce"
         re_scatter = 1 if remat in ("full", "save-dots") else 0
         common = [(RS, "remat", re_scatter * L, whole / tp), (RS, "embedding", 1, whole / tp),
-                  (AG, "ce_forward", C + (C if C > 1 else 0), chunk),
+                  (AG, "ce_forward", C, chunk),
                   (RS, "ce_backward", C, chunk / tp),
                   (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", ce_re, stats)]
         if n > 1:   # attention projections tiled too: its gathers/scatters are per tile

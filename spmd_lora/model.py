@@ -29,6 +29,7 @@ the weight dtype (the rotation itself, as in HF, in the activations' dtype).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -427,23 +428,88 @@ def local_logits(h, params, opts: ForwardOptions):
     entries are -inf-like so they never win a max or add to a sum-exp."""
     head = _head_local(params)
     logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=F32)
-    vl = head.shape[-1]
+    return _mask_padded_vocab(logits, opts)
+
+
+def _mask_padded_vocab(logits, opts: ForwardOptions):
+    """Padded vocab columns (global id >= vocab_size) -> -inf-like. Without padding (tp
+    divides V) this is the identity: no pass over the [N, Vl] logits."""
+    if opts.cfg.padded_vocab(opts.tp) == opts.cfg.vocab_size:
+        return logits
+    vl = logits.shape[-1]
     col = jax.lax.axis_index(TP) * vl + jnp.arange(vl)
     return jnp.where(col < opts.cfg.vocab_size, logits, jnp.finfo(F32).min)
 
 
 def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
     """Vocab-parallel cross-entropy of one chunk. h [N, D] (the same rows on every tp device);
-    targets, weights [N]. Returns the weighted sum of per-token losses (replicated over tp)."""
-    logits = local_logits(h, params, opts)                                   # [N, Vl]
+    targets, weights [N]. Returns the weighted sum of per-token losses (replicated over tp).
+
+    Fused linear cross-entropy: the forward also computes the gradient w.r.t. h,
+    ``(weights * (softmax - onehot)) @ head^T``, and keeps only that [N, D] for the backward,
+    which scales it by the incoming cotangent. So neither the [N, Vl] logits nor anything of
+    their size is saved, and a chunked loss recomputes nothing (before, each chunk's logits
+    were rematerialised in the backward)."""
+    return _fused_ce(h, _head_local(params), targets, weights, opts)
+
+
+def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool = False):
+    """(weighted loss sum, its gradient w.r.t. h, and w.r.t. the head when ``head_grad``, else
+    None) of one chunk; see :func:`_ce_chunk`."""
+    logits = _mask_padded_vocab(
+        jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32), opts)  # [N, Vl]
     vl = logits.shape[-1]
-    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), TP)    # [N]
-    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[:, None]), axis=-1), TP)
-    local_t = targets - jax.lax.axis_index(TP) * vl
-    hit = (local_t >= 0) & (local_t < vl)
-    picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, vl - 1)[:, None], axis=-1)[:, 0]
-    target_logit = jax.lax.psum(jnp.where(hit, picked, 0.0), TP)
-    return jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
+    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
+    e = jnp.exp(logits - m[:, None])
+    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
+    local_t = targets - jax.lax.axis_index(TP) * vl                          # out of range: not here
+    onehot = jnp.arange(vl, dtype=local_t.dtype)[None, :] == local_t[:, None]  # [N, Vl]
+    target_logit = jax.lax.psum(jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1), TP)
+    loss = jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
+    dlogits = e * (weights / sum_exp)[:, None] - jnp.where(onehot, weights[:, None], 0.0)
+    dh = jnp.einsum("nv,dv->nd", dlogits.astype(head.dtype), head, preferred_element_type=F32)
+    if TP in _varying(dh) and TP not in _varying(h):   # h the same on every tp device
+        dh = jax.lax.psum(dh, TP)
+    dhead = None
+    if head_grad:   # only when the base itself is differentiated (tests, full fine-tuning)
+        dhead = jnp.einsum("nd,nv->dv", h.astype(F32), dlogits).astype(head.dtype)
+    return loss, dh.astype(h.dtype), dhead
+
+
+def _varying(x) -> frozenset:
+    from .kernels._vma import varying_axes
+    return varying_axes(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce(h, head, targets, weights, opts: ForwardOptions):
+    return _ce_forward(h, head, targets, weights, opts)[0]
+
+
+def _fused_ce_fwd(h, head, targets, weights, opts):
+    # symbolic_zeros: primals arrive as CustomVJPPrimal(value, perturbed); the head's gradient
+    # is computed only when it is differentiated (never for LoRA: the base is frozen).
+    loss, dh, dhead = _ce_forward(h.value, head.value, targets.value, weights.value, opts,
+                                  head_grad=head.perturbed)
+    return loss, (dh, dhead)
+
+
+def _fused_ce_bwd(opts, res, g):
+    dh, dhead = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    dh = dh * g.astype(dh.dtype)
+    if dhead is not None:
+        # The head (lm_head, or the tied embedding) varies over tp only (its sharding): sum
+        # the per-device gradients over the other axes, as autodiff's transposes would.
+        dhead = dhead * g.astype(dhead.dtype)
+        extra = tuple(sorted(_varying(dhead) - {TP}))
+        if extra:
+            dhead = jax.lax.psum(dhead, extra)
+    return dh, dhead, None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 
 def next_token_targets(tokens, loss_mask):
@@ -508,6 +574,6 @@ def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
 
     if n_chunks == 1:
         return chunk_loss(hf, 0), count
-    per_chunk = jax.lax.map(jax.checkpoint(lambda xs: chunk_loss(*xs)),
+    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs),
                             (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
     return jnp.sum(per_chunk), count

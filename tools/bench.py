@@ -13,9 +13,16 @@ Each measurement runs in its own subprocess (``--worker``), so peak memory (the 
 After ``--warmup`` steps (compilation for JAX), ``--steps`` steps are timed one by one;
 tokens/s uses the median step. Ours runs at ``--tp`` (default 1; fake host devices on CPU)
 with attention ``--attention``
-(default auto) under each ``--remat`` policy (default: full and save-dots; the best is
-reported). HF runs in eager mode with its default attention (sdpa) and no gradient
+(default auto) under each ``--remat`` policy (default: none, as ``TrainConfig`` and the CLI
+default to; give several, e.g. ``none,full``, and the fastest is reported). HF runs in eager mode with its default attention (sdpa) and no gradient
 checkpointing.
+
+Before the configs, a timed large matmul (``--worker ceiling``: 2048^3 fp32 on CPU, 8192^3
+bf16 on GPU, best of 5) measures the machine's ceiling in the same run; each run then prints
+its useful FLOP/s (``spmd_lora.flops.step_flops``: the same work for both frameworks) as a
+share of that ceiling, and the "hardware" share (useful + what that configuration recomputes:
+remat, chunked-CE logits, whole diagonal attention tiles). The load average is printed at the
+start and at the end: on a shared machine, write it next to any number taken from here.
 """
 from __future__ import annotations
 
@@ -81,7 +88,6 @@ def worker_ours(args):
     import jax
     import numpy as np
 
-    from spmd_lora.config import ModelConfig
     from spmd_lora.lora import LoraConfig, init_lora
     from spmd_lora.mesh import make_mesh
     from spmd_lora.model import ForwardOptions
@@ -92,10 +98,7 @@ def worker_ours(args):
     m = model_dims(args.config)
     gpu = jax.default_backend() != "cpu"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    cfg = ModelConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
-                      intermediate_size=m["intermediate"], num_layers=m["layers"],
-                      num_heads=m["heads"], num_kv_heads=m["heads"], head_dim=64,
-                      max_position_embeddings=max(4096, m["seq"]))
+    cfg = _model_config(m)
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=_targets(args.targets))
     mesh = make_mesh(1, args.tp)
     opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
@@ -118,10 +121,58 @@ def worker_ours(args):
         return float(metrics["loss"])                       # blocks until done
 
     warm, times, loss = _timed(one, args.warmup, args.steps)
-    return {"framework": "ours", "remat": args.remat, "attention": args.attention,
+    flops = _our_flops(cfg, opts, m["seq"], args.batch)
+    return {"framework": "ours", "remat": args.remat, "attention": args.attention, **flops,
             "tp": args.tp, "sequence_parallel": args.sequence_parallel,
             "dtype": dtype, "backend": jax.default_backend(), "warmup_s": warm,
             "step_s": times, "loss": loss, "jax": jax.__version__}
+
+
+def _our_flops(cfg, opts, seq, batch):
+    """Useful and hardware FLOPs of our step as configured (spmd_lora.flops)."""
+    from spmd_lora.flops import step_flops
+    from spmd_lora.kernels.registry import choose
+    kc = choose(opts.attention_impl, seq_len=seq, head_dim=cfg.head_dim)
+    kw = {"attention": "causal"}
+    if kc.impl == "blockwise":
+        kw = {"attention": "blockwise", "block_q": kc.block_sizes.block_q,
+              "block_k": kc.block_sizes.block_k}
+    elif kc.impl == "xla":
+        kw = {"attention": "xla"}
+    _, chunks = opts.tile_counts(seq, batch)
+    f = step_flops(cfg, seq, batch, lora_rank=opts.lora.rank, lora_targets=opts.lora.targets,
+                   remat=opts.remat, **kw)
+    return {"useful_flops": f.useful, "hardware_flops": f.hardware, "ce_chunks": chunks,
+            "attention_kernel": kc.reason}
+
+
+def _peft_flops(m, args):
+    """PEFT: the same useful work; no remat, full logits once, SDPA's causal kernel (counted
+    as the exact triangle)."""
+    from spmd_lora.flops import step_flops
+    f = step_flops(_model_config(m), m["seq"], args.batch, lora_rank=args.rank,
+                   lora_targets=_targets(args.targets), attention="causal")
+    return {"useful_flops": f.useful, "hardware_flops": f.hardware}
+
+
+def _model_config(m):
+    from spmd_lora.config import ModelConfig
+    return ModelConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
+                       intermediate_size=m["intermediate"], num_layers=m["layers"],
+                       num_heads=m["heads"], num_kv_heads=m["heads"], head_dim=64,
+                       max_position_embeddings=max(4096, m["seq"]))
+
+
+def worker_ceiling(args):
+    """The machine's matmul ceiling in this run: best of timed n^3 matmuls (JAX, the run's
+    dtype: fp32 on CPU, bf16 on GPU)."""
+    import jax
+
+    from spmd_lora.flops import measure_matmul_ceiling
+    gpu = jax.default_backend() != "cpu"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    res = measure_matmul_ceiling(8192 if gpu else 2048, dtype, repeats=5)
+    return {"framework": "ceiling", **res}
 
 
 def worker_peft(args):
@@ -165,16 +216,19 @@ def worker_peft(args):
     res = {"framework": "peft", "dtype": dtype, "backend": dev, "warmup_s": warm, "step_s": times,
            "loss": loss, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "attn_implementation": model.config._attn_implementation,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), **_peft_flops(m, args)}
     if gpu:
         res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return res
 
 
 def run_worker(args):
-    fn = worker_ours if args.worker == "ours" else worker_peft
+    fn = {"ours": worker_ours, "peft": worker_peft, "ceiling": worker_ceiling}[args.worker]
     try:
         res = fn(args)
+        if args.worker == "ceiling":
+            print(MARK + json.dumps(res), flush=True)
+            return 0
         res["median_step_s"] = statistics.median(res["step_s"])
         m = model_dims(args.config)
         res["tokens_per_s"] = args.batch * m["seq"] / res["median_step_s"]
@@ -232,7 +286,8 @@ def _mib(n):
     return f"{n / 2 ** 20:,.0f} MiB" if n else "-"
 
 
-def bench_config(config, args, log=print):
+def bench_config(config, args, log=print, ceiling=None):
+    """``ceiling``: the measured matmul FLOP/s (utilisation = useful FLOP/s / ceiling)."""
     m = model_dims(config)
     log(f"== {config}: {m['layers']} layers, d={m['hidden']}, heads={m['heads']}, "
         f"F={m['intermediate']}, V={m['vocab']}, S={m['seq']}, batch {args.batch}, "
@@ -242,11 +297,15 @@ def bench_config(config, args, log=print):
         for remat in args.remat.split(","):
             r = spawn(config, "ours", args, remat=remat, timeout=args.timeout)
             runs.append(r)
-            log("  " + _line(r))
+            log("  " + _line(r, ceiling))
     if "peft" in args.frameworks:
         r = spawn(config, "peft", args, timeout=args.timeout)
         runs.append(r)
-        log("  " + _line(r))
+        log("  " + _line(r, ceiling))
+    for r in runs:
+        if "error" not in r and ceiling:
+            r["utilisation"] = r["useful_flops"] / r["median_step_s"] / ceiling
+            r["hardware_utilisation"] = r["hardware_flops"] / r["median_step_s"] / ceiling
     ours = [r for r in runs if r["framework"] == "ours" and "error" not in r]
     theirs = next((r for r in runs if r["framework"] == "peft" and "error" not in r), None)
     best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
@@ -259,18 +318,31 @@ def bench_config(config, args, log=print):
     return out
 
 
-def _line(r):
+def _line(r, ceiling=None):
     name = r["framework"] + (f"[remat={r['remat']}]" if r.get("remat") else "")
     if "error" in r:
         return f"{name:24s} FAILED: {r['error'][:300]}"
-    return (f"{name:24s} {r['tokens_per_s']:9.0f} tokens/s  median step "
+    util = ""
+    if ceiling:
+        util = (f"  useful {r['useful_flops'] / r['median_step_s'] / 1e9:6.1f} GFLOP/s = "
+                f"{r['useful_flops'] / r['median_step_s'] / ceiling:5.1%} of ceiling "
+                f"(hardware {r['hardware_flops'] / r['median_step_s'] / ceiling:5.1%})")
+    return (f"{name:24s} {r['tokens_per_s']:9.0f} tokens/s{util}  median step "
             f"{r['median_step_s'] * 1e3:8.1f} ms  peak RSS {_mib(r['peak_rss_bytes']):>10}  "
             f"(warm-up {r['warmup_s']:.1f} s, loss {r['loss']:.3f})")
 
 
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
+
+
 def machine_info():
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "loadavg_start": _loadavg()}
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2 ** 20, 1)
@@ -291,8 +363,9 @@ def build_parser():
                             ("--batch", "batch", int)):   # names before they matched train's
         ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--remat", default="full,save-dots",
-                    help="comma list of remat policies to run for ours (best is reported)")
+    ap.add_argument("--remat", default="none",
+                    help="comma list of remat policies to run for ours (best is reported); "
+                         "default: none, TrainConfig's default (what a user runs)")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--tp", type=int, default=1,
                     help="tensor parallelism of ours (fake host devices on CPU, sharing its cores)")
@@ -302,7 +375,9 @@ def build_parser():
     ap.add_argument("--frameworks", default="ours,peft")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="time a large matmul first (the ceiling utilisation is measured against)")
+    ap.add_argument("--worker", choices=["ours", "peft", "ceiling"], help=argparse.SUPPRESS)
     return ap
 
 
@@ -315,7 +390,19 @@ def main(argv=None) -> int:
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     info = machine_info()
     print(f"machine: {info}")
-    results = [bench_config(c, args) for c in configs]
+    ceiling = None
+    if args.ceiling:
+        c = spawn(configs[0], "ceiling", args, timeout=args.timeout)
+        if "error" in c:
+            print(f"matmul ceiling FAILED: {c['error'][:300]}")
+        else:
+            ceiling = c["flops_per_s"]
+            info["matmul_ceiling"] = c
+            print(f"matmul ceiling: {c['n']}^3 {c['dtype']} matmul, best of 5: "
+                  f"{ceiling / 1e9:.1f} GFLOP/s (load average {info.get('loadavg_start')})")
+    results = [bench_config(c, args, ceiling=ceiling) for c in configs]
+    info["loadavg_end"] = _loadavg()
+    print(f"load average at the end: {info['loadavg_end']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "argv": sys.argv, "results": results}, f, indent=1)

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Where a train step's time goes: the step and its parts timed in one process.
+
+    python tools/step_breakdown.py --config tiny|small|long|long8k [--repeats 5]
+        [--parts step,attention,ce,linears] [--remat none,full] [--blocks 128,256,512,xla]
+
+Model and step as ``tools/bench.py`` (random Llama, LoRA r=8 on all linears, fp32 on CPU,
+batch 1). Parts, each jitted and timed forward + backward on the step's shapes:
+
+* ``step``: the whole train step (``make_train_step``) per remat policy;
+* ``attention``: one layer's causal attention, per impl (blockwise at each ``--blocks`` size,
+  and xla when listed), gradients w.r.t. q, k, v; x layers;
+* ``ce``: the vocab-parallel cross-entropy (LM head + loss) on [S, D] hidden states, gradient
+  w.r.t. them, in one chunk and in chunks of S/2;
+* ``linears``: one layer's frozen projections (q, k, v, o, gate, up, down) forward and input
+  gradient with plain matmuls, x layers;
+* ``ceiling``: a 2048^3 matmul.
+
+Each part's time is the minimum of ``--repeats`` runs (the least-disturbed one, on a shared
+machine), next to its matmul FLOPs (``spmd_lora.flops``) and FLOP/s. "other" = the step
+minus the parts it is made of: element-wise work (norms, rotary, SiLU, LoRA's small matmuls,
+the optimizer), loop overheads. Prints the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+
+def _loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def _time(fn, repeats):
+    import jax
+    jax.block_until_ready(fn())                     # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--parts", default="ceiling,step,attention,ce,linears")
+    ap.add_argument("--remat", default="none,full")
+    ap.add_argument("--blocks", default="128,256,512,xla",
+                    help="attention variants: blockwise block sizes, and xla")
+    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    from spmd_lora import flops as F
+    from spmd_lora.kernels import attention
+    from spmd_lora.kernels.flash_attention import BlockSizes
+    from spmd_lora.lora import LoraConfig, init_lora
+    from spmd_lora.mesh import make_mesh
+    from spmd_lora.model import ForwardOptions, cross_entropy_sum
+    from spmd_lora.params import random_params
+    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
+                                shard_micro_batches)
+    bench = _load_bench()
+    model_dims, _model_config = bench.model_dims, bench._model_config
+
+    m = model_dims(args.config)
+    cfg = _model_config(m)
+    s, d, L = m["seq"], m["hidden"], m["layers"]
+    h, hd = cfg.num_heads, cfg.head_dim
+    lora_cfg = LoraConfig(rank=8, alpha=16.0, targets="all")
+    mesh = make_mesh(1, 1)
+    parts = args.parts.split(",")
+    rows = []
+    print(f"config {args.config}: L={L} d={d} S={s} V={m['vocab']}; load average {_loadavg()}",
+          flush=True)
+
+    def report(name, seconds, flop=None):
+        row = {"part": name, "seconds": seconds}
+        extra = ""
+        if flop:
+            row["flops"] = flop
+            extra = f"  {flop / 1e9:8.2f} GFLOP  {flop / seconds / 1e9:6.1f} GFLOP/s"
+        rows.append(row)
+        print(f"  {name:34s} {seconds * 1e3:9.1f} ms{extra}", flush=True)
+
+    if "ceiling" in parts:
+        c = F.measure_matmul_ceiling(2048, "float32", repeats=args.repeats)
+        report("ceiling 2048^3 matmul", c["seconds"], 2.0 * 2048 ** 3)
+
+    if "step" in parts:
+        params = random_params(cfg, mesh, "float32")
+        opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0,
+                                             max_grad_norm=None, total_steps=10 ** 6))
+        rng = np.random.default_rng(0)
+        batches = shard_micro_batches({"tokens": rng.integers(0, m["vocab"], (1, 1, s)),
+                                       "loss_mask": np.ones((1, 1, s), np.int32)}, mesh)
+        for remat in args.remat.split(","):
+            opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, remat=remat,
+                                  ce_chunk_tokens=args.ce_chunk_tokens)
+            step = make_train_step(opts, mesh, opt)
+            lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
+            state = [lora, replicate(opt.init(lora), mesh)]
+            key = jax.random.key(1)
+
+            def one():
+                state[0], state[1], met = step(params, state[0], state[1], batches, key)
+                return met["loss"]
+            fl = F.step_flops(cfg, s, lora_rank=8, remat=remat, attention="blockwise", block_q=min(256, s), block_k=min(256, s))
+            report(f"step remat={remat} (useful)", _time(one, args.repeats), fl.useful)
+
+    if "attention" in parts:
+        kq = jax.random.split(jax.random.key(2), 4)
+        q = jax.random.normal(kq[0], (1, s, h, hd), jnp.float32)
+        k = jax.random.normal(kq[1], (1, s, h, hd), jnp.float32)
+        v = jax.random.normal(kq[2], (1, s, h, hd), jnp.float32)
+        ct = jax.random.normal(kq[3], (1, s, h, hd), jnp.float32)
+        useful = F.step_flops(cfg, s, lora_rank=8, attention="causal").attention / L
+        impls = [("xla", None) if b == "xla" else ("blockwise", int(b))
+                 for b in args.blocks.split(",") if b == "xla" or int(b) <= s]
+        for impl, blk in impls:
+            bs = BlockSizes(block_q=blk, block_k=blk, block_q_bwd=blk, block_k_bwd=blk) \
+                if blk else None
+
+            def loss(q, k, v, impl=impl, bs=bs):
+                return jnp.sum(attention(q, k, v, causal=True, impl=impl, block_sizes=bs) * ct)
+            g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            t = _time(lambda g=g: g(q, k, v), args.repeats)
+            report(f"attention {impl}{'' if blk is None else f' b{blk}'} x{L} (useful)", t * L,
+                   useful * L)
+
+    if "ce" in parts:
+        params = random_params(cfg, mesh, "float32")
+        hs = jax.random.normal(jax.random.key(3), (1, s, d), jnp.float32)
+        targets = jax.random.randint(jax.random.key(4), (1, s), 0, m["vocab"])
+        weights = jnp.ones((1, s), jnp.float32)
+        from spmd_lora.mesh import param_specs
+        for chunk in (s, max(1, s // 2)):
+            opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, ce_chunk_tokens=chunk)
+
+            def per_dev(p, hs, t, w, opts=opts):
+                return cross_entropy_sum(hs, t, w, p, opts)[0]
+            f = jax.shard_map(per_dev, mesh=mesh, in_specs=(param_specs(params), P(), P(), P()),
+                              out_specs=P(), check_vma=False)
+            g = jax.jit(jax.grad(lambda hs, f=f: f(params, hs, targets, weights)))
+            t = _time(lambda g=g: g(hs), args.repeats)
+            n = -(-s // chunk)
+            fl = 4.0 * s * d * m["vocab"]
+            report(f"ce {n} chunk(s) (useful)", t, fl)
+
+    if "linears" in parts:
+        dims = [F.projection_dims(cfg, n) for n in F.PROJECTIONS]
+        ws = [jax.random.normal(jax.random.key(10 + i), io, jnp.float32) * 0.02
+              for i, io in enumerate(dims)]
+        xs = [jax.random.normal(jax.random.key(20 + i), (s, io[0]), jnp.float32)
+              for i, io in enumerate(dims)]
+
+        cts = [jax.random.normal(jax.random.key(30 + i), (s, io[1]), jnp.float32)
+               for i, io in enumerate(dims)]
+
+        def lin(xs, ws, cts):                       # random cotangents: nothing folds
+            return sum(jnp.sum((x @ w) * c) for x, w, c in zip(xs, ws, cts))
+        g = jax.jit(jax.value_and_grad(lin))         # the forward's value keeps x @ w alive
+        t = _time(lambda: g(xs, ws, cts), args.repeats)
+        report(f"frozen linears x{L} (fwd + dx)", t * L, 4.0 * s * sum(i * o for i, o in dims) * L)
+
+    print(f"load average after: {_loadavg()}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "rows": rows}, f, indent=1)
+    return 0
+
+
+def _load_bench():
+    """tools/bench.py by path (tools/ never goes on sys.path: profile.py there would shadow
+    the standard library's)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bench", os.path.join(_HERE, "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+if __name__ == "__main__":
+    sys.exit(main())
