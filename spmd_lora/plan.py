@@ -302,8 +302,9 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     }
     out["activations"] = out["temporaries"]
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    out["cpu_upcast_allowance"] = (cpu_upcast_allowance(params, dtype, compiled.as_text())
-                                   if on_cpu else 0)
+    # an estimate of copies inside the temporaries: never more than the temporaries themselves
+    out["cpu_upcast_allowance"] = (min(cpu_upcast_allowance(params, dtype, compiled.as_text()),
+                                       out["temporaries"]) if on_cpu else 0)
     out["host_offload"] = 0
     if remat == "offload":
         out["host_offload"] = offloaded_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
