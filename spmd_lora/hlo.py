@@ -580,8 +580,8 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                                                       memory)
                                   tiles: AG (2+f)nL,  checkpointed tiles re-gather in their
                                   RS r n L            own backward even without remat; f = 1
-                                                      for full (save-dots keeps the q/k/v
-                                                      products), else 0
+                                                      for full and offload (save-dots keeps
+                                                      the q/k/v products), else 0
     backward, per layer           AG 2 L, RS 2 L      transposes of the forward ones
                                   (tiles: 2n each)
     embedding                     RS 1 (tiles: n)     the looked-up rows, scattered
@@ -642,9 +642,9 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                   (RS, "ce_backward", C, chunk / tp),
                   (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", ce_re, stats)]
         if n > 1:   # attention projections tiled too: its gathers/scatters are per tile
-            # the outer recompute re-runs the attention tiles: their gathers under full (save-dots
-            # keeps the q/k/v products), their o_proj scatters under both
-            outer_ag = n if remat == "full" else 0
+            # the recompute re-runs the attention tiles: their gathers under full and offload
+            # (save-dots keeps the q/k/v products), their o_proj scatters under full/save-dots
+            outer_ag = n if remat in ("full", "offload") else 0
             common[0] = (RS, "remat", n * re_scatter * L, tile / tp)
             common[1] = (RS, "embedding", n, tile / tp)    # the lookup is tiled too
             ours = [(AG, "forward", 2 * n * L, tile), (RS, "forward", 2 * n * L, tile / tp),
@@ -718,7 +718,8 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
 
     * the index and segment-id blocks are the same in every layer, so the *forward's* sends of
       them are hoisted out of the layer scan: (cp-1)(m-2) per micro-batch for ring, (m-2)
-      all-gathers for allgather, instead of per layer;
+      all-gathers for allgather, instead of per layer (not under remat ``offload``, whose
+      half-layer checkpoints keep them in the layer: h = 0 below, else 1);
     * at cp = 2 the ring's single step has no loop, and its backward resend of K/V and indices
       is the same op as the recompute's (t = 1) or, for the indices, the hoisted forward's
       (t = 0): merged (CSE).
@@ -727,8 +728,8 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     per layer, micro-batch     ring                                  allgather
     =========================  ====================================  =========================
     K/V arrays (k, v)          2(cp-1) (1 + t) + 2(cp-1) r + 2 cp    AG 2 (1 + t), RS 2
-    index arrays (m-2)         (m-2)(cp-1) (t + r')                  AG (m-2) t
-    per micro-batch            (m-2)(cp-1)                           AG (m-2)
+    index arrays (m-2)         (m-2)(cp-1) (t + r' + 1 - h)          AG (m-2) (t + 1 - h)
+    per micro-batch            (m-2)(cp-1) h                         AG (m-2) h
     =========================  ====================================  =========================
 
     with r = 0 when cp = 2 and t = 1 (else 1) and r' = 0 when cp = 2 (else 1). Nothing else
@@ -747,6 +748,7 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     L, A = cfg.num_layers, micro_batches
     k = 2 if segments else 1                        # index arrays per K/V block
     t = 0 if remat == "none" else 1
+    h = 0 if remat == "offload" else 1              # forward index sends hoisted
     local = local_batch * (seq_len // cp)           # tokens of one K/V block
     kv = local * cfg.kv_heads_per_device(tp) * cfg.head_dim     # elements of k (or v)
     if cp_impl == "ring":
@@ -754,12 +756,12 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
         r_idx = 0 if cp == 2 else 1
         kv_fwd = 2 * (cp - 1) * (1 + t) + 2 * (cp - 1) * r          # K/V sends per layer
         kv_grad = 2 * cp                                            # dK/dV sends per layer
-        idx_layer, idx_micro = k * (cp - 1) * (t + r_idx), k * (cp - 1)
+        idx_layer, idx_micro = k * (cp - 1) * (t + r_idx + 1 - h), k * (cp - 1) * h
         out["permute_operands"] = A * (L * (kv_fwd + kv_grad + idx_layer) + idx_micro)
         sent = A * (L * (kv_fwd * kv * dtype_bytes + kv_grad * kv * 4 + idx_layer * local * 4)
                     + idx_micro * local * 4)
     else:
-        ag_layer, idx_layer, idx_micro = 2 * (1 + t), k * t, k
+        ag_layer, idx_layer, idx_micro = 2 * (1 + t), k * (t + 1 - h), k * h
         out["all_gather_operands"] = A * (L * (ag_layer + idx_layer) + idx_micro)
         out["reduce_scatter_operands"] = A * L * 2
         # an all-gather sends (cp-1) local pieces, a reduce-scatter (cp-1) local results

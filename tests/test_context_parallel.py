@@ -147,7 +147,8 @@ def test_cp_options_are_checked():
 CENSUS_CASES = [  # cp, tp, cp_impl, remat, packed segments
     (2, 2, "ring", "full", False), (2, 1, "ring", "none", True), (4, 1, "ring", "none", True),
     (4, 2, "ring", "full", True), (2, 2, "allgather", "full", False),
-    (2, 2, "allgather", "none", True)]
+    (2, 2, "allgather", "none", True), (4, 1, "ring", "offload", True),
+    (2, 2, "ring", "offload", False), (2, 2, "allgather", "offload", True)]
 
 
 @pytest.mark.parametrize("cp,tp,impl,remat,segments", CENSUS_CASES)

@@ -68,7 +68,7 @@ def test_census_matches_formula(remat, targets):
 
 SP_CASES = [  # remat, MLP tile tokens, CE chunk tokens, sequence length
     ("full", 0, 4096, S), ("offload", 0, 4096, S), ("none", 0, 4096, S),
-    ("full", 16, 16, S), ("save-dots", 16, 4096, 39)]
+    ("full", 16, 16, S), ("save-dots", 16, 4096, 39), ("offload", 16, 4096, S)]
 
 
 @pytest.mark.parametrize("remat,mlp_chunk,ce_chunk,seq", SP_CASES)
