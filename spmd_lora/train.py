@@ -238,6 +238,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                         progress_stream if is_main else open(os.devnull, "w"))
     progress.message(f"training {lora_cfg.targets} r={lora_cfg.rank} on {len(train_ex)} examples, "
                      f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
+                     + (f" cp={cfg.cp} ({cfg.cp_impl})" if cfg.cp > 1 else "")
                      + (f", resumed at step {start_step}" if start_step else ""))
     if cfg.resume and not found:
         progress.message(f"no checkpoint in {ckpt_root}; starting from step 0")
