@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPMD_LORA_CACHE", tempfile.mkdtemp(prefix="spmd_lora_cache_"))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -106,6 +107,34 @@ def make_peft_adapter(hf, out_dir, seed=0, **lora_kwargs):
                 p.copy_(0.2 * torch.randn_like(p))
     pm.save_pretrained(str(out_dir))
     return pm.eval()
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b| (the parity tests' relative error)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def peft_reference(hf, adapter_dir, tokens, mask):
+    """(logits, loss, {(proj, 'a'|'b'): [L, ...] gradient in our layout}) from PEFT + autograd,
+    for a random adapter saved to ``adapter_dir`` (``make_peft_adapter``); ``mask`` marks the
+    target tokens (others get label -100)."""
+    import torch
+
+    pm = make_peft_adapter(hf, adapter_dir)
+    labels = torch.tensor(np.where(mask, tokens, -100))
+    pm.zero_grad()
+    out = pm(input_ids=torch.tensor(tokens), labels=labels)
+    out.loss.backward()
+    grads = {}
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            proj = name.split(".lora_")[0].rsplit(".", 1)[1]
+            factor = "a" if ".lora_A." in name else "b"
+            grads.setdefault((proj, factor), {})[layer] = p.grad.numpy().T
+    stacked = {k: np.stack([v[i] for i in sorted(v)]) for k, v in grads.items()}
+    return out.logits.detach().numpy(), out.loss.item(), stacked
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from spmd_lora.errors import ConfigError
 from spmd_lora.lora import LoraConfig
 from spmd_lora.model import ForwardOptions
 
-from conftest import CONFIGS, make_peft_adapter
-from test_sequence_parallel import _peft_reference, rel_err
+from conftest import CONFIGS, make_peft_adapter, peft_reference, rel_err
 
 TOL = 1e-4
 SEQ = 23            # not divisible by 2*cp: padded at the end, then zig-zagged
@@ -52,7 +51,7 @@ def test_cp_logits_and_lora_grads_match_peft(hf_models, tmp_path, name, dp, cp, 
     path, hf = hf_models(name)
     tokens = _tokens(name)
     mask = (np.random.RandomState(1).rand(*tokens.shape) > 0.3).astype(np.int32)
-    ref_logits, ref_loss, ref_grads = _peft_reference(hf, tmp_path / "adapter", tokens, mask)
+    ref_logits, ref_loss, ref_grads = peft_reference(hf, tmp_path / "adapter", tokens, mask)
     model = spmd_lora.load_model(path, tp=tp, dp=dp, cp=cp, cp_impl=impl,
                                  adapter=tmp_path / "adapter", mlp_chunk_tokens=chunk)
     assert model.mesh.shape == {"dp": dp, "cp": cp, "tp": tp}

@@ -6,44 +6,20 @@ replicated run, and remat "full" for "offload" (bit for bit on CPU).
 import jax
 import numpy as np
 import pytest
-import torch
 
 import spmd_lora
 from spmd_lora import sharded
 from spmd_lora.lora import LoraConfig
 from spmd_lora.model import ForwardOptions
 
-from conftest import CONFIGS, make_peft_adapter
+from conftest import CONFIGS, make_peft_adapter, peft_reference, rel_err
 
 TOL = 1e-4
 SEQ = 23            # divisible by neither 2 nor 4: padded to 24 internally
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 def _tokens(name, batch=2, seq=SEQ, seed=0):
     return np.random.RandomState(seed).randint(0, CONFIGS[name]["vocab_size"], (batch, seq))
-
-
-def _peft_reference(hf, adapter_dir, tokens, mask):
-    """(logits, loss, {(proj, 'a'|'b'): [L, ...] gradient in our layout}) from PEFT + autograd."""
-    pm = make_peft_adapter(hf, adapter_dir)
-    labels = torch.tensor(np.where(mask, tokens, -100))
-    pm.zero_grad()
-    out = pm(input_ids=torch.tensor(tokens), labels=labels)
-    out.loss.backward()
-    grads = {}
-    for name, p in pm.named_parameters():
-        if "lora_" in name:
-            layer = int(name.split("layers.")[1].split(".")[0])
-            proj = name.split(".lora_")[0].rsplit(".", 1)[1]
-            factor = "a" if ".lora_A." in name else "b"
-            grads.setdefault((proj, factor), {})[layer] = p.grad.numpy().T
-    stacked = {k: np.stack([v[i] for i in sorted(v)]) for k, v in grads.items()}
-    return out.logits.detach().numpy(), out.loss.item(), stacked
 
 
 def _our_grads(model, opts, tokens, mask, key=None):
@@ -68,7 +44,7 @@ def test_sp_logits_and_lora_grads_match_peft(hf_models, tmp_path, name, dp, tp, 
     path, hf = hf_models(name)
     tokens = _tokens(name)
     mask = (np.random.RandomState(1).rand(*tokens.shape) > 0.3).astype(np.int32)
-    ref_logits, ref_loss, ref_grads = _peft_reference(hf, tmp_path / "adapter", tokens, mask)
+    ref_logits, ref_loss, ref_grads = peft_reference(hf, tmp_path / "adapter", tokens, mask)
     model = spmd_lora.load_model(path, tp=tp, dp=dp, adapter=tmp_path / "adapter",
                                  sequence_parallel=True, mlp_chunk_tokens=mlp_chunk)
     assert model.options.layout(SEQ).sp and model.options.layout(SEQ).padded_len == 24
