@@ -435,7 +435,8 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
     kind, axis, group_size, shapes (list of 'dtype[dims]'), operands, dtype, bytes (result, one
     device), wire_bytes, per_call (times per execution of the loop nest it is in), count (per
     step = product of enclosing trip counts), loops (enclosing while ops 'namexN', outer first),
-    phase, op_name, source, name, computation.
+    phase, op_name, source, name, computation, and for all-gathers and reduce-scatters the
+    ``dimension`` they gather or scatter along.
 
     ``compiled``: a ``jax.stages.Compiled`` (anything with ``as_text()``) or HLO text.
     ``mesh``: a ``jax.sharding.Mesh`` or a dict axis -> size in mesh order.
@@ -479,6 +480,7 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
             op_name_s = m.group(1) if m else ""
             m = re.search(r"stack_frame_id=(\d+)", i.rest)
             source = source_of(module, int(m.group(1))) if m else ""
+            dims = re.findall(r"\d+", i.attr("dimensions") or "")
             rows.append({
                 "kind": kind, "axis": axis, "group_size": size,
                 "shapes": [f"{dt}[{','.join(map(str, s))}]" for dt, s in arrays],
@@ -490,6 +492,8 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
                 "count": int(mult[cname]), "loops": list(loops.get(cname, ())),
                 "phase": _phase(op_name_s), "op_name": op_name_s, "source": source,
                 "name": i.name, "computation": cname,
+                **({"dimension": int(dims[0])} if dims and kind in ("all-gather", "reduce-scatter")
+                   else {}),
             })
     return rows
 

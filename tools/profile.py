@@ -113,7 +113,7 @@ def print_census(census, out=sys.stdout):
 
 # ----------------------------------------------------------------------------- timing
 
-def _bench_fn(kind, axes, mesh, n_arrays):
+def _bench_fn(kind, axes, mesh, n_arrays, dim=0):
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -123,10 +123,11 @@ def _bench_fn(kind, axes, mesh, n_arrays):
             return jax.lax.psum(xs, axes)
     elif kind == "all-gather":
         def f(*xs):
-            return tuple(jax.lax.all_gather(x, axes, tiled=True) for x in xs)
+            return tuple(jax.lax.all_gather(x, axes, axis=dim, tiled=True) for x in xs)
     elif kind == "reduce-scatter":
         def f(*xs):
-            return tuple(jax.lax.psum_scatter(x, axes, tiled=True) for x in xs)
+            return tuple(jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)
+                         for x in xs)
     else:
         return None
     return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * n_arrays,
@@ -150,11 +151,11 @@ def time_collectives(census, mesh, iters=5, max_bytes=2 ** 30):
     for r in census:
         if r["axis"] in ("self", "?") or "partial" in r["axis"]:
             continue
-        key = (r["kind"], r["axis"], tuple(r["shapes"]))
+        key = (r["kind"], r["axis"], tuple(r["shapes"]), r.get("dimension", 0))
         groups.setdefault(key, 0)
         groups[key] += r["count"]
     results = []
-    for (kind, axis, shapes), count in sorted(groups.items(), key=lambda kv: -kv[1]):
+    for (kind, axis, shapes, dim), count in sorted(groups.items(), key=lambda kv: -kv[1]):
         row = {"kind": kind, "axis": axis, "shapes": list(shapes), "count": count}
         locals_ = []
         for s in shapes:
@@ -162,12 +163,12 @@ def time_collectives(census, mesh, iters=5, max_bytes=2 ** 30):
             dims = [int(d) for d in dims.rstrip("]").split(",") if d]
             gs = int(np.prod([mesh.shape[a] for a in axis.split("+")]))
             if kind == "all-gather":
-                dims[0] //= gs
+                dims[dim] //= gs
             elif kind == "reduce-scatter":
-                dims[0] *= gs
+                dims[dim] *= gs
             locals_.append((dt, dims or [1]))
         total = n_dev * sum(DTYPE_BYTES[dt] * int(np.prod(d)) for dt, d in locals_)
-        fn = _bench_fn(kind, tuple(axis.split("+")), mesh, len(locals_))
+        fn = _bench_fn(kind, tuple(axis.split("+")), mesh, len(locals_), dim)
         if fn is None or any(dt not in jdt for dt, _ in locals_):
             row["skipped"] = f"no micro-benchmark for {kind} / dtype"
         elif total > max_bytes:
