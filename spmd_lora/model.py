@@ -40,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 from . import dropout as lora_dropout
 from .config import ModelConfig
 from .dropout import Dropout
-from .kernels import CP_IMPLS, attention, ring_attention
+from .kernels import CP_IMPLS, _vma, attention, ring_attention
 from .lora import LoraConfig
 from .mesh import CP, DP, TP
 from .quant import matmul
@@ -176,8 +176,46 @@ def _lora_delta(x, lora, b_cols, opts: ForwardOptions, drop: Dropout | None, col
     """dropout(x) [.., in] @ a [in, r] @ b_cols [r, out_l] * scaling, in x.dtype. ``cols`` are
     the global input-feature ids of x's columns (for the layout-independent dropout mask)."""
     x = lora_dropout.apply(x, drop, cols, opts.lora.dropout)
-    h = x @ lora["a"].astype(x.dtype)                                        # [.., r]
-    return (h @ b_cols.astype(x.dtype)) * jnp.asarray(opts.lora.scaling, x.dtype)
+    return _lora_product(x, lora["a"].astype(x.dtype), b_cols.astype(x.dtype), opts.lora.scaling)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_product(x, a, b, scaling: float):
+    """(x [.., in] @ a [in, r]) @ b [r, out] * scaling. Its backward is written out so that
+    both weight gradients contract over the tokens with the rank-r factor on the left
+    (``dh^T x``, ``h^T g``): autodiff's ``x^T dh`` puts the [tokens, in] activation on the left,
+    and XLA:CPU then copies it into a transposed layout (per layer, inside the layer scan)."""
+    return ((x @ a) @ b) * jnp.asarray(scaling, x.dtype)
+
+
+def _lora_product_fwd(x, a, b, scaling):
+    h = x @ a                                                                # [.., r]
+    return (h @ b) * jnp.asarray(scaling, x.dtype), (x, a, b, h)
+
+
+def _lora_product_bwd(scaling, res, g):
+    x, a, b, h = res
+    g = g * jnp.asarray(scaling, g.dtype)                                    # [.., out]
+    dh = g @ b.T                                                             # [.., r]
+    tokens = (((0,), (0,)), ((), ()))
+    flat = lambda v: v.reshape(-1, v.shape[-1])                              # noqa: E731
+    db = jax.lax.dot_general(flat(h), flat(g), tokens)                       # [r, out]
+    da = jax.lax.dot_general(flat(dh), flat(x), tokens).T                    # [in, r]
+    dx = dh @ a.T
+    return _like_vma(dx, x), _like_vma(da, a), _like_vma(db, b)
+
+
+_lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
+
+
+def _like_vma(ct, primal):
+    """The cotangent ``ct`` typed like ``primal`` under check_vma: summed over the mesh axes
+    only it varies over (what autodiff's transpose of the implicit ``pcast`` does), and cast to
+    vary over the axes only ``primal`` varies over."""
+    extra = tuple(sorted(_varying(ct) - _varying(primal)))
+    if extra:
+        ct = jax.lax.psum(ct, extra)
+    return _vma.pvary(ct, _varying(primal))
 
 
 def column_linear(x, w, lora, unit, opts: ForwardOptions, drop: Dropout | None = None):
@@ -477,8 +515,7 @@ def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool
 
 
 def _varying(x) -> frozenset:
-    from .kernels._vma import varying_axes
-    return varying_axes(x)
+    return _vma.varying_axes(x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
