@@ -110,12 +110,14 @@ GPU_TABLE: list[GpuEntry] = [
 ]
 
 # (max sequence length, blockwise block size); the last entry covers everything longer.
-# Measured fwd+bwd (tools/step_breakdown.py --parts attention, 8 heads x 64, fp32, 2-core
-# Xeon, load average ~5, min of 3-7 runs; docs/benchmarks.md, issue 17): S=512 b64 89 ms,
-# b128 109, b256 131, b512 252; S=2048 b64 1.22 s, b128 1.50, b256 1.56; S=8192 b64 19.9 s,
-# b256 19.6 s, b128 25.0 s, b512 25.2 s (per 4 layers). Small tiles win up to 2k (the
-# diagonal tiles waste less, the score tile stays in cache); at 8k the loop count catches up.
-CPU_BLOCKWISE: list[tuple[int, int]] = [(2048, 64), (1 << 62, 256)]
+# Measured fwd+bwd on a quiet 2-core Xeon (load average < 1, tools/step_breakdown.py --parts
+# attention, 8 heads x 64, fp32, per 4 layers; docs/benchmarks.md, issue 17): S=512 b64 95 ms,
+# b128 89, b256 97, b512 114; S=2048 b64 1.19 s, b128 1.11, b256 0.94, b512 0.96; S=8192 b256
+# 13.5 s, b512 12.1 s, b1024 30.1 s. Larger tiles win as S grows (fewer loop iterations, larger
+# matmuls) until the score tile leaves the cache (b1024). S=4096 was not measured: the switch
+# to 512 sits between 2k (a tie) and 8k. Under heavy load (load average ~5) small tiles won
+# instead (S=2048 b64 1.22 s vs b256 1.56 s): the table follows the quiet machine.
+CPU_BLOCKWISE: list[tuple[int, int]] = [(1024, 128), (4096, 256), (1 << 62, 512)]
 
 
 @dataclasses.dataclass(frozen=True)

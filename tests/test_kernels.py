@@ -274,9 +274,11 @@ def test_registry_choices():
                           device_kind="Tesla V100-SXM2-16GB", compute_capability=(7, 0))
     assert "generic" in old.reason
     cpu = registry.choose("auto", seq_len=8192, head_dim=128, backend="cpu")
-    assert cpu.impl == "blockwise" and cpu.block_sizes.block_q == 256
-    short = registry.choose("auto", seq_len=2048, head_dim=64, backend="cpu")
-    assert short.block_sizes.block_q == short.block_sizes.block_k == 64
+    assert cpu.impl == "blockwise" and cpu.block_sizes.block_q == 512
+    mid = registry.choose("auto", seq_len=2048, head_dim=64, backend="cpu")
+    assert mid.block_sizes.block_q == mid.block_sizes.block_k == 256
+    short = registry.choose("auto", seq_len=512, head_dim=64, backend="cpu")
+    assert short.block_sizes.block_q == short.block_sizes.block_k == 128
     override = BlockSizes(32, 32, 32, 32)
     assert registry.choose("pallas", seq_len=64, head_dim=16, backend="gpu",
                            device_kind="NVIDIA H100", block_sizes=override).block_sizes \
