@@ -618,7 +618,6 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     targets = tuple(lora.targets) if lora is not None else ()
     r = lora.rank if lora is not None else 0
     t = 0 if remat == "none" else 1
-    ce_re = 0                    # the fused CE recomputes no chunk (before: 2C stats, C AG)
     # Bytes of one op's RESULT on one device, from the local token counts (0 without tokens).
     D = cfg.hidden_size
     tok = tokens or 0
@@ -633,8 +632,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
         # offload keeps the MLP input on the host: its recompute needs no o_proj psum
         re_reduce = 1 if remat in ("full", "save-dots") else 0
         common = [(AR, "remat", re_reduce * L, whole), (AR, "embedding", 1, whole),
-                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", C, chunk),
-                  (AR, "ce_backward", ce_re, stats)]
+                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", C, chunk)]
         ours = [(AR, "forward", L, whole), (AR, "forward", n * L, tile),
                 (AR, "backward", L, whole), (AR, "backward", n * L, tile)] + common
         mega = [(AR, "forward", 2 * L, whole), (AR, "backward", 2 * L, whole)] + common
@@ -644,7 +642,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
         common = [(RS, "remat", re_scatter * L, whole / tp), (RS, "embedding", 1, whole / tp),
                   (AG, "ce_forward", C, chunk),
                   (RS, "ce_backward", C, chunk / tp),
-                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", ce_re, stats)]
+                  (AR, "ce_forward", 3 * C, stats)]
         if n > 1:   # attention projections tiled too: its gathers/scatters are per tile
             # the recompute re-runs the attention tiles: their gathers under full and offload
             # (save-dots keeps the q/k/v products), their o_proj scatters under full/save-dots

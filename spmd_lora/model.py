@@ -212,10 +212,11 @@ def _like_vma(ct, primal):
     """The cotangent ``ct`` typed like ``primal`` under check_vma: summed over the mesh axes
     only it varies over (what autodiff's transpose of the implicit ``pcast`` does), and cast to
     vary over the axes only ``primal`` varies over."""
-    extra = tuple(sorted(_varying(ct) - _varying(primal)))
+    axes = _vma.varying_axes(primal)
+    extra = tuple(sorted(_vma.varying_axes(ct) - axes))
     if extra:
         ct = jax.lax.psum(ct, extra)
-    return _vma.pvary(ct, _varying(primal))
+    return _vma.pvary(ct, axes)
 
 
 def column_linear(x, w, lora, unit, opts: ForwardOptions, drop: Dropout | None = None):
@@ -506,16 +507,11 @@ def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool
     loss = jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
     dlogits = e * (weights / sum_exp)[:, None] - jnp.where(onehot, weights[:, None], 0.0)
     dh = jnp.einsum("nv,dv->nd", dlogits.astype(head.dtype), head, preferred_element_type=F32)
-    if TP in _varying(dh) and TP not in _varying(h):   # h the same on every tp device
-        dh = jax.lax.psum(dh, TP)
+    dh = _like_vma(dh, h)             # summed over tp when h is the same on every tp device
     dhead = None
     if head_grad:   # only when the base itself is differentiated (tests, full fine-tuning)
         dhead = jnp.einsum("nd,nv->dv", h.astype(F32), dlogits).astype(head.dtype)
     return loss, dh.astype(h.dtype), dhead
-
-
-def _varying(x) -> frozenset:
-    return _vma.varying_axes(x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -540,7 +536,7 @@ def _fused_ce_bwd(opts, res, g):
         # The head (lm_head, or the tied embedding) varies over tp only (its sharding): sum
         # the per-device gradients over the other axes, as autodiff's transposes would.
         dhead = dhead * g.astype(dhead.dtype)
-        extra = tuple(sorted(_varying(dhead) - {TP}))
+        extra = tuple(sorted(_vma.varying_axes(dhead) - {TP}))
         if extra:
             dhead = jax.lax.psum(dhead, extra)
     return dh, dhead, None, None

@@ -360,15 +360,13 @@ def useful_flops(cfg, lora_rank: int, tokens: int, seq_len: int) -> float:
     return step_flops(cfg, seq_len, tokens // seq_len, lora_rank=lora_rank).useful
 
 
-def hardware_flops(cfg, lora_rank: int, tokens: int, seq_len: int, remat: str, impl: str,
-                   block_sizes=None) -> float:
-    """What the step computes (useful + recomputation + masked tiles), for remat ``remat``."""
+def hardware_flops(cfg, lora_rank: int, tokens: int, seq_len: int, remat: str, impl: str) -> float:
+    """What the step computes (useful + recomputation), for remat ``remat``; attention counted
+    as the whole square for ``xla``, else as the causal triangle (fused kernels skip masked
+    tiles)."""
     from spmd_lora.flops import step_flops
-    kw = {"attention": "blockwise", "block_q": block_sizes.block_q, "block_k": block_sizes.block_k} \
-        if impl == "blockwise" and block_sizes else \
-        {"attention": "xla" if impl == "xla" else "causal"}
     return step_flops(cfg, seq_len, tokens // seq_len, lora_rank=lora_rank, remat=remat,
-                      **kw).hardware
+                      attention="xla" if impl == "xla" else "causal").hardware
 
 
 def train_worker(spec: dict) -> dict:

@@ -33,11 +33,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
-def _loadavg():
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def _time(fn, repeats):
     import jax
     jax.block_until_ready(fn())                     # compile + warm up
@@ -70,17 +65,18 @@ def main(argv=None):
     from spmd_lora.kernels import attention
     from spmd_lora.kernels.flash_attention import BlockSizes
     from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.mesh import make_mesh
+    from spmd_lora.mesh import make_mesh, param_specs
     from spmd_lora.model import ForwardOptions, cross_entropy_sum
     from spmd_lora.params import random_params
     from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
                                 shard_micro_batches)
     bench = _load_bench()
-    model_dims, _model_config = bench.model_dims, bench._model_config
+    model_dims, _model_config, _loadavg = bench.model_dims, bench._model_config, bench._loadavg
 
     m = model_dims(args.config)
     cfg = _model_config(m)
     s, d, L = m["seq"], m["hidden"], m["layers"]
+    useful = F.step_flops(cfg, s, lora_rank=8)              # by part; the same for every remat
     h, hd = cfg.num_heads, cfg.head_dim
     lora_cfg = LoraConfig(rank=8, alpha=16.0, targets="all")
     mesh = make_mesh(1, 1)
@@ -120,8 +116,7 @@ def main(argv=None):
             def one():
                 state[0], state[1], met = step(params, state[0], state[1], batches, key)
                 return met["loss"]
-            fl = F.step_flops(cfg, s, lora_rank=8, remat=remat, attention="blockwise", block_q=min(256, s), block_k=min(256, s))
-            report(f"step remat={remat} (useful)", _time(one, args.repeats), fl.useful)
+            report(f"step remat={remat} (useful)", _time(one, args.repeats), useful.useful)
 
     if "attention" in parts:
         kq = jax.random.split(jax.random.key(2), 4)
@@ -129,7 +124,6 @@ def main(argv=None):
         k = jax.random.normal(kq[1], (1, s, h, hd), jnp.float32)
         v = jax.random.normal(kq[2], (1, s, h, hd), jnp.float32)
         ct = jax.random.normal(kq[3], (1, s, h, hd), jnp.float32)
-        useful = F.step_flops(cfg, s, lora_rank=8, attention="causal").attention / L
         impls = [("xla", None) if b == "xla" else ("blockwise", int(b))
                  for b in args.blocks.split(",") if b == "xla" or int(b) <= s]
         for impl, blk in impls:
@@ -141,14 +135,13 @@ def main(argv=None):
             g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             t = _time(lambda g=g: g(q, k, v), args.repeats)
             report(f"attention {impl}{'' if blk is None else f' b{blk}'} x{L} (useful)", t * L,
-                   useful * L)
+                   useful.attention)
 
     if "ce" in parts:
         params = random_params(cfg, mesh, "float32")
         hs = jax.random.normal(jax.random.key(3), (1, s, d), jnp.float32)
         targets = jax.random.randint(jax.random.key(4), (1, s), 0, m["vocab"])
         weights = jnp.ones((1, s), jnp.float32)
-        from spmd_lora.mesh import param_specs
         for chunk in (s, max(1, s // 2)):
             opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, ce_chunk_tokens=chunk)
 
@@ -158,9 +151,7 @@ def main(argv=None):
                               out_specs=P(), check_vma=False)
             g = jax.jit(jax.grad(lambda hs, f=f: f(params, hs, targets, weights)))
             t = _time(lambda g=g: g(hs), args.repeats)
-            n = -(-s // chunk)
-            fl = 4.0 * s * d * m["vocab"]
-            report(f"ce {n} chunk(s) (useful)", t, fl)
+            report(f"ce {-(-s // chunk)} chunk(s) (useful)", t, useful.lm_head)
 
     if "linears" in parts:
         dims = [F.projection_dims(cfg, n) for n in F.PROJECTIONS]
@@ -176,7 +167,7 @@ def main(argv=None):
             return sum(jnp.sum((x @ w) * c) for x, w, c in zip(xs, ws, cts))
         g = jax.jit(jax.value_and_grad(lin))         # the forward's value keeps x @ w alive
         t = _time(lambda: g(xs, ws, cts), args.repeats)
-        report(f"frozen linears x{L} (fwd + dx)", t * L, 4.0 * s * sum(i * o for i, o in dims) * L)
+        report(f"frozen linears x{L} (fwd + dx)", t * L, useful.linears)
 
     print(f"load average after: {_loadavg()}", flush=True)
     if args.json:
