@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from .cli_parser import OneLineErrorParser
-from .distributed import EXIT_PEER_LOST
+from .distributed import EXIT_PEER_LOST, peer_timeout as default_peer_timeout
 from .errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
@@ -197,7 +197,9 @@ def run(command: list[str], nprocs: int, devices_per_process: int | None = None,
                 t = threading.Thread(target=_pump, args=(stream, out, lock, r, is_err), daemon=True)
                 t.start()
                 r.pumps.append(t)
-        failed = _wait(ranks)
+        # a failing process 0 waits up to the peer timeout for the others before it exits
+        # (distributed.finish), so a victim's cause may end that much after the victim
+        failed = _wait(ranks, cause_grace=(peer_timeout or default_peer_timeout()) + 5.0)
     except _Stop as stop:
         _stop_all(ranks, grace)
         sys.stderr.write(f"error: launch stopped by {signal.Signals(stop.signum).name}; "
@@ -221,14 +223,20 @@ def run(command: list[str], nprocs: int, devices_per_process: int | None = None,
     return _exit_code(code)
 
 
+# a victim's line when its peer failed with an error (distributed._stop), not when it vanished
+_PEER_FAILED = re.compile(r"^error: process \d+ failed \(")
+
+
 def _victim(r: _Rank) -> bool:
     """Stopped only because another process died or failed."""
     return r.proc.returncode == EXIT_PEER_LOST or r.peer_abort
 
 
-def _wait(ranks: list[_Rank]) -> _Rank | None:
+def _wait(ranks: list[_Rank], cause_grace: float) -> _Rank | None:
     """Wait until all exit 0 (-> None) or one fails (-> the rank to report: the first seen to
-    fail that was not only reacting to another's failure)."""
+    fail that was not only reacting to another's failure). After a victim, the cause is waited
+    for up to ``cause_grace`` seconds when the victim says its peer failed with an error (that
+    peer may still be waiting for the others before it exits), else 10 s."""
     ended: dict[int, float] = {}
 
     def failed():
@@ -244,8 +252,10 @@ def _wait(ranks: list[_Rank]) -> _Rank | None:
     while True:
         bad = failed()
         if bad:
-            # a victim exits moments after the process it reacted to; give that one a moment
-            deadline = time.monotonic() + 10.0
+            # a victim exits moments after the process it reacted to, or, when that one
+            # failed with an error, possibly before it (see run): wait for that one
+            reported_failure = any(_PEER_FAILED.search(r.last_line) for r in bad)
+            deadline = time.monotonic() + (cause_grace if reported_failure else 10.0)
             while all(_victim(r) for r in bad) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 bad = failed()
