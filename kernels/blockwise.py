@@ -4,14 +4,20 @@ Same contract as ``reference_attention``. The forward maps over q blocks and, in
 over key blocks with an online softmax in fp32 (FlashAttention-2 in plain XLA); it keeps only
 the output and the per-row log-sum-exp. The backward (``jax.custom_vjp``) scans over key
 blocks, loops over q blocks, recomputes the probabilities from the lse and accumulates dq in
-an fp32 carry, so neither pass ever holds more than one [B, H, block_q, block_k] score tile:
-the compiled train step's temporary memory grows linearly in S.
+an fp32 carry, so neither pass ever holds more than one score tile: the compiled train step's
+temporary memory grows linearly in S.
 
-GQA: q is viewed as [B, S, KV, G, D] (a free reshape) and contracted against k/v
-[B, S, KV, D] directly; repeated kv heads are never materialised and the dk/dv sums over the
-group come out of the einsums. Causal: key blocks entirely above the diagonal are skipped
-(dynamic loop bounds), blocks entirely below it are not masked. Segment ids mask every block.
-Lengths that are not a multiple of the block are padded and the padded keys masked.
+Layout: every tile product is a plain batched matmul over n = B * KV. q is laid out once as
+"rows" [n, S * G, D] (row = position * G + group: the G query heads that share a kv head sit
+in the rows of one matmul, so GQA repeats nothing) and k, v as [n, S, D]. The forward's score
+tile is [n, bq * G, bk] (softmax along the minor axis); the backward works on its transpose
+[n, bk, bq * G], which makes the dv and dk products untransposed. q is scaled by the softmax
+scale once, up front. On XLA:CPU this layout runs the tile matmuls without the per-tile
+transposing copies that a [B, S, H, D] einsum needs (measured in docs/benchmarks.md, issue 17).
+
+Causal: key blocks entirely above the diagonal are skipped (dynamic loop bounds), blocks
+entirely below it are not masked. Segment ids mask every block. Lengths that are not a
+multiple of the block are padded and the padded keys masked.
 """
 from __future__ import annotations
 
@@ -54,49 +60,104 @@ def _pad_seq(x, seq_pad, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
-    """Mask broadcastable to [B, KV, G, bq, bk], or None."""
-    mask = position_mask(q_pos, k_pos, causal=causal, kv_len=kv_len, seq_pad=seq_pad)
-    if mask is not None:
-        mask = mask[None, None, None]
-    if q_seg is not None:  # [B, bq], [B, bk]
-        m = (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
-        mask = m if mask is None else mask & m
-    return mask
-
-
 def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def _to_rows(x, seq_pad, kvh):
+    """[B, S, H, ...] -> [B * KV, S_pad * G, ...]: row = position * G + group (q head
+    h = kv head h // G, group h % G)."""
+    b, s, h = x.shape[:3]
+    g = h // kvh
+    x = _pad_seq(x, seq_pad).reshape(b, seq_pad, kvh, g, *x.shape[3:])
+    return jnp.moveaxis(x, 2, 1).reshape(b * kvh, seq_pad * g, *x.shape[4:])
+
+
+def _from_rows(x, b, seq_pad, s):
+    """Inverse of :func:`_to_rows`: [B * KV, S_pad * G, D] -> [B, S, H, D]."""
+    n, r, d = x.shape
+    kvh, g = n // b, r // seq_pad
+    x = x.reshape(b, kvh, seq_pad, g, d).transpose(0, 2, 1, 3, 4)
+    return x.reshape(b, seq_pad, kvh * g, d)[:, :s]
+
+
+def _to_kv(x, seq_pad):
+    """[B, S, KV, D] -> [B * KV, S_pad, D]."""
+    b, _, kvh, d = x.shape
+    return _pad_seq(x, seq_pad).transpose(0, 2, 1, 3).reshape(b * kvh, seq_pad, d)
+
+
+def _from_kv(blocks, b, s):
+    """Stacked per-block results [nk, B * KV, bk, D] -> [B, S, KV, D]."""
+    nk, n, bk, d = blocks.shape
+    x = blocks.transpose(1, 0, 2, 3).reshape(b, n // b, nk * bk, d)
+    return x.transpose(0, 2, 1, 3)[:, :s]
+
+
+def _segments(seg, seq_pad, kvh, g):
+    """Segment ids [B, S] -> (per q row [n, S_pad * G], per key [n, S_pad]); padding -1."""
+    segp = _pad_seq(seg.astype(jnp.int32), seq_pad, -1)
+    b = segp.shape[0]
+    rows = jnp.broadcast_to(segp[:, None, :, None], (b, kvh, seq_pad, g))
+    keys = jnp.broadcast_to(segp[:, None, :], (b, kvh, seq_pad))
+    return rows.reshape(b * kvh, seq_pad * g), keys.reshape(b * kvh, seq_pad)
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, *, causal, kv_len, seq_pad):
+    """Mask broadcastable to a [n, rows, bk] score tile, or None. q_pos [rows] and k_pos [bk]
+    positions; q_seg [n, rows] and k_seg [n, bk] segment ids or None."""
+    mask = position_mask(q_pos, k_pos, causal=causal, kv_len=kv_len, seq_pad=seq_pad)
+    if mask is not None:
+        mask = mask[None]
+    if q_seg is not None:
+        m = q_seg[:, :, None] == k_seg[:, None, :]
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def _layout(q, k, v, seg, cfg: _Cfg):
+    """Shared set-up of both passes: padded length, q rows pre-scaled by the softmax scale,
+    k and v per kv head, segment ids in both layouts, and each row's position in a q tile."""
+    b, s, h, _ = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    step = _lcm(cfg.bq, cfg.bk)
+    seq_pad = _cdiv(s, step) * step
+    qr = _to_rows(q * jnp.asarray(cfg.sm_scale, q.dtype), seq_pad, kvh)
+    seg_rows = seg_keys = None
+    if seg is not None:
+        seg_rows, seg_keys = _segments(seg, seq_pad, kvh, g)
+    row_pos = jnp.arange(cfg.bq * g, dtype=jnp.int32) // g
+    return seq_pad, qr, _to_kv(k, seq_pad), _to_kv(v, seq_pad), seg_rows, seg_keys, row_pos
+
+
 def _forward(q, k, v, seg, cfg: _Cfg):
-    """q [B, S, H, D] -> out [B, S, H, D] (q.dtype), lse [B, KV, G, S_pad] fp32."""
+    """q [B, S, H, D] -> out [B, S, H, D] (q.dtype), lse [B * KV, S_pad * G] fp32 (rows)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
     bq, bk = cfg.bq, cfg.bk
-    seq_pad = -(-s // _lcm(bq, bk)) * _lcm(bq, bk)
+    n, rq = b * kvh, bq * g
+    seq_pad, qr, kr, vr, seg_rows, seg_keys, row_pos = _layout(q, k, v, seg, cfg)
     nq, nk = seq_pad // bq, seq_pad // bk
     axes = _vma.union_axes(q, k, v, seg)
-    qg = _pad_seq(q, seq_pad).reshape(b, seq_pad, kvh, g, d)
-    kp, vp = _pad_seq(k, seq_pad), _pad_seq(v, seq_pad)
-    segp = None if seg is None else _pad_seq(seg.astype(jnp.int32), seq_pad, -1)
 
     def q_block(i):
         q_start = i * bq
-        qi = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
-        q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
-        q_seg = None if segp is None else lax.dynamic_slice_in_dim(segp, q_start, bq, axis=1)
+        qi = lax.dynamic_slice_in_dim(qr, q_start * g, rq, axis=1)              # [n, rq, D]
+        q_pos = q_start + row_pos
+        q_seg = (None if seg_rows is None
+                 else lax.dynamic_slice_in_dim(seg_rows, q_start * g, rq, axis=1))
 
         def body(j, carry, masked):
             acc, m_prev, l_prev = carry
             k_start = j.astype(jnp.int32) * bk  # fori_loop counters are int64 under x64
-            kj = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
-            vj = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
-            sc = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
-                            preferred_element_type=jnp.float32) * cfg.sm_scale
+            kj = lax.dynamic_slice_in_dim(kr, k_start, bk, axis=1)               # [n, bk, D]
+            vj = lax.dynamic_slice_in_dim(vr, k_start, bk, axis=1)
+            sc = jnp.einsum("nrd,nsd->nrs", qi, kj, preferred_element_type=jnp.float32)
             k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
-            k_seg = None if segp is None else lax.dynamic_slice_in_dim(segp, k_start, bk, 1)
+            k_seg = (None if seg_keys is None
+                     else lax.dynamic_slice_in_dim(seg_keys, k_start, bk, axis=1))
             mask = _mask(q_pos, k_pos, q_seg, k_seg, causal=cfg.causal and masked,
                          kv_len=s if masked else seq_pad, seq_pad=seq_pad)
             if mask is not None:
@@ -105,7 +166,7 @@ def _forward(q, k, v, seg, cfg: _Cfg):
             alpha = jnp.exp(m_prev - m_new)
             p = jnp.exp(sc - m_new[..., None])
             l_new = alpha * l_prev + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj,
+            pv = jnp.einsum("nrs,nsd->nrd", p.astype(vj.dtype), vj,
                             preferred_element_type=jnp.float32)
             return acc * alpha[..., None] + pv, m_new, l_new
 
@@ -115,19 +176,17 @@ def _forward(q, k, v, seg, cfg: _Cfg):
             unmasked_end = jnp.minimum((q_start + 1) // bk, full_kv)
         else:
             end, unmasked_end = nk, full_kv
-        carry = (_vma.zeros((b, kvh, g, bq, d), jnp.float32, axes),
-                 _vma.full((b, kvh, g, bq), MASK_VALUE, jnp.float32, axes),
-                 _vma.zeros((b, kvh, g, bq), jnp.float32, axes))
+        carry = (_vma.zeros((n, rq, d), jnp.float32, axes),
+                 _vma.full((n, rq), MASK_VALUE, jnp.float32, axes),
+                 _vma.zeros((n, rq), jnp.float32, axes))
         carry = lax.fori_loop(0, unmasked_end, functools.partial(body, masked=False), carry)
         acc, m, l = lax.fori_loop(unmasked_end, end, functools.partial(body, masked=True),
                                   carry)
-        out = (acc / l[..., None]).astype(q.dtype).transpose(0, 3, 1, 2, 4)  # [B,bq,KV,G,D]
-        return out, m + jnp.log(l)
+        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
-    outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
-    out = outs.transpose(1, 0, 2, 3, 4, 5).reshape(b, seq_pad, h, d)[:, :s]
-    lse = lses.transpose(1, 2, 3, 0, 4).reshape(b, kvh, g, seq_pad)
-    return out, lse
+    outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))   # [nq, n, rq, (D)]
+    out = _from_rows(outs.transpose(1, 0, 2, 3).reshape(n, seq_pad * g, d), b, seq_pad, s)
+    return out, lses.transpose(1, 0, 2).reshape(n, seq_pad * g)
 
 
 def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
@@ -135,49 +194,50 @@ def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
     kvh = k.shape[2]
     g = h // kvh
     bq, bk = cfg.bq, cfg.bk
-    seq_pad = lse.shape[-1]
+    n, rq = b * kvh, bq * g
+    seq_pad, qr, kr, vr, seg_rows, seg_keys, row_pos = _layout(q, k, v, seg, cfg)
     nq, nk = seq_pad // bq, seq_pad // bk
     axes = _vma.union_axes(q, k, v, seg, do)
-    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, S, H]
-    delta = _pad_seq(delta, seq_pad).reshape(b, seq_pad, kvh, g).transpose(0, 2, 3, 1)
-    qg = _pad_seq(q, seq_pad).reshape(b, seq_pad, kvh, g, d)
-    dog = _pad_seq(do.astype(q.dtype), seq_pad).reshape(b, seq_pad, kvh, g, d)
-    kp, vp = _pad_seq(k, seq_pad), _pad_seq(v, seq_pad)
-    segp = None if seg is None else _pad_seq(seg.astype(jnp.int32), seq_pad, -1)
+    # A batched dot, not sum(out * do, -1): XLA:CPU reduces a minor axis of 64 ~15x slower.
+    delta = jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = _to_rows(delta, seq_pad, kvh)                                      # [n, S_pad*G]
+    dor = _to_rows(do.astype(q.dtype), seq_pad, kvh)
 
     def k_block(dq, j):
         k_start = j * bk
-        kj = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
-        vj = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
+        kj = lax.dynamic_slice_in_dim(kr, k_start, bk, axis=1)                   # [n, bk, D]
+        vj = lax.dynamic_slice_in_dim(vr, k_start, bk, axis=1)
         k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
-        k_seg = None if segp is None else lax.dynamic_slice_in_dim(segp, k_start, bk, 1)
+        k_seg = (None if seg_keys is None
+                 else lax.dynamic_slice_in_dim(seg_keys, k_start, bk, axis=1))
 
         def body(i, carry, masked):
             dq, dk, dv = carry
             q_start = i.astype(jnp.int32) * bq  # fori_loop counters are int64 under x64
-            qi = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
-            doi = lax.dynamic_slice_in_dim(dog, q_start, bq, axis=1)
-            lse_i = lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)
-            delta_i = lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
-            sc = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
-                            preferred_element_type=jnp.float32) * cfg.sm_scale
-            p = jnp.exp(sc - lse_i[..., None])
-            q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
-            q_seg = None if segp is None else lax.dynamic_slice_in_dim(segp, q_start, bq, 1)
-            mask = _mask(q_pos, k_pos, q_seg, k_seg, causal=cfg.causal and masked,
-                         kv_len=s if masked else seq_pad, seq_pad=seq_pad)
+            r0 = q_start * g
+            qi = lax.dynamic_slice_in_dim(qr, r0, rq, axis=1)                    # [n, rq, D]
+            doi = lax.dynamic_slice_in_dim(dor, r0, rq, axis=1)
+            lse_i = lax.dynamic_slice_in_dim(lse, r0, rq, axis=1)                # [n, rq]
+            delta_i = lax.dynamic_slice_in_dim(delta, r0, rq, axis=1)
+            # Transposed tiles [n, bk, rq]: dv and dk are then plain (untransposed) products.
+            pt = jnp.exp(jnp.einsum("nsd,nrd->nsr", kj, qi, preferred_element_type=jnp.float32)
+                         - lse_i[:, None, :])
+            q_seg = None if seg_rows is None else lax.dynamic_slice_in_dim(seg_rows, r0, rq, 1)
+            mask = _mask(q_start + row_pos, k_pos, q_seg, k_seg,
+                         causal=cfg.causal and masked, kv_len=s if masked else seq_pad,
+                         seq_pad=seq_pad)
             if mask is not None:
-                p = jnp.where(mask, p, 0.0)
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi,
+                pt = jnp.where(jnp.swapaxes(mask, -1, -2), pt, 0.0)
+            dv = dv + jnp.einsum("nsr,nrd->nsd", pt.astype(doi.dtype), doi,
                                  preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_i[..., None])
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(qi.dtype), qi,
+            dpt = jnp.einsum("nsd,nrd->nsr", vj, doi, preferred_element_type=jnp.float32)
+            dst = pt * (dpt - delta_i[:, None, :])
+            dk = dk + jnp.einsum("nsr,nrd->nsd", dst.astype(qi.dtype), qi,
                                  preferred_element_type=jnp.float32)
-            dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(kj.dtype), kj,
+            dq_i = jnp.einsum("nsr,nsd->nrd", dst.astype(kj.dtype), kj,
                               preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(
-                dq, lax.dynamic_slice_in_dim(dq, q_start, bq, axis=1) + dq_i, q_start, axis=1)
+                dq, lax.dynamic_slice_in_dim(dq, r0, rq, axis=1) + dq_i, r0, axis=1)
             return dq, dk, dv
 
         if cfg.causal:
@@ -187,19 +247,17 @@ def _backward(q, k, v, seg, out, lse, do, cfg: _Cfg):
             start, unmasked_start = 0, 0
         if s < seq_pad:
             unmasked_start = jnp.where(k_start + bk > s, nq, unmasked_start)
-        carry = (dq, _vma.zeros((b, bk, kvh, d), jnp.float32, axes),
-                 _vma.zeros((b, bk, kvh, d), jnp.float32, axes))
+        carry = (dq, _vma.zeros((n, bk, d), jnp.float32, axes),
+                 _vma.zeros((n, bk, d), jnp.float32, axes))
         carry = lax.fori_loop(start, unmasked_start, functools.partial(body, masked=True), carry)
         dq, dk, dv = lax.fori_loop(unmasked_start, nq, functools.partial(body, masked=False),
                                    carry)
-        return dq, ((dk * cfg.sm_scale).astype(k.dtype), dv.astype(v.dtype))
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))  # dk: q rows were pre-scaled
 
-    dq0 = _vma.zeros((b, seq_pad, kvh, g, d), jnp.float32, axes)
+    dq0 = _vma.zeros((n, seq_pad * g, d), jnp.float32, axes)
     dq, (dks, dvs) = lax.scan(k_block, dq0, jnp.arange(nk, dtype=jnp.int32))
-    dq = (dq * cfg.sm_scale).reshape(b, seq_pad, h, d)[:, :s].astype(q.dtype)
-    dk = dks.transpose(1, 0, 2, 3, 4).reshape(b, seq_pad, kvh, d)[:, :s]
-    dv = dvs.transpose(1, 0, 2, 3, 4).reshape(b, seq_pad, kvh, d)[:, :s]
-    return dq, dk, dv
+    dq = _from_rows(dq * cfg.sm_scale, b, seq_pad, s).astype(q.dtype)
+    return dq, _from_kv(dks, b, s), _from_kv(dvs, b, s)
 
 
 _blockwise = attention_with_saved_lse(_forward, _backward)

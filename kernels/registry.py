@@ -14,9 +14,10 @@
   block size from :data:`CPU_BLOCKWISE` by sequence length. Measured on the shared 2-core CPU
   box (fwd+bwd, B=1, 8 heads, hd=64, fp32, min of 15 runs, under load): S=128 xla 4.3 ms vs
   blockwise 3.1 ms; S=256 12.0 vs 12.6 ms (a tie); S=512 90 vs 52 ms; S=2048 ~2.0 s vs
-  ~0.6 s. Blockwise never loses by more than noise, so there is no "short sequence -> xla"
-  threshold: "auto" is blockwise at every length (block sizes: see ``CPU_BLOCKWISE``). "pallas" still works off-GPU, interpreted
-  (slow; for tests).
+  ~0.6 s (the blockwise kernel has become 1.6-1.8x faster since). Blockwise never loses by more
+  than noise, so there is no "short sequence -> xla" threshold: "auto" is blockwise at every
+  length (block sizes: see ``CPU_BLOCKWISE``). "pallas" still works off-GPU, interpreted (slow;
+  for tests).
 
 Add a GPU: append a :class:`GpuEntry` to ``GPU_TABLE`` (or call :func:`register_gpu`) before
 the catch-all, or run the suite there; see kernels/README.md.
@@ -110,14 +111,13 @@ GPU_TABLE: list[GpuEntry] = [
 ]
 
 # (max sequence length, blockwise block size); the last entry covers everything longer.
-# Measured fwd+bwd on a quiet 2-core Xeon (load average < 1, tools/step_breakdown.py --parts
-# attention, 8 heads x 64, fp32, per 4 layers; docs/benchmarks.md, issue 17): S=512 b64 95 ms,
-# b128 89, b256 97, b512 114; S=2048 b64 1.19 s, b128 1.11, b256 0.94, b512 0.96; S=8192 b256
-# 13.5 s, b512 12.1 s, b1024 30.1 s. Larger tiles win as S grows (fewer loop iterations, larger
-# matmuls) until the score tile leaves the cache (b1024). S=4096 was not measured: the switch
-# to 512 sits between 2k (a tie) and 8k. Under heavy load (load average ~5) small tiles won
-# instead (S=2048 b64 1.22 s vs b256 1.56 s): the table follows the quiet machine.
-CPU_BLOCKWISE: list[tuple[int, int]] = [(1024, 128), (4096, 256), (1 << 62, 512)]
+# Measured fwd+bwd of one layer's causal attention on a quiet 2-core Xeon (load average < 1.5,
+# 8 heads x 64, fp32, min of 3 runs; docs/benchmarks.md, issue 17), after the kernel moved to
+# the heads-major layout: S=256 b128 5-6 ms, b256 4-5 ms; S=512 b64 16 ms, b128 15, b256 16,
+# b512 23; S=1024 b128 48 ms, b256 45, b512 51; S=2048 b128 190 ms, b256 161, b512 139;
+# S=4096 b256 553 ms, b512 451, b1024 521; S=8192 b512 1.64 s, 1024x512 1.74 s. Larger tiles win
+# as S grows (fewer loop iterations, larger matmuls) until the score tile leaves the cache.
+CPU_BLOCKWISE: list[tuple[int, int]] = [(256, 256), (512, 128), (1024, 256), (1 << 62, 512)]
 
 
 @dataclasses.dataclass(frozen=True)

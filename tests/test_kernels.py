@@ -275,7 +275,7 @@ def test_registry_choices():
     assert "generic" in old.reason
     cpu = registry.choose("auto", seq_len=8192, head_dim=128, backend="cpu")
     assert cpu.impl == "blockwise" and cpu.block_sizes.block_q == 512
-    mid = registry.choose("auto", seq_len=2048, head_dim=64, backend="cpu")
+    mid = registry.choose("auto", seq_len=1024, head_dim=64, backend="cpu")
     assert mid.block_sizes.block_q == mid.block_sizes.block_k == 256
     short = registry.choose("auto", seq_len=512, head_dim=64, backend="cpu")
     assert short.block_sizes.block_q == short.block_sizes.block_k == 128
