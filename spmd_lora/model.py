@@ -502,14 +502,24 @@ def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool
     e = jnp.exp(logits - m[:, None])
     sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
     local_t = targets - jax.lax.axis_index(TP) * vl                          # out of range: not here
-    onehot = jnp.arange(vl, dtype=local_t.dtype)[None, :] == local_t[:, None]  # [N, Vl]
-    target_logit = jax.lax.psum(jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1), TP)
+    here = (local_t >= 0) & (local_t < vl)                                   # [N]
+    t_col = jnp.clip(local_t, 0, vl - 1)
+    # The target's logit and head column by gather (O(N)), not by a one-hot pass over [N, Vl].
+    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
+    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
     loss = jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
-    dlogits = e * (weights / sum_exp)[:, None] - jnp.where(onehot, weights[:, None], 0.0)
-    dh = jnp.einsum("nv,dv->nd", dlogits.astype(head.dtype), head, preferred_element_type=F32)
+    # dL/dlogits = e * scale - onehot * w (rows scaled: scale = w / sum_exp), so
+    # dL/dh = (e @ head^T) * scale - w * head[:, target]^T: no [N, Vl] pass besides the matmul.
+    scale = weights / sum_exp
+    w_here = jnp.where(here, weights, 0.0)
+    head_t = jnp.take(head, t_col, axis=1).T.astype(F32)                     # [N, D]
+    dh = (jnp.einsum("nv,dv->nd", e.astype(head.dtype), head, preferred_element_type=F32)
+          * scale[:, None] - w_here[:, None] * head_t)
     dh = _like_vma(dh, h)             # summed over tp when h is the same on every tp device
     dhead = None
     if head_grad:   # only when the base itself is differentiated (tests, full fine-tuning)
+        onehot = jnp.arange(vl, dtype=t_col.dtype)[None, :] == t_col[:, None]  # [N, Vl]
+        dlogits = e * scale[:, None] - jnp.where(onehot, w_here[:, None], 0.0)
         dhead = jnp.einsum("nd,nv->dv", h.astype(F32), dlogits).astype(head.dtype)
     return loss, dh.astype(h.dtype), dhead
 
