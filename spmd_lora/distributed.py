@@ -17,7 +17,7 @@ stops a process whose peer died, agreement between processes, and per-process ba
   the others have marked themselves before it exits, since they need the coordination service
   it hosts to do so.
   ``peer_timeout`` is ``$SPMD_LORA_PEER_TIMEOUT`` (seconds, default 60). JAX's own heartbeat
-  timeout is set to twice that, as a backstop: it aborts the process (status 134, JAX's own
+  timeout is set to four times that (at least 30 s), as a backstop: it aborts the process (status 134, JAX's own
   message) if the watchdog itself cannot run. When process 0 dies, JAX's runtime aborts the
   others at once, because process 0 hosts the coordination service (its message: "Failed to
   send RPC to coordination service. Either the leader task was killed ..."); no Python code
@@ -49,6 +49,7 @@ EXIT_PEER_LOST = 3
 DEFAULT_PEER_TIMEOUT = 60.0
 _PREFIX = "spmd_lora/alive/"
 _state = {"watchdog": None, "agree_calls": 0}
+JAX_HEARTBEAT_FACTOR = 4   # JAX's heartbeat timeout, in peer timeouts (a backstop)
 
 
 def peer_timeout() -> float:
@@ -78,7 +79,9 @@ def initialize() -> bool:
     if not _wanted():
         return False
     timeout = peer_timeout()
-    kwargs = {"heartbeat_timeout_seconds": max(int(2 * timeout), 10)}
+    # JAX counts its timeout from the last heartbeat it received, which may predate a death
+    # by one heartbeat interval: 4x leaves the watchdog (timeout + one poll) a wide lead.
+    kwargs = {"heartbeat_timeout_seconds": max(int(JAX_HEARTBEAT_FACTOR * timeout), 30)}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs.update(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                       num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
