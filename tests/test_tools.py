@@ -300,3 +300,32 @@ def test_bench_tiny(tmp_path):
     res = json.loads(out.read_text())["results"][0]
     assert res["best_ours"]["tokens_per_s"] > 0 and res["peft"]["tokens_per_s"] > 0
     assert res["best_ours"]["peak_rss_bytes"] > 0 and res["speed_ratio"] > 0
+
+
+def test_step_breakdown_bound_counts_the_kernels_tiles(tmp_path):
+    # The bound's attention row must count the products the blockwise kernel runs: 7 tile
+    # matmuls per causal tile (flops.step_flops' hardware attention), at the CPU tile size.
+    from spmd_lora import flops
+    from spmd_lora.config import ModelConfig
+    from spmd_lora.kernels.registry import _cpu_block
+    out = tmp_path / "breakdown.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "step_breakdown.py"), "--config", "tiny",
+         "--parts", "bound", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = {r["part"].split(" b")[0] if r["part"].startswith("bound: attention") else r["part"]: r
+            for r in json.loads(out.read_text())["rows"]}
+    cfg = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_layers=2,
+                      num_heads=4, num_kv_heads=4, head_dim=64)
+    b = _cpu_block(256)
+    f = flops.step_flops(cfg, 256, lora_rank=8, attention="blockwise", block_q=b, block_k=b)
+    assert rows["bound: attention tile matmuls"]["flops"] == f.attention_hw
+    assert rows["bound: LM head matmuls"]["flops"] == f.lm_head
+    assert rows["bound: frozen linear matmuls x2"]["flops"] == f.linears
+    parts = ("bound: attention tile matmuls", "bound: LM head matmuls",
+             "bound: frozen linear matmuls x2")
+    total = rows["bound: matmuls only (useful)"]
+    assert total["flops"] == f.useful
+    assert abs(total["seconds"] - sum(rows[k]["seconds"] for k in parts)) < 1e-9
+    assert "utilisation bound, matmuls + softmax" in p.stdout

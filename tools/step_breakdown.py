@@ -2,7 +2,8 @@
 """Where a train step's time goes: the step and its parts timed in one process.
 
     python tools/step_breakdown.py --config tiny|small|long|long8k [--repeats 5]
-        [--parts step,attention,ce,linears] [--remat none,full] [--blocks 128,256,512,xla]
+        [--parts ceiling,step,attention,ce,linears,bound] [--remat none,full]
+        [--blocks 128,256,512,xla]
 
 Model and step as ``tools/bench.py`` (random Llama, LoRA r=8 on all linears, fp32 on CPU,
 batch 1). Parts, each jitted and timed forward + backward on the step's shapes:
@@ -14,7 +15,12 @@ batch 1). Parts, each jitted and timed forward + backward on the step's shapes:
   w.r.t. them, in one chunk and in chunks of S/2;
 * ``linears``: one layer's frozen projections (q, k, v, o, gate, up, down) forward and input
   gradient with plain matmuls, x layers;
-* ``ceiling``: a 2048^3 matmul.
+* ``ceiling``: a 2048^3 matmul;
+* ``bound``: the best utilisation this step could reach with XLA's own kernels: every matmul
+  the step must run (attention's tile products at the CPU tile size, the LM head's two, the
+  frozen linears), each timed alone at its shape, summed as if nothing else took time; then
+  plus the element-wise passes no implementation can skip (the softmax exponentials of each
+  attention tile, forward and backward, and the max and exp-sum over the [S, V] logits).
 
 Each part's time is the minimum of ``--repeats`` runs (the least-disturbed one, on a shared
 machine), next to its matmul FLOPs (``spmd_lora.flops``) and FLOP/s. "other" = the step
@@ -48,7 +54,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="ceiling,step,attention,ce,linears")
+    ap.add_argument("--parts", default="ceiling,step,attention,ce,linears,bound")
     ap.add_argument("--remat", default="none,full")
     ap.add_argument("--blocks", default="128,256,512,xla",
                     help="attention variants: blockwise block sizes, and xla")
@@ -94,8 +100,10 @@ def main(argv=None):
         rows.append(row)
         print(f"  {name:34s} {seconds * 1e3:9.1f} ms{extra}", flush=True)
 
-    if "ceiling" in parts:
+    ceiling = None
+    if "ceiling" in parts or "bound" in parts:
         c = F.measure_matmul_ceiling(2048, "float32", repeats=args.repeats)
+        ceiling = 2.0 * 2048 ** 3 / c["seconds"]
         report("ceiling 2048^3 matmul", c["seconds"], 2.0 * 2048 ** 3)
 
     if "step" in parts:
@@ -169,11 +177,73 @@ def main(argv=None):
         t = _time(lambda: g(xs, ws, cts), args.repeats)
         report(f"frozen linears x{L} (fwd + dx)", t * L, useful.linears)
 
+    if "bound" in parts:
+        _bound(cfg, s, useful.useful, ceiling, args.repeats, report)
+
     print(f"load average after: {_loadavg()}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "rows": rows}, f, indent=1)
     return 0
+
+
+def _bound(cfg, s, useful, ceiling, repeats, report):
+    """Time each matmul shape of the step alone (and the softmax passes); report the sum and
+    the utilisation it would give (useful FLOPs / that time / ceiling): an upper bound for
+    any step built from XLA's kernels, which run these products one at a time."""
+    import jax
+    import jax.numpy as jnp
+
+    from spmd_lora import flops as F
+    from spmd_lora.kernels.registry import _cpu_block
+
+    L, d, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    kv, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    b = min(_cpu_block(s), s)
+    tiles = F.causal_tiles(s, b, b) * L
+    drawn = [0]
+
+    def rnd(*shape):
+        drawn[0] += 1
+        return jax.random.normal(jax.random.key(drawn[0]), shape, jnp.float32)
+
+    def timed(fn, *xs):              # short products: the first runs after a compile are slow
+        f = jax.jit(fn)
+        return _time(lambda: f(*xs), max(repeats, 10))
+
+    q, k, sc = rnd(kv, b * g, hd), rnd(kv, b, hd), rnd(kv, b * g, b)
+    ein = jnp.einsum
+    # Per tile, forward: S = QK^T, PV; backward: S again, dP = dO V^T (both contract D, as
+    # QK^T), dV = P^T dO and dK = dS^T Q (on the backward's transposed tile these contract its
+    # minor axis, as PV), and dQ = dS K, which contracts the tile's other axis (dS feeds both
+    # dK and dQ, so one of them always does): 3 + 3 + 1 products, the kernel's own layout.
+    t_qk = timed(lambda a, c: ein("nrd,nsd->nrs", a, c), q, k)
+    t_pv = timed(lambda p, c: ein("nrs,nsd->nrd", p, c), sc, k)
+    t_ptd = timed(lambda p, a: ein("nrs,nrd->nsd", p, a), sc, q)
+    attn = tiles * (3 * t_qk + 3 * t_pv + t_ptd)
+    report(f"bound: attention tile matmuls b{b} x{tiles}", attn,
+           tiles * 7 * 2.0 * kv * b * g * b * hd)
+    h, head, e = rnd(s, d), rnd(d, V), rnd(s, V)
+    ce = (timed(lambda x, w: x @ w, h, head) + timed(lambda x, w: x @ w.T, e, head))
+    report("bound: LM head matmuls", ce, 4.0 * s * d * V)
+    dims = [F.projection_dims(cfg, n) for n in F.PROJECTIONS]
+    lin = 0.0
+    for f_in, f_out in dims:                # forward and input gradient of each projection
+        x, w, dy = rnd(s, f_in), rnd(f_in, f_out), rnd(s, f_out)
+        lin += timed(lambda a, c: a @ c, x, w) + timed(lambda a, c: a @ c.T, dy, w)
+    report(f"bound: frozen linear matmuls x{L}", lin * L, 4.0 * s * L * sum(i * o for i, o in dims))
+    matmuls = attn + ce + lin * L
+    report("bound: matmuls only (useful)", matmuls, useful)
+    # Exponentials every implementation computes: each tile's, forward and backward (the
+    # backward recomputes them, or reads them back), and the logits' max and exp-sum.
+    t_exp = timed(lambda x: jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), sc)
+    t_lse = timed(lambda x: jnp.sum(jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), -1), e)
+    soft = 2 * tiles * t_exp + t_lse
+    report("bound: softmax passes", soft)
+    report("bound: matmuls + softmax (useful)", matmuls + soft, useful)
+    for name, t in (("matmuls only", matmuls), ("matmuls + softmax", matmuls + soft)):
+        print(f"  utilisation bound, {name}: {useful / t / ceiling * 100:.1f} % of the ceiling",
+              flush=True)
 
 
 def _load_bench():
