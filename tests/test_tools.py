@@ -307,7 +307,7 @@ def test_step_breakdown_bound_counts_the_kernels_tiles(tmp_path):
     # matmuls per causal tile (flops.step_flops' hardware attention), at the CPU tile size.
     from spmd_lora import flops
     from spmd_lora.config import ModelConfig
-    from spmd_lora.kernels.registry import _cpu_block
+    from spmd_lora.kernels import registry
     out = tmp_path / "breakdown.json"
     p = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "step_breakdown.py"), "--config", "tiny",
@@ -318,7 +318,7 @@ def test_step_breakdown_bound_counts_the_kernels_tiles(tmp_path):
             for r in json.loads(out.read_text())["rows"]}
     cfg = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_layers=2,
                       num_heads=4, num_kv_heads=4, head_dim=64)
-    b = _cpu_block(256)
+    b = registry.choose("auto", seq_len=256, head_dim=64, backend="cpu").block_sizes.block_q
     f = flops.step_flops(cfg, 256, lora_rank=8, attention="blockwise", block_q=b, block_k=b)
     assert rows["bound: attention tile matmuls"]["flops"] == f.attention_hw
     assert rows["bound: LM head matmuls"]["flops"] == f.lm_head
@@ -329,3 +329,15 @@ def test_step_breakdown_bound_counts_the_kernels_tiles(tmp_path):
     assert total["flops"] == f.useful
     assert abs(total["seconds"] - sum(rows[k]["seconds"] for k in parts)) < 1e-9
     assert "utilisation bound, matmuls + softmax" in p.stdout
+
+
+@pytest.mark.parametrize("flags,flag", [(["--parts", "step,bogus"], "--parts"),
+                                        (["--remat", "none,bogus"], "--remat"),
+                                        (["--blocks", "0,xla"], "--blocks"),
+                                        (["--config", "huge"], "--config")])
+def test_step_breakdown_rejects_bad_flags(flags, flag):
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "step_breakdown.py"), *flags],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 2
+    assert f"error: argument {flag}" in p.stderr or f"error: {flag}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

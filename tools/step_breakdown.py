@@ -50,17 +50,29 @@ def _time(fn, repeats):
     return best
 
 
+PARTS = ("ceiling", "step", "attention", "ce", "linears", "bound")
+
+
 def main(argv=None):
+    bench = _load_bench()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--config", default="tiny", choices=list(bench.CONFIGS))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="ceiling,step,attention,ce,linears,bound")
+    ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--remat", default="none,full")
     ap.add_argument("--blocks", default="128,256,512,xla",
                     help="attention variants: blockwise block sizes, and xla")
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from spmd_lora.model import REMAT_POLICIES
+    for flag, values, allowed in (("--parts", args.parts, PARTS),
+                                  ("--remat", args.remat, REMAT_POLICIES)):
+        unknown = sorted(set(values.split(",")) - set(allowed))
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    if not all(b == "xla" or (b.isdigit() and int(b) > 0) for b in args.blocks.split(",")):
+        ap.error(f"--blocks {args.blocks!r}: comma-separated positive block sizes, or xla")
 
     import jax
     import jax.numpy as jnp
@@ -76,7 +88,6 @@ def main(argv=None):
     from spmd_lora.params import random_params
     from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
                                 shard_micro_batches)
-    bench = _load_bench()
     model_dims, _model_config, _loadavg = bench.model_dims, bench._model_config, bench._loadavg
 
     m = model_dims(args.config)
@@ -103,7 +114,7 @@ def main(argv=None):
     ceiling = None
     if "ceiling" in parts or "bound" in parts:
         c = F.measure_matmul_ceiling(2048, "float32", repeats=args.repeats)
-        ceiling = 2.0 * 2048 ** 3 / c["seconds"]
+        ceiling = c["flops_per_s"]
         report("ceiling 2048^3 matmul", c["seconds"], 2.0 * 2048 ** 3)
 
     if "step" in parts:
@@ -195,12 +206,14 @@ def _bound(cfg, s, useful, ceiling, repeats, report):
     import jax.numpy as jnp
 
     from spmd_lora import flops as F
-    from spmd_lora.kernels.registry import _cpu_block
+    from spmd_lora.kernels import registry
 
     L, d, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     kv, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    b = min(_cpu_block(s), s)
+    choice = registry.choose("auto", seq_len=s, head_dim=hd, backend="cpu")
+    b = min(choice.block_sizes.block_q, s)       # the tile the step's kernel runs
     tiles = F.causal_tiles(s, b, b) * L
+    fl = F.step_flops(cfg, s, attention="blockwise", block_q=b, block_k=b)
     drawn = [0]
 
     def rnd(*shape):
@@ -221,17 +234,16 @@ def _bound(cfg, s, useful, ceiling, repeats, report):
     t_pv = timed(lambda p, c: ein("nrs,nsd->nrd", p, c), sc, k)
     t_ptd = timed(lambda p, a: ein("nrs,nrd->nsd", p, a), sc, q)
     attn = tiles * (3 * t_qk + 3 * t_pv + t_ptd)
-    report(f"bound: attention tile matmuls b{b} x{tiles}", attn,
-           tiles * 7 * 2.0 * kv * b * g * b * hd)
+    report(f"bound: attention tile matmuls b{b} x{tiles}", attn, fl.attention_hw)
     h, head, e = rnd(s, d), rnd(d, V), rnd(s, V)
     ce = (timed(lambda x, w: x @ w, h, head) + timed(lambda x, w: x @ w.T, e, head))
-    report("bound: LM head matmuls", ce, 4.0 * s * d * V)
-    dims = [F.projection_dims(cfg, n) for n in F.PROJECTIONS]
+    report("bound: LM head matmuls", ce, fl.lm_head)
     lin = 0.0
-    for f_in, f_out in dims:                # forward and input gradient of each projection
+    for name in F.PROJECTIONS:              # forward and input gradient of each projection
+        f_in, f_out = F.projection_dims(cfg, name)
         x, w, dy = rnd(s, f_in), rnd(f_in, f_out), rnd(s, f_out)
         lin += timed(lambda a, c: a @ c, x, w) + timed(lambda a, c: a @ c.T, dy, w)
-    report(f"bound: frozen linear matmuls x{L}", lin * L, 4.0 * s * L * sum(i * o for i, o in dims))
+    report(f"bound: frozen linear matmuls x{L}", lin * L, fl.linears)
     matmuls = attn + ce + lin * L
     report("bound: matmuls only (useful)", matmuls, useful)
     # Exponentials every implementation computes: each tile's, forward and backward (the
