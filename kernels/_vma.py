@@ -63,13 +63,20 @@ def full(shape, value, dtype, axes):
     return pvary(jnp.full(shape, value, dtype), axes)
 
 
+def _in_manual_region() -> bool:
+    """Whether the code being traced runs inside ``jax.shard_map`` (some mesh axis manual)."""
+    return bool(jax.sharding.get_abstract_mesh().manual_axes)
+
+
 def call_unchecked(fn, args, axes):
     """Run ``fn(*args)`` with vma checking off and mark its outputs varying over ``axes``.
 
-    ``args`` is a tuple of arrays or ``None``; ``fn`` returns a tuple of arrays. With no
-    ``axes`` (outside shard_map, or check_vma=False) this is just ``fn(*args)``.
+    ``args`` is a tuple of arrays or ``None``; ``fn`` returns a tuple of arrays. Outside
+    shard_map this is just ``fn(*args)``. Inside one it always runs unchecked, also when no
+    argument varies: a compiled (not interpreted) ``pallas_call`` refuses output shapes
+    without a vma under ``check_vma=True``.
     """
-    if not axes:
+    if not axes and not _in_manual_region():
         return fn(*args)
     present = [i for i, a in enumerate(args) if a is not None]
 

@@ -17,8 +17,9 @@ below it are processed without building a mask; only diagonal blocks are masked.
 sizes are padded internally and the padded keys masked; head dims are padded to a power of
 two (Triton needs power-of-two tiles). Matmuls accumulate in fp32 whatever the input dtype.
 
-``jax.custom_vjp`` saves only the inputs, the output and the lse. On a backend other than GPU
-the kernels run with ``interpret=True`` (slow, for tests).
+``jax.custom_vjp`` saves only the inputs, the output and the lse. When the program is not
+compiled for GPUs (``target.py``: the traced mesh's devices, not the default backend) the
+kernels run with ``interpret=True`` (slow, for tests).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from jax.experimental import pallas as pl
 from . import _vma
 from ._custom_vjp import attention_with_saved_lse
 from ._masks import position_mask
+from .target import interpret_by_default
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -306,9 +308,9 @@ def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, grou
         start = lax.div(k_start, jnp.int32(bq))  # first q block with a row >= k_start
         # first q block whose every row sees every key of this block
         unmasked_start = jnp.minimum(_cdiv(k_start + bk - 1, bq), nq)
-    else:
-        start = 0
-        unmasked_start = 0
+    else:  # int32 values, not Python ints: Triton lowers where(pred, int, int) as i1 * i32
+        start = jnp.int32(0)
+        unmasked_start = jnp.int32(0)
     if kv_len < seq_pad:  # a block holding padded keys is masked everywhere
         unmasked_start = jnp.where(k_start + bk > kv_len, nq, unmasked_start)
 
@@ -476,15 +478,15 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, block_sizes=None,
     """Fused attention (Pallas). Same contract as ``reference_attention``.
 
     q [B, S, H, D]; k, v [B, S, KV, D]; segment_ids optional [B, S] int. Returns
-    [B, S, H, D] in q's dtype. ``interpret=None`` interprets the kernels unless the default
-    backend is a GPU. Differentiable (custom VJP with Pallas backward kernels). Works inside
+    [B, S, H, D] in q's dtype. ``interpret=None`` interprets the kernels unless the program is
+    compiled for GPUs (the traced mesh's devices, else the default device: ``target.py``). Differentiable (custom VJP with Pallas backward kernels). Works inside
     ``jax.shard_map(..., check_vma=True)``.
     """
     check_shapes(q, k, v, segment_ids)
     if block_sizes is None:
         block_sizes = BlockSizes()
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_by_default()
     s, d = q.shape[1], q.shape[3]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
@@ -755,7 +757,7 @@ def _block_cfg(q, k, block_sizes, sm_scale, interpret):
     return _Cfg(causal=True, sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale),
                 bq=_clamp_block(bs.block_q, sq), bk=_clamp_block(bs.block_k, sk),
                 bq_bwd=_clamp_block(bs.block_q_bwd, sq), bk_bwd=_clamp_block(bs.block_k_bwd, sk),
-                interpret=jax.default_backend() != "gpu" if interpret is None else bool(interpret),
+                interpret=interpret_by_default() if interpret is None else bool(interpret),
                 num_warps=bs.num_warps, num_stages=bs.num_stages,
                 num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd)
 

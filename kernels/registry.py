@@ -3,9 +3,10 @@
 ``choose(impl, ...)`` turns the user's ``impl`` ("auto", "pallas", "blockwise", "xla",
 "cudnn", "tokamax") into a concrete :class:`KernelChoice` for the current backend:
 
-* GPU: "auto" -> our Pallas kernel, with block sizes from :data:`GPU_TABLE`, matched on
-  ``jax.devices()[0].device_kind`` (substring, case-insensitive) and then on the compute
-  capability; the last entry is the catch-all.
+* GPU: "auto" -> our Pallas kernel, with block sizes from :data:`GPU_TABLE`, matched on the
+  device kind of the devices the program is compiled for (substring, case-insensitive; the
+  traced mesh's devices, which may be abstract GPUs in a deviceless compile: ``target.py``)
+  and then on the compute capability; the last entry is the catch-all.
 * GPU with a measured kernel table (``SPMD_LORA_KERNEL_TABLE=path.json``, written by
   ``tools/gpu_suite.py`` on that GPU kind): its block sizes win over ``GPU_TABLE``, and "auto"
   takes the fastest implementation of its measured ranking that supports the call (dtype,
@@ -29,11 +30,10 @@ import json
 import os
 import tempfile
 
-import jax
-
 from . import cudnn as _cudnn
 from . import tokamax_attention as _tokamax
 from .flash_attention import BlockSizes
+from .target import program_device
 
 IMPLS = ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax")
 GPU_ONLY = ("cudnn", "tokamax")
@@ -143,22 +143,11 @@ def _check_impl(impl) -> str:
 
 
 def device_info():
-    """(backend, device_kind, compute_capability or None) of the default device."""
-    backend = jax.default_backend()
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)
-    if isinstance(cc, str):
-        try:
-            major, minor = cc.split(".")[:2]
-            cc = (int(major), int(minor))
-        except ValueError:
-            cc = None
-    elif cc is not None:
-        try:
-            cc = tuple(int(x) for x in cc)[:2]
-        except TypeError:
-            cc = None
-    return backend, str(getattr(dev, "device_kind", "")), cc
+    """(backend, device_kind, compute_capability or None) of the devices the program being
+    traced is compiled for (the mesh's; the default device outside a mesh): see
+    :mod:`.target`."""
+    dev = program_device()
+    return dev.backend, dev.device_kind, dev.compute_capability
 
 
 def gpu_entry(device_kind: str, compute_capability=None) -> GpuEntry:
@@ -181,12 +170,13 @@ def _cpu_block(seq_len: int) -> int:
 
 
 def resolve_impl(impl: str = "auto", *, backend: str | None = None) -> str:
-    """The concrete implementation ``impl`` means on ``backend`` (default: jax's default).
+    """The concrete implementation ``impl`` means on ``backend`` (default: the program's
+    devices, :func:`device_info`).
 
     Raises ValueError for an unknown impl, or for "cudnn" without a GPU.
     """
     _check_impl(impl)
-    backend = backend or jax.default_backend()
+    backend = backend or device_info()[0]
     if impl in GPU_ONLY and backend != "gpu":
         raise ValueError(f"attention impl {impl!r} needs a CUDA GPU; the JAX backend is "
                          f"{backend!r}. Use impl='auto', 'blockwise' or 'xla'.")
@@ -342,7 +332,7 @@ def choose(impl: str = "auto", *, seq_len: int, head_dim: int,
            device_kind: str | None = None, compute_capability=None, dtype=None,
            segments: bool = False) -> KernelChoice:
     """Implementation and block sizes for one attention call (pure apart from reading the
-    kernel table; inputs default to the current default device). ``dtype`` / ``segments``
+    kernel table; inputs default to the program's devices, :func:`device_info`). ``dtype`` / ``segments``
     describe the call, for picking among measured implementations."""
     if backend is None or (backend == "gpu" and device_kind is None):
         b, kind, cc = device_info()
