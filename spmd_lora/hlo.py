@@ -12,9 +12,10 @@ Counting conventions
 --------------------
 * An async pair (``all-reduce-start`` / ``all-reduce-done``, ``async-start`` wrapping a
   collective ...) counts once; its shape is the ``-done`` result.
-* XLA's combiner merges independent all-reduces into one op with a tuple result. ``count`` is
-  the number of ops launched; ``operands`` is the number of arrays it reduces (the logical
-  ``psum``s). ``megatron_minimum`` compares logical reductions, since combining is a
+* XLA's combiner merges independent all-reduces into one op with a tuple result, or (XLA:GPU)
+  flattens and concatenates them into one buffer (``concatenated``: the arrays are read off
+  the concatenation's inputs). ``count`` is the number of ops launched; ``operands`` is the
+  number of arrays it reduces (the logical ``psum``s). ``megatron_minimum`` compares logical reductions, since combining is a
   backend-dependent scheduling choice.
 * ``axis``: the mesh axes whose coordinate varies inside a replica group ('tp', 'dp',
   'dp+tp'); '(partial)' is appended when a group spans only part of those axes. Device ids in
@@ -429,6 +430,61 @@ def _mesh_shape(mesh):
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
+_PASS_THROUGH = ("bitcast", "reshape", "copy")
+
+
+def _operand_names(instr: Instr) -> list[str]:
+    """Names of an instruction's operands (``op(%a, %b), attrs`` or ``op(f32[4] %a, ...)``)."""
+    head = instr.rest.split(")", 1)[0]
+    return [tok.strip().split()[-1].lstrip("%") for tok in head.split(",") if tok.strip()]
+
+
+def _origin(producers: dict, name: str):
+    """The instruction behind ``name``, looking through bitcasts, reshapes and copies."""
+    seen = set()
+    while name in producers and name not in seen:
+        seen.add(name)
+        instr = producers[name]
+        if instr.op not in _PASS_THROUGH:
+            return instr
+        operands = _operand_names(instr)
+        if not operands:
+            return instr
+        name = operands[0]
+    return producers.get(name)
+
+
+def _concatenated_operands(module: HloModule, producers: dict, instr: Instr):
+    """XLA:GPU's all-reduce combiner may flatten several independent all-reduces and
+    concatenate them into one buffer (a ``concatenate``, or a fusion that only concatenates,
+    named ``wrapped_concatenate``). For such an all-reduce, the instructions whose results it
+    reduces (looked through bitcasts); None otherwise."""
+    if not instr.op.startswith("all-reduce"):
+        return None
+    names = _operand_names(instr)
+    if len(names) != 1 or names[0] not in producers:
+        return None
+    producer = producers[names[0]]
+    if producer.op == "fusion":
+        body = module.computations.get((producer.attr("calls") or "").lstrip("%"), [])
+        ops = {i.op for i in body}
+        if "concatenate" not in ops or not ops <= {"parameter", "concatenate", *_PASS_THROUGH}:
+            return None
+    elif producer.op != "concatenate":
+        return None
+    origins = [_origin(producers, n) for n in _operand_names(producer)]
+    if len(origins) < 2 or any(o is None or len(_arrays(o.type)) != 1 for o in origins):
+        return None
+    return origins
+
+
+def _frame_and_name(instr: Instr):
+    m = re.search(r"stack_frame_id=(\d+)", instr.rest)
+    meta = instr.attr("metadata") or ""
+    n = re.search(r'op_name="([^"]*)"', meta)
+    return (int(m.group(1)) if m else None), (n.group(1) if n else "")
+
+
 def collective_census(compiled, mesh, lowered=None) -> list[dict]:
     """Every collective in the compiled program, one dict per HLO op:
 
@@ -452,6 +508,7 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
     module = parse_hlo(text)
     mesh_shape = _mesh_shape(mesh)
     mult, loops = multiplicities(module)
+    producers = module.instructions
     done_type = {}
     for instrs in module.computations.values():
         for i in instrs:
@@ -468,6 +525,13 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
                 continue
             type_str = done_type.get(i.name, i.type) if i.op.endswith("-start") else i.type
             arrays = _arrays(type_str)
+            frame, op_name_s = _frame_and_name(i)
+            bundled = _concatenated_operands(module, producers, i)
+            if bundled:     # one op reducing several flattened, concatenated arrays
+                arrays = [_arrays(o.type)[0] for o in bundled]
+                if frame is None:
+                    frame, op_name_s = next((fn for fn in map(_frame_and_name, bundled)
+                                             if fn[0] is not None), (None, op_name_s))
             pairs = kind == "collective-permute"
             groups = _parse_groups(i.attr("source_target_pairs") if pairs else i.attr("replica_groups"))
             axis = axis_of_groups(groups, mesh_shape, pairs=pairs)
@@ -475,11 +539,7 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
             size = n_dev if groups is None else (2 if pairs else len(groups[0]))
             nbytes = _nbytes(arrays)
             parrays = _program_arrays(arrays, prog)
-            op_name = i.attr("metadata") or ""
-            m = re.search(r'op_name="([^"]*)"', op_name)
-            op_name_s = m.group(1) if m else ""
-            m = re.search(r"stack_frame_id=(\d+)", i.rest)
-            source = source_of(module, int(m.group(1))) if m else ""
+            source = source_of(module, frame) if frame is not None else ""
             dims = re.findall(r"\d+", i.attr("dimensions") or "")
             rows.append({
                 "kind": kind, "axis": axis, "group_size": size,
@@ -491,7 +551,7 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
                 "program_wire_bytes": _wire_bytes(kind, _nbytes(parrays), size),
                 "count": int(mult[cname]), "loops": list(loops.get(cname, ())),
                 "phase": _phase(op_name_s), "op_name": op_name_s, "source": source,
-                "name": i.name, "computation": cname,
+                "name": i.name, "computation": cname, "concatenated": bool(bundled),
                 **({"dimension": int(dims[0])} if dims and kind in ("all-gather", "reduce-scatter")
                    else {}),
             })

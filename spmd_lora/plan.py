@@ -3,26 +3,30 @@
 The real train step (``step.make_train_step``) is lowered on abstract shapes
 (``jax.ShapeDtypeStruct`` with the sharding plan's shardings) and compiled; XLA's
 ``compiled.memory_analysis()`` then gives the per-device argument, output, alias (donated) and
-temporary sizes. The argument part is split analytically into base weights, LoRA factors,
-optimizer state and the batch. ``peak = arguments + outputs - aliased + temporaries``.
+temporary sizes (and, for remat ``offload``, the pinned host temporaries). The argument part is
+split analytically into base weights, LoRA factors, optimizer state and the batch.
+``peak = arguments + outputs - aliased + temporaries``.
 
-Where it compiles: on the default backend when it has tp*dp devices, else on the host CPU with
-tp*dp fake devices. The CPU device count is fixed when JAX initialises its backends, so
-:func:`main` (and :func:`ensure_host_devices`) set
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (N >= tp*dp) if JAX has not initialised
-yet; a process that already initialised JAX with fewer devices gets a clear error instead.
+Where it compiles:
+
+* ``target="h100"`` (``--target``; any name of :mod:`spmd_lora.gpu_targets`): for that GPU,
+  with JAX's CUDA plugin, on any machine ("deviceless compile"): the real XLA:GPU pipeline
+  with our Pallas kernels compiled by ptxas, over ``hosts`` hosts. This is the plan to trust
+  for a GPU: it is XLA:GPU's own buffer assignment. It has no autotuning (GEMMs get default
+  configs; ``autotune_results`` loads results dumped on a real GPU by tools/gpu_suite.py).
+* otherwise on the default backend when it has tp*dp*cp devices, else on the host CPU with
+  that many fake devices: an *estimate* of a GPU run. The CPU device count is fixed when JAX
+  initialises its backends, so :func:`main` (and :func:`ensure_host_devices`) set
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` if JAX has not initialised yet; a
+  process that already initialised JAX with fewer devices gets a clear error instead.
 
 On CPU, loop-invariant code motion is disabled for the plan compile: XLA:CPU upcasts bf16
 matmuls to f32 and LICM would hoist an f32 copy of every layer's weights out of the layer scan
 (+25 GiB on a 7B plan); what remains (a layer's weights and the LM head in f32) is reported as
 ``cpu_upcast_allowance`` and subtracted in ``peak_gpu_estimate``. Verdicts use ``peak``
-(conservative) unless ``--gpu-estimate``.
-
-Caveats: the numbers are XLA's for the backend it compiled for. A CPU compile of a GPU plan
-differs in fusion and in the attention implementation (no Pallas kernel on CPU: "blockwise"
-is the CPU stand-in of the fused kernel, and "auto" picks whatever the CPU registry picks), and
-XLA:CPU may keep bf16 matmul temporaries in f32; treat CPU plans as estimates (typically
-within some percent of a GPU compile) and leave headroom (``--usable-fraction``).
+(conservative) unless ``--gpu-estimate``. A CPU compile also differs from a GPU one in fusion
+and in the attention kernel ("blockwise" is the CPU stand-in of the fused kernel): docs/
+benchmarks.md ("Compiled for GPUs") sets the two side by side.
 """
 from __future__ import annotations
 
@@ -54,10 +58,15 @@ def ensure_host_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
-def plan_devices(n: int):
-    """n devices to compile for: the default backend's, else fake CPU devices."""
+def plan_devices(n: int, target: str | None = None, hosts: int = 1):
+    """n devices to compile for: compile-only GPUs of ``target`` over ``hosts`` hosts, else the
+    default backend's, else fake CPU devices."""
     import jax
     from .errors import ConfigError
+
+    if target is not None:
+        from .gpu_targets import target_devices
+        return target_devices(target, n, hosts=hosts)
 
     devices = jax.devices()
     if len(devices) >= n:
@@ -72,9 +81,9 @@ def plan_devices(n: int):
         f"(spmd-lora plan does this itself when run as a fresh process)")
 
 
-def plan_mesh(dp: int, tp: int, cp: int = 1):
+def plan_mesh(dp: int, tp: int, cp: int = 1, target: str | None = None, hosts: int = 1):
     from .mesh import mesh_over
-    return mesh_over(plan_devices(dp * cp * tp), dp, tp, cp)
+    return mesh_over(plan_devices(dp * cp * tp, target, hosts), dp, tp, cp)
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -246,25 +255,48 @@ def quant_weight_bytes(params) -> dict:
             "quant_bytes_per_param": glob / n_params}
 
 
+def gpu_compiler_options(autotune_results: str | None = None) -> dict:
+    """XLA options of a GPU plan compile: load autotune results dumped on a real GPU
+    (``--xla_gpu_dump_autotune_results_to``, which tools/gpu_suite.py sets) when given."""
+    if not autotune_results:
+        return {}
+    if not os.path.isfile(autotune_results):
+        from .errors import ConfigError
+        raise ConfigError(f"--autotune-results: no file {autotune_results!r} (tools/gpu_suite.py "
+                          f"writes one on a GPU: OUT/autotune_results.textproto)")
+    return {"xla_gpu_load_autotune_results_from": os.path.abspath(autotune_results)}
+
+
 def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int = 1, lora=None,
-                dtype="bfloat16", remat="full", attention="blockwise", micro_batches: int = 1,
+                dtype="bfloat16", remat="full", attention="auto", micro_batches: int = 1,
                 ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                 mlp_chunk_tokens: int | None = None, devices_per_host: int = 8,
-                base_quant: str = "none", cp: int = 1, cp_impl: str = "ring") -> dict:
+                base_quant: str = "none", cp: int = 1, cp_impl: str = "ring",
+                target: str | None = None, hosts: int = 1,
+                autotune_results: str | None = None) -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
-    gradients), peak (= arguments + outputs - aliased + temporaries), compile_s, and the inputs.
-    Compiled on CPU: with loop-invariant code motion off (``CPU_PLAN_OPTIONS``), plus
-    cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights, absent on GPU and when the
-    compiled program shows native 16-bit matmuls) and
+    gradients), peak (= arguments + outputs - aliased + temporaries), compile_s, the inputs,
+    and ``compiled_for`` ({"platform", "device_kind", "devices", "hosts", "deviceless"}).
+
+    ``target`` (a GPU name, :mod:`spmd_lora.gpu_targets`): compiled for that GPU without one,
+    over ``hosts`` hosts of (tp*dp*cp)/hosts devices; ``autotune_results`` loads XLA autotune
+    results dumped on a real GPU. ``estimate`` is False: the numbers are XLA:GPU's.
+
+    Without a target it compiles on the default backend or on fake CPU devices
+    (``estimate`` True when that is not a GPU): with loop-invariant code motion off
+    (``CPU_PLAN_OPTIONS``), plus cpu_upcast_allowance (XLA:CPU's f32 copies of bf16 weights,
+    absent on GPU and when the compiled program shows native 16-bit matmuls) and
     peak_gpu_estimate = peak - cpu_upcast_allowance. ``peak`` is the conservative figure.
 
-    remat ``offload``: ``host_offload`` (computed: :func:`offloaded_bytes`) is what the saved
-    layer inputs need in pinned host memory per device (``host_offload_per_host`` for
-    ``devices_per_host`` devices). A CPU compile keeps them in its one memory, inside
-    ``temporaries``; a GPU keeps them on the host, so on CPU ``peak`` is the compiled peak
-    (``compiled_peak``) minus them (on a GPU backend memory_analysis already excludes them).
+    remat ``offload``: ``host_offload`` is what the saved layer inputs need in pinned host
+    memory per device, ``host_offload_formula`` the same computed from the shapes
+    (:func:`offloaded_bytes`), ``host_offload_per_host`` for the devices of one host
+    (``devices_per_host``, or the target's devices per host). A GPU compile reports its
+    pinned host temporaries itself (``host_offload_source`` "compiled"); a CPU compile keeps
+    them in its one memory, inside ``temporaries``, so there ``peak`` is the compiled peak
+    (``compiled_peak``) minus the formula's bytes (``host_offload_source`` "formula").
 
     ``cp`` > 1: the sequence is split over cp devices (ring attention ``cp_impl``);
     ``cp_wire_bytes`` is what one device sends over cp per step for the chosen impl and
@@ -274,13 +306,19 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     if mlp_chunk_tokens is None:
         from .model import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
     t0 = time.perf_counter()
-    mesh = plan_mesh(dp, tp, cp)
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    mesh = plan_mesh(dp, tp, cp, target, hosts)
+    device = mesh.devices.flat[0]
+    on_cpu = device.platform == "cpu"
+    if target is not None:
+        options = gpu_compiler_options(autotune_results)
+        devices_per_host = (tp * dp * cp) // hosts
+    else:
+        options = CPU_PLAN_OPTIONS if on_cpu else None
     compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
         cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
         attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
         sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
-        mesh=mesh, compiler_options=CPU_PLAN_OPTIONS if on_cpu else None, base_quant=base_quant,
+        mesh=mesh, compiler_options=options or None, base_quant=base_quant,
         cp=cp, cp_impl=cp_impl)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
@@ -291,11 +329,17 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         "mlp_chunk_tokens": mlp_chunk_tokens, "ce_chunk_tokens": ce_chunk_tokens,
         "lora_rank": (lora.rank if lora else None),
         "lora_targets": list(lora.targets) if lora else None,
-        "backend": mesh.devices.flat[0].platform,
+        "backend": device.platform,
+        "compiled_for": {"platform": device.platform, "device_kind": device.device_kind,
+                         "devices": tp * dp * cp, "hosts": hosts, "target": target,
+                         "deviceless": target is not None,
+                         "autotune_results": autotune_results},
+        "estimate": device.platform != "gpu",
         "weights": _local_bytes(params), "lora": _local_bytes(lora_p),
         "optimizer": _local_bytes(opt_state), "batch_bytes": _local_bytes(batches),
         "arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
         "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes),
+        "host_temporaries": int(getattr(ma, "host_temp_size_in_bytes", 0) or 0),
         "code": int(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
         "compile_s": round(compile_s, 2), "base_quant": base_quant,
         **quant_weight_bytes(params),
@@ -305,11 +349,14 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     # an estimate of copies inside the temporaries: never more than the temporaries themselves
     out["cpu_upcast_allowance"] = (min(cpu_upcast_allowance(params, dtype, compiled.as_text()),
                                        out["temporaries"]) if on_cpu else 0)
-    out["host_offload"] = 0
+    out["host_offload"] = out["host_offload_formula"] = 0
     if remat == "offload":
-        out["host_offload"] = offloaded_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
-                                              dtype=dtype, sequence_parallel=sequence_parallel,
-                                              cp=cp)
+        out["host_offload_formula"] = offloaded_bytes(
+            cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, dtype=dtype,
+            sequence_parallel=sequence_parallel, cp=cp)
+        compiled_host = not on_cpu and out["host_temporaries"] > 0
+        out["host_offload"] = out["host_temporaries"] if compiled_host else out["host_offload_formula"]
+        out["host_offload_source"] = "compiled" if compiled_host else "formula"
     out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp * cp)
     if cp > 1:
         from .context_parallel import padded_seq_len
@@ -346,6 +393,21 @@ def _fmt(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 1024 ** 2:9.1f} MiB"
 
 
+def compiled_for_line(p: dict) -> str:
+    """What the plan was compiled for, and how far to trust it."""
+    c = p.get("compiled_for") or {"platform": p["backend"], "devices": p["tp"] * p["dp"] * p["cp"]}
+    if c.get("deviceless"):
+        hosts = f" on {c['hosts']} hosts" if c.get("hosts", 1) > 1 else ""
+        tuned = (f"autotune results from {c['autotune_results']}" if c.get("autotune_results")
+                 else "no autotuning")
+        return (f"compiled for {c['devices']} x {c['device_kind']}{hosts} "
+                f"(XLA:GPU, deviceless compile, {tuned})")
+    if c["platform"] == "gpu":
+        return f"compiled for {c['devices']} x {c.get('device_kind', 'GPU')} (this machine's GPUs)"
+    return (f"compiled on {c['devices']} {c['platform']} device(s): an ESTIMATE of a GPU run "
+            f"(XLA:CPU buffers; --target h100|h200|... compiles for the GPU itself)")
+
+
 def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> None:
     file = file or sys.stdout
     rows = [("base weights (per device)", p["weights"])]
@@ -358,23 +420,24 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
             ("arguments (XLA)", p["arguments"]), ("outputs (XLA)", p["outputs"]),
             ("  of which aliased/donated", -p["aliased"]),
             ("activations + temporaries (XLA)", p["temporaries"]), ("peak per device", p["peak"])]
-    if p.get("host_offload"):
-        rows = rows[:-1] + [("compiled peak (incl. host residuals)", p.get("compiled_peak", p["peak"])),
+    if p.get("host_offload") and "compiled_peak" in p:
+        rows = rows[:-1] + [("compiled peak (incl. host residuals)", p["compiled_peak"]),
                             ("  minus offloaded to host (computed)", -p["host_offload"]),
                             ("peak per device", p["peak"])]
     if p.get("cpu_upcast_allowance"):
         rows += [("  of which CPU-only f32 weight copies", -p["cpu_upcast_allowance"]),
                  ("peak per device, GPU estimate", p["peak_gpu_estimate"])]
     if p.get("host_offload"):
-        rows += [("pinned host memory per device", p["host_offload"]),
-                 ("pinned host memory per host", p["host_offload_per_host"])]
+        how = p.get("host_offload_source", "formula")
+        rows += [(f"pinned host memory per device ({how})", p["host_offload"]),
+                 (f"pinned host memory per host ({how})", p["host_offload_per_host"])]
     cp = f"cp={p['cp']} ({p['cp_impl']}) " if p.get("cp", 1) > 1 else ""
     print(f"tp={p['tp']} dp={p['dp']} {cp}max_seq_len={p['max_seq_len']} batch={p['batch']} "
           f"dtype={p['dtype']} remat={p['remat']} attention={p['attention']} "
           f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
-          f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])} "
-          f"(compiled on {p['backend']} in {p['compile_s']} s)", file=file)
+          f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])}", file=file)
+    print(f"  {compiled_for_line(p)}, {p['compile_s']} s", file=file)
     if p.get("weights_packed") is not None:
         print(f"  base_quant={p['base_quant']}: {p['quant_bytes_per_param']:.4f} bytes per "
               f"parameter of the quantised linears", file=file)
@@ -439,6 +502,11 @@ def train_defaults() -> dict:
             if f.default is not dataclasses.MISSING}
 
 
+def _target_names() -> list[str]:
+    from .gpu_targets import target_names
+    return target_names()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli_parser import OneLineErrorParser
     ap = OneLineErrorParser(
@@ -474,8 +542,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "projections) above this many tokens; 0 = never (default %(default)s)")
     ap.add_argument("--devices-per-host", type=int, default=8,
                     help="devices sharing one host's memory, for the offload host total")
-    ap.add_argument("--attention", default="blockwise",
-                    help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn)")
+    ap.add_argument("--attention", default=d["attention"],
+                    help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn); "
+                         "auto: our Pallas kernel on a GPU (--target), blockwise on CPU")
+    ap.add_argument("--target", default=None, metavar="GPU",
+                    help="compile for this GPU without one (XLA:GPU's own memory plan; needs "
+                         "the CUDA plugin: pip install -e \".[cuda12]\"): "
+                         + ", ".join(_target_names()))
+    ap.add_argument("--hosts", type=int, default=1,
+                    help="with --target: hosts the tp*dp*cp devices are spread over "
+                         "(multi-host plans; default 1)")
+    ap.add_argument("--autotune-results", default=None, metavar="FILE",
+                    help="with --target: XLA autotune results dumped on a real GPU "
+                         "(tools/gpu_suite.py writes OUT/autotune_results.textproto)")
     for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
                             ("--targets", "targets", str)):   # names before they matched train's
         ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -483,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
                     help="quantised frozen base linears (QLoRA); default %(default)s")
     ap.add_argument("--device-memory", type=parse_bytes, default=None,
-                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict")
+                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict "
+                         "(default with --target: that GPU's memory)")
     ap.add_argument("--usable-fraction", type=float, default=0.9,
                     help="fraction of --device-memory the step may use (the rest: CUDA "
                          "context, allocator fragmentation, NCCL buffers); default 0.9")
@@ -502,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     """``spmd-lora plan``: print the per-device breakdown and whether it fits. Returns 0, or
     1 when it does not fit, 2 on a usage/config error."""
     args = build_parser().parse_args(argv)
-    ensure_host_devices(args.tp * args.dp * args.cp)
+    if args.target is None:
+        ensure_host_devices(args.tp * args.dp * args.cp)
+    else:
+        from .gpu_targets import ensure_plugin_can_start
+        ensure_plugin_can_start()
     import json
 
     from .config import resolve_model_config
@@ -515,8 +599,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cp < 1:
             raise SpmdLoraError(f"--cp must be >= 1, got {args.cp}")
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
+        if args.target is not None:
+            from .gpu_targets import require_cuda_plugin, resolve_target
+            gpu = resolve_target(args.target)
+            require_cuda_plugin()
+            if args.device_memory is None:
+                args.device_memory = gpu.memory_bytes
+        elif args.hosts != 1 or args.autotune_results:
+            raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
+                                "compile for, e.g. --target h100)")
         if args.find_max_seq_len and not args.device_memory:
-            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB)")
+            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB) or "
+                                "--target")
         budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
         key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
 
@@ -528,14 +622,18 @@ def main(argv: list[str] | None = None) -> int:
                                sequence_parallel=args.sequence_parallel,
                                mlp_chunk_tokens=args.mlp_chunk_tokens,
                                devices_per_host=args.devices_per_host,
-                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
+                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
+                               target=args.target, hosts=args.hosts,
+                               autotune_results=args.autotune_results)
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
         print(f"settings (spmd-lora train's defaults unless given): --dtype {args.dtype} "
               f"--remat {args.remat} --lora-rank {lora.rank} --lora-targets "
               f"{','.join(lora.targets)} --batch-size {args.batch} --grad-accum-steps "
-              f"{args.micro_batches} --attention {args.attention}")
+              f"{args.micro_batches} --attention {args.attention}"
+              + (f" --target {args.target}" + (f" --hosts {args.hosts}" if args.hosts > 1 else "")
+                 if args.target else ""))
         if not args.find_max_seq_len:
             p = plan_at(args.max_seq_len)
             print_plan(p, budget, key=key)
@@ -547,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         def log(s, p):
             mark = "fits" if p[key] <= budget else "too big"
             host = f", host {_fmt(p['host_offload'])}" if p.get("host_offload") else ""
-            print(f"  S={s:8d}: peak {_fmt(p['peak'])} (GPU estimate {_fmt(p['peak_gpu_estimate'])}{host}, "
-                  f"activations+temp {_fmt(p['temporaries'])}, compile {p['compile_s']} s) {mark}",
+            est = (f"GPU estimate {_fmt(p['peak_gpu_estimate'])}, " if p["cpu_upcast_allowance"]
+                   else "")
+            print(f"  S={s:8d}: peak {_fmt(p['peak'])} ({est}activations+temp "
+                  f"{_fmt(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}",
                   flush=True)
 
         best, tried = find_max_seq_len(plan_at, budget, log=log, key=key)

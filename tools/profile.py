@@ -21,6 +21,13 @@ layer / cross-entropy / accumulation scans are multiplied by the trip counts), t
     real steps with random weights (open it with TensorBoard/XProf or Perfetto to read each
     collective's device time inside the step).
 
+``--target h100`` (any GPU of ``spmd_lora.gpu_targets``; needs ``pip install -e ".[cuda12]"``,
+no GPU): the step is compiled for that GPU ahead of time (XLA:GPU, deviceless), so the census
+reads the GPU program (async start/done pairs counted once, combined collectives by operand),
+and a kernel table follows: every Pallas kernel of ours and every XLA Triton fusion with its
+registers, spill bytes and stack (ptxas), shared memory and threads (``spmd_lora.gpu_kernels``).
+``--hosts H`` spreads the devices over H hosts.
+
 On CPU the fake device count must be fixed before JAX starts: this script sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=tp*dp`` itself when it is not set, and says
 so on stderr when it raises a smaller count the user set.
@@ -68,6 +75,12 @@ def build_parser():
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
                     help="quantised frozen base linears (QLoRA); default %(default)s")
+    ap.add_argument("--target", default=None, metavar="GPU",
+                    help="compile for this GPU without one and add the kernel table (needs "
+                         "the CUDA plugin: pip install -e \".[cuda12]\")")
+    ap.add_argument("--hosts", type=int, default=1, help="with --target: hosts (default 1)")
+    ap.add_argument("--autotune-results", default=None, metavar="FILE",
+                    help="with --target: XLA autotune results dumped on a real GPU")
     ap.add_argument("--json", default=None, help="write census, totals and timings here")
     ap.add_argument("--time", action="store_true", help="time each distinct collective")
     ap.add_argument("--time-iters", type=int, default=5)
@@ -109,6 +122,26 @@ def print_census(census, out=sys.stdout):
     if widened:
         print("* dtype as the program emits it; XLA:CPU widened it (bf16 -> f32) in this compile, "
               "a GPU compile keeps it", file=out)
+
+
+def print_kernels(kernels, out=sys.stdout):
+    """Our Pallas kernels row by row; XLA's Triton fusions and other kernels summed up."""
+    from spmd_lora import gpu_kernels
+    summary = gpu_kernels.summarize(kernels)
+    print("\nGPU kernels (ptxas: registers, spill bytes, stack; thunk sequence: shared memory "
+          "per block, threads, launches per program):", file=out)
+    for row in gpu_kernels.format_table(kernels, kinds=("ours",)):
+        print("  " + row, file=out)
+    t, x = summary["triton"], summary["xla"]
+    print(f"  + {t['kernels']} XLA Triton fusions (GEMMs with default tiles: no autotuning in a "
+          f"deviceless compile): max {t['max_registers']} registers, max "
+          f"{t['max_shared_memory'] / 1024:.1f} KiB shared memory, spilling: "
+          f"{', '.join(t['spilling']) or 'none'}", file=out)
+    print(f"  + {x['kernels']} other XLA kernels (LLVM-emitted fusions, not run through ptxas "
+          f"here)", file=out)
+    spilling = summary["ours"]["spilling"]
+    if spilling:
+        print(f"  ! our kernels spill registers: {', '.join(spilling)}", file=out)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -242,7 +275,11 @@ def _jsonable(expected: dict) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from spmd_lora import plan                      # imports no jax at module level
-    plan.ensure_host_devices(args.tp * args.dp * args.cp)
+    if args.target is None:
+        plan.ensure_host_devices(args.tp * args.dp * args.cp)
+    else:
+        from spmd_lora.gpu_targets import ensure_plugin_can_start
+        ensure_plugin_can_start()
 
     from spmd_lora import hlo
     from spmd_lora.config import resolve_model_config
@@ -252,14 +289,27 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_model_config(args.model)
         lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=args.targets)
+        if args.target is None and (args.hosts != 1 or args.autotune_results):
+            raise SpmdLoraError("--hosts and --autotune-results need --target (e.g. --target h100)")
+        if args.target is not None:
+            from spmd_lora.gpu_targets import require_cuda_plugin, resolve_target
+            resolve_target(args.target)
+            require_cuda_plugin()
         t0 = time.perf_counter()
+        mesh = plan.plan_mesh(args.dp, args.tp, args.cp, args.target, args.hosts)
         lowered, mesh, _ = plan.lower_train_step(
             cfg, args.tp, args.dp, max_seq_len=args.max_seq_len, batch=args.batch, lora=lora_cfg,
             dtype=args.dtype, remat=args.remat, attention=args.attention,
             micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
             sequence_parallel=args.sequence_parallel, mlp_chunk_tokens=args.mlp_chunk_tokens,
-            base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
-        compiled = lowered.compile()
+            base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl, mesh=mesh)
+        kernels = None
+        if args.target is not None:
+            from spmd_lora import gpu_kernels
+            compiled, kernels = gpu_kernels.compile_with_kernels(
+                lowered, plan.gpu_compiler_options(args.autotune_results))
+        else:
+            compiled = lowered.compile()
     except SpmdLoraError as e:
         from spmd_lora.train_fields import with_flag_names
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
@@ -297,11 +347,16 @@ def main(argv=None) -> int:
     meas = hlo.measured(census, lora_cfg.rank)
 
     cp_text = f"cp={args.cp} ({args.cp_impl}) " if args.cp > 1 else ""
+    device = mesh.devices.flat[0]
+    compiled_for = (f"compiled for {mesh.devices.size} x {device.device_kind}"
+                    + (f" on {args.hosts} hosts" if args.hosts > 1 else "")
+                    + " (XLA:GPU, deviceless compile, "
+                    + ("autotune results loaded" if args.autotune_results else "no autotuning")
+                    + ")" if args.target else f"compiled on {device.platform}")
     print(f"{args.model}: tp={args.tp} dp={args.dp} {cp_text}S={args.max_seq_len} batch={args.batch} "
           f"micro_batches={args.micro_batches} r={args.lora_rank} targets={','.join(lora_cfg.targets)} "
           f"{args.dtype} remat={args.remat} layout={expected['layout']} MLP tiles={mlp_tiles} "
-          f"CE chunks={ce_chunks} (compiled on {mesh.devices.flat[0].platform} in "
-          f"{compile_s:.1f} s)\n")
+          f"CE chunks={ce_chunks} ({compiled_for} in {compile_s:.1f} s)\n")
     print_census(census)
     print("\nper step, by kind and axis ('self' = size-1 groups, no traffic):")
     for s in summary:
@@ -371,12 +426,19 @@ def main(argv=None) -> int:
                          "attention's (a weight collective over cp?)")
     for f in flags:
         print("  ! " + f)
+    if kernels is not None:
+        print_kernels(kernels)
 
     result = {"args": vars(args), "compile_s": compile_s, "census": census, "summary": summary,
               "measured": meas, "expected": _jsonable(expected),
               "replicated_expected": _jsonable(replicated), "cp_expected": cp_expected,
-              "flags": flags,
+              "flags": flags, "compiled_for": compiled_for,
               "backend": mesh.devices.flat[0].platform}
+    if kernels is not None:
+        import dataclasses
+        from spmd_lora import gpu_kernels
+        result["kernels"] = [dataclasses.asdict(k) for k in kernels]
+        result["kernel_summary"] = gpu_kernels.summarize(kernels)
     if args.time:
         import jax
         backend = jax.default_backend()
