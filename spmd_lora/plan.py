@@ -314,12 +314,19 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         devices_per_host = (tp * dp * cp) // hosts
     else:
         options = CPU_PLAN_OPTIONS if on_cpu else None
-    compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
-        cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype, remat=remat,
-        attention=attention, micro_batches=micro_batches, ce_chunk_tokens=ce_chunk_tokens,
-        sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
-        mesh=mesh, compiler_options=options or None, base_quant=base_quant,
-        cp=cp, cp_impl=cp_impl)
+    try:
+        compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
+            cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype,
+            remat=remat, attention=attention, micro_batches=micro_batches,
+            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+            mlp_chunk_tokens=mlp_chunk_tokens, mesh=mesh, compiler_options=options or None,
+            base_quant=base_quant, cp=cp, cp_impl=cp_impl)
+    except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
+        if autotune_results and "autotune" in str(e).lower():
+            from .errors import ConfigError
+            raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
+                              f"({str(e).splitlines()[0]})") from None
+        raise
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     out = {

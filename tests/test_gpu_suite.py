@@ -35,10 +35,13 @@ def test_attention_flop_accounting():
 def test_dry_run_writes_report_and_table(tmp_path, capsys):
     suite = _load_suite()
     out = tmp_path / "suite"
-    before = os.environ.get(registry.TABLE_ENV)
+    before = {k: os.environ.get(k) for k in (registry.TABLE_ENV, suite.PREALLOCATE)}
     assert suite.main(["--dry-run", "--out", str(out)]) == 0
-    assert os.environ.get(registry.TABLE_ENV) == before   # the suite's table does not leak
+    # neither the suite's table nor the parent's preallocation setting leaks to the caller
+    assert {k: os.environ.get(k) for k in before} == before
     report = json.loads((out / "gpu_suite.json").read_text())
+    # every section ran in a worker process (the GPU path: no allocator shared between them)
+    assert report["environment"]["pid"] != os.getpid()
     md = (out / "gpu_suite.md").read_text()
     assert report["dry_run"] and "DRY RUN" in md
     for key in ("correctness", "sweep", "throughput", "train", "peft", "matmul_peak"):
@@ -79,3 +82,37 @@ def test_bad_sections_flag_is_a_clear_error(capsys):
     assert suite.main(["--dry-run", "--sections", "a,z"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --sections") and err.count("\n") == 1
+
+
+def test_workers_get_default_preallocation_and_extra_flags(monkeypatch):
+    suite = _load_suite()
+    monkeypatch.setenv(suite.PREALLOCATE, "false")      # what the parent sets for itself
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setitem(suite._USER_PREALLOCATE, suite.PREALLOCATE, None)
+    env = suite.worker_env("--xla_gpu_dump_autotune_results_to=/x.textproto")
+    assert suite.PREALLOCATE not in env
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                        "--xla_gpu_dump_autotune_results_to=/x.textproto"]
+    monkeypatch.setitem(suite._USER_PREALLOCATE, suite.PREALLOCATE, ".5")   # the user's own
+    assert suite.worker_env()[suite.PREALLOCATE] == ".5"
+
+
+def test_merge_autotune_results(tmp_path):
+    """XLA writes one file per compiled program; XLA loads one: entries are concatenated
+    under a single version line (protobuf text repeats a field by repeating it)."""
+    suite = _load_suite()
+    a, b = tmp_path / "a.textproto", tmp_path / "b.textproto"
+    a.write_text('version: 3\nresults {\n  device: "sm_9.0"\n  hlo: "A"\n}\n')
+    b.write_text('version: 3\nresults {\n  device: "sm_9.0"\n  hlo: "B"\n  result {\n'
+                 '    run_time {\n      nanos: 7\n    }\n  }\n}\n'
+                 'results {\n  device: "sm_9.0"\n  hlo: "C"\n}\n'
+                 'results {\n  device: "sm_9.0"\n  hlo: "A"\n}\n')      # A again: kept once
+    out = tmp_path / "merged.textproto"
+    assert suite.merge_autotune_results([a, b], out) == 3
+    text = out.read_text()
+    assert text.count("version:") == 1 and text.count('hlo: "A"') == 1
+    assert [h for h in "ABC" if f'hlo: "{h}"' in text] == list("ABC") and "nanos: 7" in text
+    empty = tmp_path / "empty.textproto"
+    empty.write_text("version: 3\n")
+    assert suite.merge_autotune_results([empty], tmp_path / "none.textproto") == 0
+    assert not (tmp_path / "none.textproto").exists()

@@ -30,13 +30,19 @@ d. LoRA train step, llama2-7b / llama3-8b shapes (random bf16 weights, r=16 on a
 e. the same steps with HF transformers + PEFT (SDPA attention, with and without gradient
    checkpointing; when torch with CUDA is present): tokens/s and our speed-up.
 
-Each train step (d, e) runs in its own subprocess (clean peak memory, no allocator sharing);
-``--dry-run`` runs everything in-process on CPU at tiny shapes, to test the suite itself.
+Every section, and each train step of (d) and (e), runs in its own worker process (this
+script with ``--worker SPEC``): a process that allocates GPU memory keeps it (JAX preallocates
+75 % of the device, and its allocator never returns memory), so no section shares a device
+with another's leftovers. The parent never allocates on the GPU (it reads the device kind
+from a worker). ``--dry-run`` runs the same workers on CPU at tiny shapes, to test the suite.
+On a GPU the train workers also dump XLA's autotune results; they are merged into
+``OUT/autotune_results.textproto`` for ``spmd-lora plan --target ... --autotune-results``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import importlib.metadata
 import json
 import math
@@ -115,9 +121,13 @@ class Budget:
 
     def section(self, name: str) -> float:
         """Deadline (a perf_counter value) for section ``name``, which starts now."""
+        return time.perf_counter() + self.left_for(name)
+
+    def left_for(self, name: str) -> float:
+        """Seconds section ``name``, which starts now, may take."""
         share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[s] for s in self.pending)
         self.pending.remove(name)
-        return time.perf_counter() + max(0.0, self.left() * share)
+        return max(0.0, self.left() * share)
 
 
 def _timeit(fn, iters: int) -> float:
@@ -482,19 +492,31 @@ def peft_worker(spec: dict) -> dict:
             "attn_implementation": model.config._attn_implementation}
 
 
-def _run_spec(spec: dict, dry: bool, timeout: float) -> dict:
-    """Run a worker in-process (dry run) or in a subprocess (GPU: clean memory stats)."""
-    fn = train_worker if spec["kind"] == "train" else peft_worker
-    if dry:
-        try:
-            return {"status": "ok", **fn(spec)}
-        except Exception as e:  # noqa: BLE001
-            return {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+def worker_env(extra_xla_flags: str = "") -> dict:
+    """The environment of a worker process: the parent's, with JAX's default GPU memory
+    preallocation back (the parent turns it off for itself) and ``extra_xla_flags`` added."""
+    env = dict(os.environ)
+    env.pop(PREALLOCATE, None)
+    if _USER_PREALLOCATE.get(PREALLOCATE) is not None:
+        env[PREALLOCATE] = _USER_PREALLOCATE[PREALLOCATE]
+    if extra_xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + extra_xla_flags).strip()
+    return env
+
+
+# What the user set for JAX's preallocation, for the workers (the parent turns it off).
+_USER_PREALLOCATE: dict = {}
+
+
+def _run_spec(spec: dict, timeout: float, xla_flags: str = "") -> dict:
+    """Run one worker (``--worker SPEC``) in its own process; its result, or a status saying
+    why there is none (out of time, out of memory, an error with the last lines it printed)."""
     if timeout < 10:
         return {"status": "skipped: out of time"}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env(xla_flags))
     except subprocess.TimeoutExpired:
         return {"status": f"skipped: timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -505,7 +527,37 @@ def _run_spec(spec: dict, dry: bool, timeout: float) -> dict:
     return {"status": ("OOM: " if oom else "error: ") + " | ".join(tail)[:300]}
 
 
-def section_train(plan: Plan, deadline, impl, peak_tflops, cache_dir, rank=16) -> dict:
+def merge_autotune_results(paths, out_path) -> int:
+    """Merge XLA autotune result files (protobuf text: a ``version`` line, then top-level
+    ``results { device: ... hlo: ... result { ... } }`` blocks) into one file XLA can load:
+    one version line, each (device, hlo) once (steps of several lengths share GEMMs). Returns
+    the number of blocks written; writes nothing when there are none."""
+    version, blocks, seen = None, [], set()
+    for path in paths:
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+        block = None
+        for line in lines:
+            if block is None:
+                if line.startswith("version:"):
+                    version = version or line
+                elif line.startswith("results {"):
+                    block = [line]
+                continue
+            block.append(line)
+            if line.rstrip() == "}":              # the block's own closing brace (column 0)
+                key = tuple(b.strip() for b in block if b.lstrip().startswith(("device:", "hlo:")))
+                if key not in seen:
+                    seen.add(key)
+                    blocks.append("".join(block))
+                block = None
+    if blocks:
+        _atomic_write(out_path, (version or "version: 3\n") + "".join(blocks))
+    return len(blocks)
+
+
+def section_train(plan: Plan, deadline, impl, peak_tflops, cache_dir, autotune_dir=None,
+                  rank=16) -> dict:
     dtype = "float32" if plan.dry else "bfloat16"
     rows = []
     for model in plan.models:
@@ -513,7 +565,12 @@ def section_train(plan: Plan, deadline, impl, peak_tflops, cache_dir, rank=16) -
             spec = {"kind": "train", "model": model, "seq_len": s, "dtype": dtype,
                     "attention": impl, "rank": rank, "iters": plan.iters,
                     "cache_dir": None if plan.dry else cache_dir}
-            res = _run_spec(spec, plan.dry, deadline - time.perf_counter())
+            flags = ""
+            if autotune_dir:   # XLA writes what it autotuned for this step's GEMMs
+                os.makedirs(autotune_dir, exist_ok=True)
+                flags = ("--xla_gpu_dump_autotune_results_to="
+                         + os.path.join(autotune_dir, f"{model}_{s}.textproto"))
+            res = _run_spec(spec, deadline - time.perf_counter(), flags)
             row = {"model": model, "seq_len": s, **res}
             if res.get("status") == "ok":
                 row["mfu"] = res["useful_flops"] / res["step_s"] / (peak_tflops * 1e12)
@@ -540,7 +597,7 @@ def section_peft(plan: Plan, deadline, train: dict) -> dict:
             for ckpt in (False, True):
                 spec = {"kind": "peft", "model": model, "seq_len": s, "grad_ckpt": ckpt,
                         "dtype": train["dtype"], "rank": train["rank"], "iters": plan.iters}
-                res = _run_spec(spec, plan.dry, deadline - time.perf_counter())
+                res = _run_spec(spec, deadline - time.perf_counter())
                 row = {"model": model, "seq_len": s, "grad_ckpt": ckpt, **res}
                 if res.get("status") == "ok" and (model, s) in ours:
                     row["ours_over_peft"] = ours[(model, s)]["tokens_per_s"] / res["tokens_per_s"]
@@ -629,47 +686,88 @@ def environment() -> dict:
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,
             "jaxlib": importlib.metadata.version("jaxlib"),
-            "python": platform.python_version(), "host": platform.node()}
+            "python": platform.python_version(), "host": platform.node(), "pid": os.getpid()}
+
+
+def _section_worker(spec: dict) -> dict:
+    """A section (a, c, b), the matmul peak or the environment, inside a worker process."""
+    plan = make_plan(spec.get("dry", False))
+    deadline = time.perf_counter() + spec.get("budget_s", 0.0)
+    kind = spec["kind"]
+    if kind == "environment":
+        return environment()
+    if kind == "correctness":
+        return section_correctness(plan, spec["impls"], deadline)
+    if kind == "sweep":
+        from spmd_lora.kernels import BlockSizes
+        out = section_sweep(plan, deadline, BlockSizes(**spec["base"]))
+        out.pop("best_block_sizes")            # "best" holds the same, as a dict
+        return out
+    if kind == "throughput":
+        from spmd_lora.kernels import BlockSizes
+        return section_throughput(plan, spec["impls"], deadline, BlockSizes(**spec["blocks"]))
+    if kind == "matmul":
+        return measure_matmul_peak(plan.matmul_n, plan.iters)
+    raise ValueError(f"unknown worker kind {kind!r}")
+
+
+WORKERS = {"train": train_worker, "peft": peft_worker}
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def _section(report, name, spec, budget_s, key=None):
+    """Run section ``name`` in a worker with ``budget_s`` seconds; record its wall time.
+    Returns its result (a dict with "status" other than "ok" when it produced none)."""
+    t = time.perf_counter()
+    res = _run_spec({**spec, "budget_s": budget_s}, budget_s + 120)
+    report.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
+    if key is not None:
+        report[key] = res
+    return res
 
 
 def run(args) -> dict:
-    import jax
-
-    from spmd_lora.kernels import registry
+    from spmd_lora.kernels import BlockSizes, registry
     t0 = time.perf_counter()
-    gpu = jax.default_backend() == "gpu"
+    env = _run_spec({"kind": "environment"}, 300)
+    if env.get("status") != "ok":
+        raise SystemExit(f"error: the suite's first worker failed: {env.get('status')}")
+    env.pop("status")
+    gpu = env["backend"] == "gpu"
     if not gpu and not args.dry_run:
-        raise SystemExit("error: no GPU found (JAX backend is "
-                         f"{jax.default_backend()!r}); use --dry-run to test the suite on CPU")
+        raise SystemExit(f"error: no GPU found (JAX backend is {env['backend']!r}); use "
+                         f"--dry-run to test the suite on CPU")
     plan = make_plan(args.dry_run)
+    dry = {"dry": args.dry_run}
     sections = set(args.sections.split(","))
     budget = Budget(args.budget_s, sections)
     impls = available_impls(gpu)
-    env = environment()
     report = {"dry_run": args.dry_run, "environment": env, "command": " ".join(sys.argv),
               "impls": impls}
     excluded = set()
     if "a" in sections:
-        report["correctness"] = _timed_section(report, "a", section_correctness, plan, impls,
-                                               budget.section("a"))
-        excluded = set(report["correctness"]["failed_impls"])
+        a = _section(report, "a", {"kind": "correctness", **dry, "impls": impls},
+                     budget.left_for("a"), "correctness")
+        excluded = set(a.get("failed_impls", impls if a.get("status") != "ok" else []))
     base = registry.choose("pallas", seq_len=plan.sweep_seq, head_dim=plan.bench_dim,
                            backend="gpu", device_kind=env["device_kind"]).block_sizes
     pallas_blocks = base
     if "c" in sections:
-        report["sweep"] = _timed_section(report, "c", section_sweep, plan, budget.section("c"),
-                                         base)
-        pallas_blocks = report["sweep"].pop("best_block_sizes") or base
+        c = _section(report, "c", {"kind": "sweep", **dry, "base": dataclasses.asdict(base)},
+                     budget.left_for("c"), "sweep")
+        if c.get("best"):
+            pallas_blocks = BlockSizes(**c["best"])
     if "b" in sections:
-        report["throughput"] = _timed_section(report, "b", section_throughput, plan, impls,
-                                              budget.section("b"), pallas_blocks)
-        report["ranking"] = ranking_from(report["throughput"], excluded)
+        b = _section(report, "b", {"kind": "throughput", **dry, "impls": impls,
+                                   "blocks": dataclasses.asdict(pallas_blocks)},
+                     budget.left_for("b"), "throughput")
+        report["ranking"] = ranking_from(b, excluded) if b.get("status") == "ok" else []
     table_path = args.table or os.path.join(args.out, "kernel_table.json")
     if "c" in sections or "b" in sections:
         registry.write_table(
             table_path, env["device_kind"],
             block_sizes=[(plan.bench_dim, pallas_blocks)] if "c" in sections else None,
-            ranking=report.get("ranking"),
+            ranking=report.get("ranking") or None,
             measurements={"jax": env["jax"], "date": time.strftime("%Y-%m-%d"),
                           "dry_run": args.dry_run,
                           "throughput": report.get("throughput", {}).get("rows")})
@@ -677,26 +775,29 @@ def run(args) -> dict:
     if report.get("kernel_table"):  # the train steps below (and their workers) use it
         os.environ[registry.TABLE_ENV] = os.path.abspath(report["kernel_table"])
     if "d" in sections or "e" in sections:
-        report["matmul_peak"] = measure_matmul_peak(plan.matmul_n, plan.iters)
+        report["matmul_peak"] = _run_spec({"kind": "matmul", **dry}, 300)
     if "d" in sections:
         auto = registry.choose("auto", seq_len=plan.train_seqs[0], head_dim=128,
-                               dtype="bfloat16").impl if gpu else "pallas"
-        report["train"] = _timed_section(report, "d", section_train, plan, budget.section("d"),
-                                         auto, report["matmul_peak"]["tflops"],
-                                         os.path.join(os.path.abspath(args.out), "jax_cache"))
+                               dtype="bfloat16", backend="gpu",
+                               device_kind=env["device_kind"]).impl if gpu else "pallas"
+        out = os.path.abspath(args.out)
+        t = time.perf_counter()
+        report["train"] = section_train(plan, budget.section("d"), auto,
+                                        report["matmul_peak"].get("tflops") or float("nan"),
+                                        os.path.join(out, "jax_cache"),
+                                        None if args.dry_run else os.path.join(out, "autotune"))
+        report.setdefault("section_s", {})["d"] = round(time.perf_counter() - t, 1)
+        dumps = sorted(glob.glob(os.path.join(out, "autotune", "*.textproto")))
+        merged = os.path.join(out, "autotune_results.textproto")
+        if dumps and merge_autotune_results(dumps, merged):
+            report["autotune_results"] = merged
     if "e" in sections:
         train = report.get("train") or {"rows": [], "dtype": "bfloat16", "rank": 16}
-        report["peft"] = _timed_section(report, "e", section_peft, plan, budget.section("e"),
-                                        train)
+        t = time.perf_counter()
+        report["peft"] = section_peft(plan, budget.section("e"), train)
+        report.setdefault("section_s", {})["e"] = round(time.perf_counter() - t, 1)
     report["wall_s"] = time.perf_counter() - t0
     return report
-
-
-def _timed_section(report, name, fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    report.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
-    return out
 
 
 def registry_env() -> str:
@@ -722,22 +823,27 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        res = train_worker(spec) if spec["kind"] == "train" else peft_worker(spec)
-        print(WORKER_MARK + json.dumps({"status": "ok", **res}), flush=True)
+        res = WORKERS.get(spec["kind"], _section_worker)(spec)
+        print(WORKER_MARK + json.dumps({"status": "ok", **res}, default=str), flush=True)
         return 0
     bad = set(args.sections.split(",")) - set("abcde")
     if bad:
         print(f"error: --sections: unknown section(s) {sorted(bad)}; use a comma list of "
               f"a,b,c,d,e", file=sys.stderr)
         return 2
-    saved_table = os.environ.get(registry_env())
+    saved = {key: os.environ.get(key) for key in (registry_env(), PREALLOCATE)}
+    _USER_PREALLOCATE[PREALLOCATE] = saved[PREALLOCATE]
+    # The parent allocates nothing on the GPU; should JAX start a GPU backend here anyway, it
+    # must not preallocate 75 % of the device under the workers.
+    os.environ[PREALLOCATE] = "false"
     try:
         report = run(args)
-    finally:  # run() points the registry at the table it wrote; undo that for the caller
-        if saved_table is None:
-            os.environ.pop(registry_env(), None)
-        else:
-            os.environ[registry_env()] = saved_table
+    finally:  # run() points the registry at the table it wrote; undo both for the caller
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     json_path = os.path.join(args.out, "gpu_suite.json")
     md_path = os.path.join(args.out, "gpu_suite.md")
     _atomic_write(json_path, json.dumps(report, indent=1, default=str))
