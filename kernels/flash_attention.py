@@ -308,7 +308,8 @@ def _dkv_kernel(*refs, cfg: _Cfg, has_seg: bool, kv_len: int, seq_pad: int, grou
         start = lax.div(k_start, jnp.int32(bq))  # first q block with a row >= k_start
         # first q block whose every row sees every key of this block
         unmasked_start = jnp.minimum(_cdiv(k_start + bk - 1, bq), nq)
-    else:  # int32 values, not Python ints: Triton lowers where(pred, int, int) as i1 * i32
+    else:  # int32 values, not Python ints: with Python ints the where() below lowers to an
+        # i1 value in Triton and the loop bound fails to lower ('i1' vs 'i32')
         start = jnp.int32(0)
         unmasked_start = jnp.int32(0)
     if kv_len < seq_pad:  # a block holding padded keys is masked everywhere
@@ -524,11 +525,13 @@ _INDEX_PAD_K = int(np.iinfo(np.int32).max)
 
 def _tile_kind(q_min, q_max, k_idx, has_seg: bool):
     """0 skip, 1 masked, 2 full (see the section comment)."""
-    skip = jnp.min(k_idx) > q_max
+    # int32 arithmetic on the flags: Triton lowers where(pred, 0, 1) on Python ints to an i1
+    # value, which the switch's index clamp then rejects (i32 vs i1).
+    skip = (jnp.min(k_idx) > q_max).astype(jnp.int32)
     if has_seg:
-        return jnp.where(skip, 0, 1).astype(jnp.int32)
-    full = jnp.max(k_idx) <= q_min
-    return jnp.where(skip, 0, jnp.where(full, 2, 1)).astype(jnp.int32)
+        return 1 - skip
+    full = (jnp.max(k_idx) <= q_min).astype(jnp.int32)
+    return (1 - skip) * (1 + full)
 
 
 def _index_mask(q_idx, k_idx, q_seg, k_seg):

@@ -67,18 +67,36 @@ class GpuEntry:
         return self.block_sizes[-1][1] if self.block_sizes else BlockSizes()
 
 
-# Starting points from the FlashAttention-2 Triton tutorial configurations (fwd 128x64, bwd
-# 64x64; fewer/larger tiles for small head dims). NOT yet tuned on hardware: measure with
-# kernels/README.md's recipe and edit here.
+# Not yet timed on hardware (no GPU has run them): measure with kernels/README.md's recipe
+# (tools/gpu_suite.py) and edit here. The hd 64 / 128 tiles of Blackwell, Hopper and Ampere
+# are the largest ptxas compiles for sm_100a / sm_90a / sm_80 without spilling in any variant
+# the model uses (causal or not, padded, segment ids, GQA, bf16 / fp16, the ring's block
+# kernels): tools/kernel_report.py --target b200 h100 a100 checks it (docs/benchmarks.md,
+# "Compiled for GPUs"). The FlashAttention-2 tutorial's starting points we had before spilled:
+# on sm_90a hd 64 dk/dv 2.5-3 KB, hd 128 dk/dv 48 B with segment ids; on sm_80 up to 2.4 KB
+# (hd 128 dq). hd 256 and the catch-all are still those starting points.
 GPU_TABLE: list[GpuEntry] = [
+    GpuEntry(
+        name="Blackwell (B200/GB200, sm100)",
+        device_kinds=("b200", "b100", "gb200", "b300", "gb300"),
+        min_compute_capability=(10, 0),
+        block_sizes=(
+            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64,
+                            num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=32,
+                             num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=1)),
+            (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
+                             num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+        ),
+    ),
     GpuEntry(
         name="Hopper (H100/H200/GH200, sm90)",
         device_kinds=("h100", "h200", "gh200", "h800", "h20"),
         min_compute_capability=(9, 0),
         block_sizes=(
-            (64, BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128,
-                            num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
-            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64,
+            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64,
+                            num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=32,
                              num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
             (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
                              num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
@@ -89,9 +107,9 @@ GPU_TABLE: list[GpuEntry] = [
         device_kinds=("a100", "a800", "a10", "a30", "a40", "a6000", "l4", "l40"),
         min_compute_capability=(8, 0),
         block_sizes=(
-            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64,
-                            num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
-            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64,
+            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=32,
+                            num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)),
+            (128, BlockSizes(block_q=128, block_k=32, block_q_bwd=32, block_k_bwd=64,
                              num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
             (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
                              num_warps=8, num_stages=1, num_warps_bwd=8, num_stages_bwd=1)),

@@ -208,3 +208,52 @@ def format_table(kernels: list[Kernel], kinds=("ours", "triton")) -> list[str]:
                     f"{fmt(k.spill_bytes):>8} {fmt(k.stack):>8} {smem:>9} "
                     f"{(k.threads[0] if k.threads else '-'):>7} {k.launches:>8}{note}")
     return rows
+
+
+# ----------------------------------------------------------------------------- attention alone
+
+def compile_attention(target: str, *, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+                      dtype="bfloat16", causal: bool = True, segments: bool = False,
+                      ring: bool = False, block_sizes=None, batch: int = 1):
+    """Forward + backward (dq, dk/dv) of our Pallas attention compiled for GPU ``target``
+    without one. Returns (compiled, [Kernel]).
+
+    ``ring=False``: ``kernels.attention(impl="pallas")`` inside shard_map over one device
+    (tiles: ``block_sizes``, else the registry's for that GPU kind). ``ring=True``: the
+    context-parallel block kernels, ``ring_attention(kernel="pallas")`` over a cp=2 ring
+    (causal by global token index). ``seq_len`` is the whole sequence (split over the ring).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from .gpu_targets import target_devices
+    from .kernels import attention, ring_attention
+
+    n = 2 if ring else 1
+    axis = "cp" if ring else "x"
+    mesh = Mesh(target_devices(target, n), (axis,))
+    spec = P(None, axis) if ring else P(axis)
+    dt = jnp.dtype(dtype)
+
+    def loss(q, k, v, index, seg):
+        seg = seg if segments else None
+        if ring:
+            out = ring_attention(q, k, v, axis_name="cp", q_index=index, k_index=index,
+                                 q_segment_ids=seg, kv_segment_ids=seg, kernel="pallas",
+                                 block_sizes=block_sizes)
+        else:
+            out = attention(q, k, v, causal=causal, segment_ids=seg, impl="pallas",
+                            block_sizes=block_sizes)
+        return out.astype(jnp.float32).sum()
+
+    def step(*args):
+        return jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                             in_specs=(spec,) * 5, out_specs=(spec,) * 3)(*args)
+
+    sharding = NamedSharding(mesh, spec)
+    shapes = [((batch, seq_len, heads, head_dim), dt), ((batch, seq_len, kv_heads, head_dim), dt),
+              ((batch, seq_len, kv_heads, head_dim), dt), ((batch, seq_len), jnp.int32),
+              ((batch, seq_len), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+    return compile_with_kernels(jax.jit(step).lower(*args))

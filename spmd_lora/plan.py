@@ -257,7 +257,9 @@ def quant_weight_bytes(params) -> dict:
 
 def gpu_compiler_options(autotune_results: str | None = None) -> dict:
     """XLA options of a GPU plan compile: load autotune results dumped on a real GPU
-    (``--xla_gpu_dump_autotune_results_to``, which tools/gpu_suite.py sets) when given."""
+    (``--xla_gpu_dump_autotune_results_to``, which tools/gpu_suite.py sets) when given. XLA
+    reads such a file once per process: the first one a process loads applies to all its
+    later compiles."""
     if not autotune_results:
         return {}
     if not os.path.isfile(autotune_results):

@@ -220,9 +220,38 @@ def test_attention_in_shard_map_check_vma(case):
 
 # ------------------------------------------------------------------------ GPU lowering
 
+def test_kernels_follow_the_program_devices_not_the_default_backend():
+    """Traced for an (abstract) GPU, a Pallas call compiles instead of interpreting and the
+    registry picks the GPU's kernel, although the process' default backend is the CPU; traced
+    for CPU devices (a shard_map over them) it interprets."""
+    from spmd_lora.kernels import target
+    from spmd_lora.kernels.gpu_lowering import abstract_gpu
+    assert jax.default_backend() == "cpu"
+    assert target.interpret_by_default()
+    with abstract_gpu("NVIDIA H200"):
+        dev = target.program_device()
+        assert dev.is_gpu and dev.device_kind == "NVIDIA H200" and dev.source == "mesh"
+        assert not target.interpret_by_default()
+        choice = registry.choose("auto", seq_len=4096, head_dim=128)
+        assert choice.impl == "pallas" and "Hopper" in choice.reason
+    seen = {}
+
+    def body(x):
+        seen["device"] = target.program_device()
+        seen["auto"] = registry.choose("auto", seq_len=64, head_dim=16).impl
+        return x
+
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))).lower(
+        jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.NamedSharding(mesh, P("x"))))
+    assert seen["device"].backend == "cpu" and seen["device"].source == "mesh"
+    assert seen["auto"] == "blockwise"
+
+
 def test_pallas_lowers_to_triton_for_cuda():
     """The kernels (fwd, dq, dk/dv) lower to Triton custom calls for CUDA, checked from CPU
-    through an abstract H100 (needed from jax 0.11 on), with no Triton deprecation warning.
+    through an abstract H100 (needed from jax 0.11 on), with no Triton deprecation warning;
+    the kernel itself sees that the program is for a GPU (no ``interpret=False`` needed).
 
     Catches Triton-only constraints (power-of-two tiles, supported ops) without a GPU; it
     does not compile PTX.
@@ -241,7 +270,7 @@ def test_pallas_lowers_to_triton_for_cuda():
 
     def step(q, k, v, seg):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, causal=True, segment_ids=seg, block_sizes=bs, interpret=False), q, k, v)
+            q, k, v, causal=True, segment_ids=seg, block_sizes=bs), q, k, v)
         return out, vjp(out)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -269,7 +298,13 @@ def test_registry_choices():
     assert "Ampere" in a100.reason
     by_cc = registry.choose("auto", seq_len=8192, head_dim=64, backend="gpu",
                             device_kind="Some Future GPU", compute_capability=(10, 0))
+    assert "Blackwell" in by_cc.reason
+    by_cc = registry.choose("auto", seq_len=8192, head_dim=64, backend="gpu",
+                            device_kind="Some Hopper variant", compute_capability=(9, 0))
     assert "Hopper" in by_cc.reason
+    b200 = registry.choose("auto", seq_len=8192, head_dim=128, backend="gpu",
+                           device_kind="NVIDIA B200")       # abstract devices have no cc
+    assert "Blackwell" in b200.reason
     old = registry.choose("auto", seq_len=8192, head_dim=128, backend="gpu",
                           device_kind="Tesla V100-SXM2-16GB", compute_capability=(7, 0))
     assert "generic" in old.reason

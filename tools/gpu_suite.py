@@ -236,7 +236,6 @@ def attention_flops(b, s, h, d, causal=True) -> dict:
 def time_attention(impl, s, h, d, dtype, iters, block_sizes=None, b=1, backward=True) -> dict:
     """Median seconds of the forward and of forward+backward, causal, MHA."""
     import jax
-    import jax.numpy as jnp
     q, k, v, ct, _ = _inputs(b, s, h, h, d, dtype, False, seed=1)
     fn = _attention_fn(impl, True, None, block_sizes)
     fwd = jax.jit(fn)
@@ -256,8 +255,6 @@ def _tflops(flops, seconds):
 
 def section_sweep(plan: Plan, deadline, base_blocks) -> dict:
     import jax.numpy as jnp
-
-    from spmd_lora.kernels import BlockSizes
     s, h, d = plan.sweep_seq, plan.bench_heads, plan.bench_dim
     rows, best_fwd, best = [], None, None
     for bq, bk, w, st in plan.sweep_fwd:

@@ -407,8 +407,8 @@ def main(argv=None) -> int:
             micro_batches=args.micro_batches, local_batch=local_batch, seq_len=s_pad,
             dtype_bytes=dtype_bytes) for impl in ("ring", "allgather")}
         want = cp_expected[args.cp_impl]
-        print(f"\ncollectives over cp per step (arrays; ring attention, one call per layer and "
-              f"micro-batch; see hlo.expected_cp_collectives):")
+        print("\ncollectives over cp per step (arrays; ring attention, one call per layer and "
+              "micro-batch; see hlo.expected_cp_collectives):")
         for kind, key in (("collective-permute", "permute"), ("all-gather", "all_gather"),
                           ("reduce-scatter", "reduce_scatter")):
             got = meas[f"cp_{key}_operands"]
