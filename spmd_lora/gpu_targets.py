@@ -206,8 +206,14 @@ def _parses(text: str) -> bool:
 # ----------------------------------------------------------------------------- devices
 
 def cuda_plugin_installed() -> bool:
-    return importlib.util.find_spec("jax_cuda12_plugin") is not None or \
-        importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    """Whether JAX's CUDA 12 plugin (jax-cuda12-plugin) is importable."""
+    for name in ("jax_cuda12_plugin", "jax_plugins.xla_cuda12"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except ModuleNotFoundError:          # the parent package is absent
+            continue
+    return False
 
 
 def ensure_plugin_can_start() -> None:

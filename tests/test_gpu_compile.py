@@ -6,7 +6,6 @@ job 3); skips with the reason elsewhere. Every number asserted here comes from X
 ptxas, not from a CPU stand-in.
 """
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("jax_plugins.xla_cuda12") is None and \
-        importlib.util.find_spec("jax_cuda12_plugin") is None:
+from spmd_lora import gpu_targets
+
+if not gpu_targets.cuda_plugin_installed():
     pytest.skip("JAX's CUDA plugin is not installed (pip install -e \".[cuda12]\"): no "
                 "deviceless GPU compiles here", allow_module_level=True)
 
-from spmd_lora import gpu_kernels, gpu_targets, plan  # noqa: E402
+from spmd_lora import gpu_kernels, plan  # noqa: E402
 from spmd_lora.config import ModelConfig  # noqa: E402
 from spmd_lora.lora import LoraConfig  # noqa: E402
 
