@@ -223,6 +223,14 @@ def ensure_plugin_can_start() -> None:
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
+def quiet_xla_warnings() -> None:
+    """For the command-line tools (call before JAX starts): keep XLA's C++ warnings off
+    stderr unless the user set ``TF_CPP_MIN_LOG_LEVEL``. A GPU compile of a long-context step
+    warns from its rematerialisation pass whenever the program is larger than the target's
+    memory, which a length search does on purpose; errors still show."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def require_cuda_plugin() -> None:
     """ConfigError naming the extra to install when the CUDA plugin is missing."""
     if not cuda_plugin_installed():

@@ -594,8 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is None:
         ensure_host_devices(args.tp * args.dp * args.cp)
     else:
-        from .gpu_targets import ensure_plugin_can_start
+        from .gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
         ensure_plugin_can_start()
+        quiet_xla_warnings()
     import json
 
     from .config import resolve_model_config

@@ -78,10 +78,12 @@ def report(targets, head_dims, dtypes, seq_len=1024, blocks=None, heads=8, kv_he
                                  "dtype": dt, "kernel": k.name, "registers": k.registers,
                                  "spill_bytes": k.spill_bytes, "stack": k.stack,
                                  "shared_memory": k.shared_memory, "threads": k.threads[0],
-                                 "arch": k.arch, "tiles": dataclasses.asdict(tiles)})
+                                 "arch": k.arch, "serialized_wgmma": k.serialized_wgmma,
+                                 "tiles": dataclasses.asdict(tiles)})
+                    note = "  wgmma serialized" if k.serialized_wgmma else ""
                     log(f"  {label:<18} {dt:<9} {k.name:<28} regs {k.registers:>3}  spill "
                         f"{k.spill_bytes:>5} B  smem {k.shared_memory / 1024:6.1f} KiB  "
-                        f"threads {k.threads[0]:>3}  ({time.perf_counter() - t:.1f} s)")
+                        f"threads {k.threads[0]:>3}  ({time.perf_counter() - t:.1f} s){note}")
     return rows
 
 
@@ -110,8 +112,9 @@ def main(argv=None) -> int:
                          "num_stages,block_q_bwd,block_k_bwd,num_warps_bwd,num_stages_bwd")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from spmd_lora.gpu_targets import ensure_plugin_can_start
+    from spmd_lora.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
     ensure_plugin_can_start()
+    quiet_xla_warnings()
     from spmd_lora.errors import SpmdLoraError
     from spmd_lora.gpu_targets import require_cuda_plugin, resolve_target
     from spmd_lora.kernels import BlockSizes

@@ -278,8 +278,9 @@ def main(argv=None) -> int:
     if args.target is None:
         plan.ensure_host_devices(args.tp * args.dp * args.cp)
     else:
-        from spmd_lora.gpu_targets import ensure_plugin_can_start
+        from spmd_lora.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
         ensure_plugin_can_start()
+        quiet_xla_warnings()
 
     from spmd_lora import hlo
     from spmd_lora.config import resolve_model_config
