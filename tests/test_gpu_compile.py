@@ -188,15 +188,26 @@ def _run(args, **kw):
 
 
 def test_plan_cli_target_header_and_find_max(tmp_path):
+    """The CLI as a user runs it (no JAX_PLATFORMS, no XLA_FLAGS): a length search against
+    XLA:GPU's peak on 8 H100s, whose answer fits and whose next length tried does not (a
+    small budget keeps the search to a few compiles of ~7 s each)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMALL.to_hf_dict()))
     out = tmp_path / "plan.json"
-    proc = _run(["-m", "spmd_lora", "plan", "--model", "llama3-8b", "--tp", "8", "--target",
+    proc = _run(["-m", "spmd_lora", "plan", "--model", str(model), "--tp", "8", "--target",
                  "h100", "--dtype", "bfloat16", "--remat", "full", "--lora-targets", "all",
-                 "--find-max-seq-len", "--json", str(out)])
+                 "--device-memory", "256MB", "--find-max-seq-len", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled for 8 x NVIDIA H100 80GB HBM3 (XLA:GPU, deviceless compile, no autotuning)" \
         in proc.stdout
-    best = json.loads(out.read_text())["max_seq_len"]
-    assert best and best >= 128 * 1024, best
+    res = json.loads(out.read_text())
+    best, budget = res["max_seq_len"], res["budget"]
+    assert budget == int(0.9 * 256 * 2 ** 20) and best and best >= 8192, res["max_seq_len"]
+    plans = {int(k): v for k, v in res["plans"].items()}
+    assert plans[best]["peak"] <= budget
+    assert plans[min(s for s in plans if s > best)]["peak"] > budget
+    assert all(not p["estimate"] for p in plans.values())
     assert "Traceback" not in proc.stderr
 
 
