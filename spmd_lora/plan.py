@@ -339,10 +339,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         "lora_rank": (lora.rank if lora else None),
         "lora_targets": list(lora.targets) if lora else None,
         "backend": device.platform,
-        "compiled_for": {"platform": device.platform, "device_kind": device.device_kind,
-                         "devices": tp * dp * cp, "hosts": hosts, "target": target,
-                         "deviceless": target is not None,
-                         "autotune_results": autotune_results},
+        "compiled_for": compiled_for(mesh, target, hosts, autotune_results),
         "estimate": device.platform != "gpu",
         "weights": _local_bytes(params), "lora": _local_bytes(lora_p),
         "optimizer": _local_bytes(opt_state), "batch_bytes": _local_bytes(batches),
@@ -402,9 +399,18 @@ def _fmt(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 1024 ** 2:9.1f} MiB"
 
 
-def compiled_for_line(p: dict) -> str:
-    """What the plan was compiled for, and how far to trust it."""
-    c = p.get("compiled_for") or {"platform": p["backend"], "devices": p["tp"] * p["dp"] * p["cp"]}
+def compiled_for(mesh, target: str | None = None, hosts: int = 1,
+                 autotune_results: str | None = None) -> dict:
+    """What a program on ``mesh`` was compiled for: {platform, device_kind, devices, hosts,
+    target, deviceless, autotune_results}."""
+    device = mesh.devices.flat[0]
+    return {"platform": device.platform, "device_kind": device.device_kind,
+            "devices": int(mesh.devices.size), "hosts": hosts, "target": target,
+            "deviceless": target is not None, "autotune_results": autotune_results}
+
+
+def compiled_for_line(c: dict) -> str:
+    """What a program was compiled for (:func:`compiled_for`), and how far to trust it."""
     if c.get("deviceless"):
         hosts = f" on {c['hosts']} hosts" if c.get("hosts", 1) > 1 else ""
         tuned = (f"autotune results from {c['autotune_results']}" if c.get("autotune_results")
@@ -446,7 +452,7 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
           f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
           f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])}", file=file)
-    print(f"  {compiled_for_line(p)}, {p['compile_s']} s", file=file)
+    print(f"  {compiled_for_line(p['compiled_for'])}, {p['compile_s']} s", file=file)
     if p.get("weights_packed") is not None:
         print(f"  base_quant={p['base_quant']}: {p['quant_bytes_per_param']:.4f} bytes per "
               f"parameter of the quantised linears", file=file)

@@ -49,10 +49,10 @@ def report(targets, head_dims, dtypes, seq_len=1024, blocks=None, heads=8, kv_he
     """Rows {target, head_dim, variant, dtype, kernel, registers, spill_bytes, stack,
     shared_memory, threads} for every compiled kernel of ours."""
     from spmd_lora import gpu_kernels
+    from spmd_lora.gpu_targets import resolve_target
     from spmd_lora.kernels import registry
     rows = []
     for target in targets:
-        from spmd_lora.gpu_targets import resolve_target
         gpu = resolve_target(target)
         for d in head_dims:
             tiles = blocks or registry.choose("pallas", seq_len=seq_len, head_dim=d,

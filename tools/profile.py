@@ -348,16 +348,11 @@ def main(argv=None) -> int:
     meas = hlo.measured(census, lora_cfg.rank)
 
     cp_text = f"cp={args.cp} ({args.cp_impl}) " if args.cp > 1 else ""
-    device = mesh.devices.flat[0]
-    compiled_for = (f"compiled for {mesh.devices.size} x {device.device_kind}"
-                    + (f" on {args.hosts} hosts" if args.hosts > 1 else "")
-                    + " (XLA:GPU, deviceless compile, "
-                    + ("autotune results loaded" if args.autotune_results else "no autotuning")
-                    + ")" if args.target else f"compiled on {device.platform}")
+    compiled_for = plan.compiled_for(mesh, args.target, args.hosts, args.autotune_results)
     print(f"{args.model}: tp={args.tp} dp={args.dp} {cp_text}S={args.max_seq_len} batch={args.batch} "
           f"micro_batches={args.micro_batches} r={args.lora_rank} targets={','.join(lora_cfg.targets)} "
           f"{args.dtype} remat={args.remat} layout={expected['layout']} MLP tiles={mlp_tiles} "
-          f"CE chunks={ce_chunks} ({compiled_for} in {compile_s:.1f} s)\n")
+          f"CE chunks={ce_chunks} ({plan.compiled_for_line(compiled_for)}, {compile_s:.1f} s)\n")
     print_census(census)
     print("\nper step, by kind and axis ('self' = size-1 groups, no traffic):")
     for s in summary:
