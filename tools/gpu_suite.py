@@ -712,15 +712,18 @@ WORKERS = {"train": train_worker, "peft": peft_worker}
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
-def _section(report, name, spec, budget_s, key=None):
-    """Run section ``name`` in a worker with ``budget_s`` seconds; record its wall time.
-    Returns its result (a dict with "status" other than "ok" when it produced none)."""
+def _timed(report, name, key, fn, *args):
+    """``report[key] = fn(*args)``, with its wall time in ``report["section_s"][name]``."""
     t = time.perf_counter()
-    res = _run_spec({**spec, "budget_s": budget_s}, budget_s + 120)
+    report[key] = fn(*args)
     report.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
-    if key is not None:
-        report[key] = res
-    return res
+    return report[key]
+
+
+def _section(report, name, key, spec, budget_s):
+    """Section ``name`` in a worker process with ``budget_s`` seconds, into ``report[key]``
+    (a dict whose "status" is not "ok" when it produced nothing)."""
+    return _timed(report, name, key, _run_spec, {**spec, "budget_s": budget_s}, budget_s + 120)
 
 
 def run(args) -> dict:
@@ -743,21 +746,22 @@ def run(args) -> dict:
               "impls": impls}
     excluded = set()
     if "a" in sections:
-        a = _section(report, "a", {"kind": "correctness", **dry, "impls": impls},
-                     budget.left_for("a"), "correctness")
+        a = _section(report, "a", "correctness", {"kind": "correctness", **dry, "impls": impls},
+                     budget.left_for("a"))
         excluded = set(a.get("failed_impls", impls if a.get("status") != "ok" else []))
     base = registry.choose("pallas", seq_len=plan.sweep_seq, head_dim=plan.bench_dim,
                            backend="gpu", device_kind=env["device_kind"]).block_sizes
     pallas_blocks = base
     if "c" in sections:
-        c = _section(report, "c", {"kind": "sweep", **dry, "base": dataclasses.asdict(base)},
-                     budget.left_for("c"), "sweep")
+        c = _section(report, "c", "sweep", {"kind": "sweep", **dry,
+                                             "base": dataclasses.asdict(base)},
+                     budget.left_for("c"))
         if c.get("best"):
             pallas_blocks = BlockSizes(**c["best"])
     if "b" in sections:
-        b = _section(report, "b", {"kind": "throughput", **dry, "impls": impls,
-                                   "blocks": dataclasses.asdict(pallas_blocks)},
-                     budget.left_for("b"), "throughput")
+        b = _section(report, "b", "throughput", {"kind": "throughput", **dry, "impls": impls,
+                                                 "blocks": dataclasses.asdict(pallas_blocks)},
+                     budget.left_for("b"))
         report["ranking"] = ranking_from(b, excluded) if b.get("status") == "ok" else []
     table_path = args.table or os.path.join(args.out, "kernel_table.json")
     if "c" in sections or "b" in sections:
@@ -778,21 +782,17 @@ def run(args) -> dict:
                                dtype="bfloat16", backend="gpu",
                                device_kind=env["device_kind"]).impl if gpu else "pallas"
         out = os.path.abspath(args.out)
-        t = time.perf_counter()
-        report["train"] = section_train(plan, budget.section("d"), auto,
-                                        report["matmul_peak"].get("tflops") or float("nan"),
-                                        os.path.join(out, "jax_cache"),
-                                        None if args.dry_run else os.path.join(out, "autotune"))
-        report.setdefault("section_s", {})["d"] = round(time.perf_counter() - t, 1)
+        _timed(report, "d", "train", section_train, plan, budget.section("d"), auto,
+               report["matmul_peak"].get("tflops") or float("nan"),
+               os.path.join(out, "jax_cache"),
+               None if args.dry_run else os.path.join(out, "autotune"))
         dumps = sorted(glob.glob(os.path.join(out, "autotune", "*.textproto")))
         merged = os.path.join(out, "autotune_results.textproto")
         if dumps and merge_autotune_results(dumps, merged):
             report["autotune_results"] = merged
     if "e" in sections:
         train = report.get("train") or {"rows": [], "dtype": "bfloat16", "rank": 16}
-        t = time.perf_counter()
-        report["peft"] = section_peft(plan, budget.section("e"), train)
-        report.setdefault("section_s", {})["e"] = round(time.perf_counter() - t, 1)
+        _timed(report, "e", "peft", section_peft, plan, budget.section("e"), train)
     report["wall_s"] = time.perf_counter() - t0
     return report
 
