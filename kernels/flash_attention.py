@@ -480,7 +480,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, block_sizes=None,
 
     q [B, S, H, D]; k, v [B, S, KV, D]; segment_ids optional [B, S] int. Returns
     [B, S, H, D] in q's dtype. ``interpret=None`` interprets the kernels unless the program is
-    compiled for GPUs (the traced mesh's devices, else the default device: ``target.py``). Differentiable (custom VJP with Pallas backward kernels). Works inside
+    compiled for GPUs (the traced mesh's devices, else the default device: ``target.py``).
+    Differentiable (custom VJP with Pallas backward kernels). Works inside
     ``jax.shard_map(..., check_vma=True)``.
     """
     check_shapes(q, k, v, segment_ids)

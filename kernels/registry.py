@@ -75,32 +75,30 @@ class GpuEntry:
 # "Compiled for GPUs"). The FlashAttention-2 tutorial's starting points we had before spilled:
 # on sm_90a hd 64 dk/dv 2.5-3 KB, hd 128 dk/dv 48 B with segment ids; on sm_80 up to 2.4 KB
 # (hd 128 dq). hd 256 and the catch-all are still those starting points.
+# Hopper's tiles by max head dim (sm_90a); Blackwell (sm_100a) takes the same with one
+# backward stage at hd 128 (two stages spill 32 B in its dk/dv there).
+SM90_TILES = (
+    (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64,
+                    num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+    (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=32,
+                     num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+    (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
+                     num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+)
+
 GPU_TABLE: list[GpuEntry] = [
     GpuEntry(
         name="Blackwell (B200/GB200, sm100)",
         device_kinds=("b200", "b100", "gb200", "b300", "gb300"),
         min_compute_capability=(10, 0),
-        block_sizes=(
-            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64,
-                            num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
-            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=32,
-                             num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=1)),
-            (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
-                             num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
-        ),
+        block_sizes=tuple((d, dataclasses.replace(bs, num_stages_bwd=1) if d == 128 else bs)
+                          for d, bs in SM90_TILES),
     ),
     GpuEntry(
         name="Hopper (H100/H200/GH200, sm90)",
         device_kinds=("h100", "h200", "gh200", "h800", "h20"),
         min_compute_capability=(9, 0),
-        block_sizes=(
-            (64, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64,
-                            num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
-            (128, BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=32,
-                             num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
-            (256, BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
-                             num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
-        ),
+        block_sizes=SM90_TILES,
     ),
     GpuEntry(
         name="Ampere/Ada (A100/A10/L4/L40, sm80-89)",
@@ -350,8 +348,8 @@ def choose(impl: str = "auto", *, seq_len: int, head_dim: int,
            device_kind: str | None = None, compute_capability=None, dtype=None,
            segments: bool = False) -> KernelChoice:
     """Implementation and block sizes for one attention call (pure apart from reading the
-    kernel table; inputs default to the program's devices, :func:`device_info`). ``dtype`` / ``segments``
-    describe the call, for picking among measured implementations."""
+    kernel table; inputs default to the program's devices, :func:`device_info`). ``dtype`` /
+    ``segments`` describe the call, for picking among measured implementations."""
     if backend is None or (backend == "gpu" and device_kind is None):
         b, kind, cc = device_info()
         backend = backend or b

@@ -15,8 +15,8 @@ Counting conventions
 * XLA's combiner merges independent all-reduces into one op with a tuple result, or (XLA:GPU)
   flattens and concatenates them into one buffer (``concatenated``: the arrays are read off
   the concatenation's inputs). ``count`` is the number of ops launched; ``operands`` is the
-  number of arrays it reduces (the logical ``psum``s). ``megatron_minimum`` compares logical reductions, since combining is a
-  backend-dependent scheduling choice.
+  number of arrays it reduces (the logical ``psum``s). ``megatron_minimum`` compares logical
+  reductions, since combining is a backend-dependent scheduling choice.
 * ``axis``: the mesh axes whose coordinate varies inside a replica group ('tp', 'dp',
   'dp+tp'); '(partial)' is appended when a group spans only part of those axes. Device ids in
   replica groups are partition ids, i.e. flat indices into ``mesh.devices`` (what ``jax.jit``
@@ -66,6 +66,12 @@ class Instr:
     def attr(self, key):
         """Value of ``key=...`` (balanced braces / quoted strings), or None."""
         return _attr(self.rest, key)
+
+
+def _operand_names(instr: Instr) -> list[str]:
+    """Names of an instruction's operands (``op(%a, %b), attrs`` or ``op(f32[4] %a, ...)``)."""
+    head = instr.rest.split(")", 1)[0]
+    return [tok.strip().split()[-1].lstrip("%") for tok in head.split(",") if tok.strip()]
 
 
 def _attr(text, key):
@@ -194,9 +200,7 @@ def _trip_count(module: HloModule, instr: Instr):
     for i in module.computations.get(cond, []):
         if i.op == "compare":
             direction = i.attr("direction")
-            operands = [o.strip().lstrip("%") for o in i.rest.split(")", 1)[0].split(",")]
-            for pos, o in enumerate(operands):
-                o = o.split()[-1].lstrip("%") if o else o
+            for pos, o in enumerate(_operand_names(i)):
                 if o in consts and step > 0:
                     bound = consts[o]
                     if (direction, pos) in (("LT", 1), ("GT", 0)):
@@ -433,12 +437,6 @@ def _mesh_shape(mesh):
 _PASS_THROUGH = ("bitcast", "reshape", "copy")
 
 
-def _operand_names(instr: Instr) -> list[str]:
-    """Names of an instruction's operands (``op(%a, %b), attrs`` or ``op(f32[4] %a, ...)``)."""
-    head = instr.rest.split(")", 1)[0]
-    return [tok.strip().split()[-1].lstrip("%") for tok in head.split(",") if tok.strip()]
-
-
 def _origin(producers: dict, name: str):
     """The instruction behind ``name``, looking through bitcasts, reshapes and copies."""
     seen = set()
@@ -513,8 +511,7 @@ def collective_census(compiled, mesh, lowered=None) -> list[dict]:
     for instrs in module.computations.values():
         for i in instrs:
             if i.op.endswith("-done"):
-                src = i.rest.split(")", 1)[0].split(",")[0].strip().split()[-1].lstrip("%")
-                done_type[src] = i.type
+                done_type[_operand_names(i)[0]] = i.type
     rows = []
     for cname, instrs in module.computations.items():
         if mult.get(cname, 0) == 0:
