@@ -4,7 +4,11 @@ stops a process whose peer died, agreement between processes, and per-process ba
 * :func:`initialize` runs ``jax.distributed.initialize`` when the environment describes a
   multi-process run (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``,
   as ``spmd-lora launch`` sets them, or SLURM / Open MPI with more than one task), then starts
-  the watchdog. It returns whether the run has more than one process.
+  the watchdog. It returns whether the run has more than one process. Before that it points
+  file descriptor 1 at stderr and gives Python's ``sys.stdout`` a private copy of the real
+  stdout: the gloo runtime (C++) writes connection notes ("[Gloo] Rank 1 is connected to 1
+  peer ranks ...") to descriptor 1, cut at arbitrary bytes into our own output, and stdout
+  is kept for results (eval's JSON line, completions) that users pipe.
 * The watchdog is a daemon thread. Every ``interval`` seconds it writes a counter under
   ``spmd_lora/alive/<rank>`` in the JAX coordination service's key-value store and reads every
   peer's counter (one ``key_value_dir_get``). A peer whose counter has not moved for
@@ -79,6 +83,7 @@ def initialize() -> bool:
     if not _wanted():
         return False
     timeout = peer_timeout()
+    _keep_stdout_for_results()
     # JAX counts its timeout from the last heartbeat it received, which may predate a death
     # by one heartbeat interval: 4x leaves the watchdog (timeout + one poll) a wide lead.
     kwargs = {"heartbeat_timeout_seconds": max(int(JAX_HEARTBEAT_FACTOR * timeout), 30)}
@@ -90,6 +95,21 @@ def initialize() -> bool:
     if jax.process_count() > 1:
         start_watchdog(timeout)
     return jax.process_count() > 1
+
+
+def _keep_stdout_for_results() -> None:
+    """See the module docstring. Nothing happens when ``sys.stdout`` is not descriptor 1
+    (already redirected, or captured)."""
+    try:
+        if sys.stdout.fileno() != 1:
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    sys.stdout.flush()
+    results = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(results, "w", buffering=1, encoding=sys.stdout.encoding,
+                      errors=sys.stdout.errors)
 
 
 def _client():
