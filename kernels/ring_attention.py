@@ -4,7 +4,7 @@ Called *inside* ``jax.shard_map`` over a context-parallel mesh axis ``axis_name`
 each device holds its local chunk of the sequence, q [B, Sq, H, D] and k, v [B, Sk, KV, D]
 (Sq = Sk = S / n in a train step), with the global token index of every local token
 (``q_index`` [B, Sq], ``k_index`` [B, Sk] int32; for the zig-zag layout see
-``spmd_lora.context_parallel``) and optional segment ids on both sides. The causal mask is
+``spmd_lora.parallel.zigzag``) and optional segment ids on both sides. The causal mask is
 positional: key visible iff k_index <= q_index (and same segment). Other manual mesh axes
 (dp, tp) may be present; nothing here communicates over them.
 
@@ -30,7 +30,7 @@ plus kv_segment_ids when given: m = 3 or 4 arrays of one K/V block):
 The code runs the first n - 1 steps in a ``lax.fori_loop`` (trip count n - 1) and the last one
 after it, so the compiled HLO holds m permutes in the forward loop body, m + 2 in the backward
 loop body and 2 after it. XLA may combine the operands of one ``ppermute`` into fewer ops; the
-``operands`` count of ``spmd_lora.hlo.collective_census`` is what matches the formula. Under
+``operands`` count of ``spmd_lora.analysis.hlo.collective_census`` is what matches the formula. Under
 remat (``jax.checkpoint`` around a layer) the forward runs again in the backward pass, so a
 train step has 2 * (n - 1) * m + (n - 1) * m + 2 * n per layer.
 
@@ -238,7 +238,7 @@ _ring.defvjp(_ring_vjp_fwd, _ring_vjp_bwd)
 def cp_bytes_per_device(impl, *, batch, seq_len, cp, kv_heads, head_dim, kv_itemsize,
                         segments=False, backward=True) -> int:
     """Bytes one device sends over the cp axis in one attention call (forward, plus the
-    backward when ``backward``), as ``spmd_lora.hlo.collective_census`` counts ``wire_bytes``.
+    backward when ``backward``), as ``spmd_lora.analysis.hlo.collective_census`` counts ``wire_bytes``.
 
     seq_len: the global (padded) S, a multiple of cp; kv_heads: the kv heads *on this
     device* (after tp); kv_itemsize: bytes per K/V element (2 for bf16). Indices and segment

@@ -2,7 +2,7 @@
 
 A kernel decides between compiling (Triton on a GPU) and interpreting (anywhere else), and the
 registry picks tiles, from the devices the *program* runs on, not from ``jax.default_backend()``:
-a process without a GPU can compile a train step for abstract H100s (``spmd_lora.gpu_targets``),
+a process without a GPU can compile a train step for abstract H100s (``spmd_lora.analysis.gpu_targets``),
 and its default backend is then "cpu" while the program's devices are GPUs.
 
 The program's devices are those of the mesh being traced under (``jax.shard_map`` over a mesh,

@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from . import sharded
-from .config import ModelConfig
-from .context_parallel import from_zigzag, prepare_batch
-from .hf import load_hf_params
-from .mesh import BATCH_SPEC, CP, TP, make_mesh, put_global
-from .model import DEFAULT_MLP_CHUNK_TOKENS, ForwardOptions
+from .engine import sharded
+from .config.model_config import ModelConfig
+from .parallel.zigzag import from_zigzag, prepare_batch
+from .weights.hf import load_hf_params
+from .parallel.mesh import BATCH_SPEC, CP, TP, make_mesh
+from .parallel.placement import put_global
+from .config.train_config import DEFAULT_MLP_CHUNK_TOKENS
+from .model.llama import ForwardOptions
 
 
 @dataclasses.dataclass
@@ -86,7 +88,7 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
 
     ``cp``: context-parallel degree (the sequence split over cp devices, ring attention of
     ``cp_impl`` "ring" | "allgather"); generation needs cp = 1.
-    ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.peft_io).
+    ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.weights.peft).
     ``sequence_parallel``: with tp > 1, keep activations sharded along the sequence over tp
     (the same function, less memory). ``mlp_chunk_tokens``: run the MLP (and, with sequence
     parallelism, the attention projections) over tiles of this many tokens when the sequence
@@ -103,7 +105,7 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
                   sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
                   cp_impl=cp_impl)
     if adapter is not None:
-        from .peft_io import load_adapter
+        from .weights.peft import load_adapter
         model.lora, model.lora_config = load_adapter(adapter, config, mesh=mesh,
                                                      allow_pickle=allow_pickle)
     return model

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .errors import CheckpointError
-from .mesh import replicated_to_host
+from .parallel.placement import replicated_to_host
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -119,7 +119,7 @@ def agreed_checkpoints(ckpt_root: Path) -> list[Path]:
     run (one string per process through ``distributed.agree``, a barrier): a process that sees
     a different newest checkpoint (or none) than process 0 would resume from another state,
     so every process raises the same CheckpointError instead."""
-    from .distributed import agree
+    from .runtime.distributed import agree
     found = list_checkpoints(ckpt_root)
     views = agree(found[-1].name if found else "")
     for rank, view in enumerate(views):

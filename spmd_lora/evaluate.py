@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from .errors import DataError
-from .mesh import DP
+from .parallel.mesh import DP
 
 
 def _field(ex, name, default=None):

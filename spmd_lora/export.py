@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint_io import WeightFiles, write_safetensors_checkpoint
-from .config import ModelConfig
+from .weights.safetensors import WeightFiles, write_safetensors_checkpoint
+from .config.model_config import ModelConfig
 from .errors import CheckpointError
-from .hf import hf_layer_key
-from .peft_io import _replace_dir, read_adapter
-from .quant import (QUANTISED_LINEARS, QUANTIZERS, check_base_quant, check_nf4_layout,
-                    dequantize_host)
+from .weights.hf import hf_layer_key
+from .weights.peft import _replace_dir, read_adapter
+from .weights.quant import (QUANTISED_LINEARS, QUANTIZERS, check_base_quant, check_nf4_layout,
+                            dequantize_host)
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

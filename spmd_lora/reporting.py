@@ -3,7 +3,7 @@
 * ``run_config.json``: the resolved ``TrainConfig``, the model config, the mesh and the dataset
   sizes, written once at start-up (the dashboard shows it).
 * ``census.json`` (``census=True``, the default; ``--no-census`` skips it): the compiled train
-  step's collective census (``spmd_lora.hlo``, the same rows as ``tools/profile.py``) and XLA's
+  step's collective census (``spmd_lora.analysis.hlo``, the same rows as ``tools/profile.py``) and XLA's
   per-device memory analysis. The step is lowered and compiled on the first step's inputs just
   before that step runs; JAX's compilation cache then serves the step itself, so this adds no
   compile, only the HLO parse (see docs/benchmarks.md). A census that cannot be taken is a note,
@@ -82,7 +82,7 @@ def write_census(out: Path, step_fn, args, mesh, lora_rank: int, note=print) -> 
     """Compile ``step_fn`` on ``args`` (the real first step's inputs; the step's own call then
     reuses this executable) and write its collective census and per-device memory analysis to
     ``out/census.json``. Returns the census, or None after a ``note`` when it cannot be taken."""
-    from . import hlo
+    from .analysis import hlo
     t0 = time.perf_counter()
     lowered = step_fn.lower(*args)
     compiled = lowered.compile()

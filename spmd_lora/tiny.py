@@ -164,7 +164,7 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
     import numpy as np
     from transformers import LlamaConfig
 
-    from .checkpoint_io import write_safetensors_checkpoint
+    from .weights.safetensors import write_safetensors_checkpoint
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {_DTYPES}")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import cli, data, plan
+from spmd_lora import cli
+from spmd_lora import data
+from spmd_lora.analysis import plan
 from spmd_lora.errors import ConfigError, TrainingError
 from spmd_lora.health import DivergenceGuard
 from spmd_lora.tiny import asset_path, build_tiny_llama
 from spmd_lora.train import TrainConfig
-from spmd_lora.train_fields import CHOICES, FIELD_HELP, with_flag_names
+from spmd_lora.config.fields import CHOICES, FIELD_HELP, with_flag_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = str(asset_path("alpaca_sample.jsonl"))
@@ -66,9 +68,10 @@ def test_truncated_safetensors_is_one_error_line_in_train_eval_export(tiny, tmp_
                    "--output", str(tmp_path / "merged")],
     }
     (tmp_path / "adapter").mkdir()                          # export needs a valid adapter first
-    from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.config import ModelConfig
-    from spmd_lora.peft_io import save_adapter
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.config.model_config import ModelConfig
+    from spmd_lora.weights.peft import save_adapter
     import jax
     lcfg = LoraConfig(rank=2, targets=("q_proj",))
     save_adapter(tmp_path / "adapter", init_lora(ModelConfig.from_pretrained(model), lcfg,
@@ -191,8 +194,8 @@ def test_help_is_plain_and_every_train_flag_explains_itself():
 def test_field_table_matches_the_api():
     """The help table, TrainConfig and the modules that own each choice cannot drift."""
     from spmd_lora.kernels.registry import IMPLS
-    from spmd_lora.model import REMAT_POLICIES
-    from spmd_lora.params import DTYPES
+    from spmd_lora.model.llama import REMAT_POLICIES
+    from spmd_lora.weights.shapes import DTYPES
     assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(CHOICES["attention"]) == set(IMPLS)
     assert set(CHOICES["remat"]) == set(REMAT_POLICIES)
@@ -251,14 +254,14 @@ def test_plan_uses_and_prints_train_defaults(tmp_path, capsys):
 
 
 def plan_tiny_config():
-    from spmd_lora.config import ModelConfig
+    from spmd_lora.config.model_config import ModelConfig
     return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=8).to_hf_dict()
 
 
 def test_raising_a_users_xla_device_count_is_said_on_stderr():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    p = subprocess.run([sys.executable, "-c", "from spmd_lora import plan; "
+    p = subprocess.run([sys.executable, "-c", "from spmd_lora.analysis import plan; "
                         "plan.ensure_host_devices(4); import os; print(os.environ['XLA_FLAGS'])"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import spmd_lora
-from spmd_lora import sharded
-from spmd_lora.context_parallel import padded_seq_len
+from spmd_lora.engine import sharded
+from spmd_lora.parallel.zigzag import padded_seq_len
 from spmd_lora.errors import ConfigError
-from spmd_lora.lora import LoraConfig
-from spmd_lora.model import ForwardOptions
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.model.llama import ForwardOptions
 
 from conftest import CONFIGS, make_peft_adapter, peft_reference, rel_err
 
@@ -119,7 +119,7 @@ def test_cp_lora_dropout_is_layout_independent(hf_models, tmp_path):
 
 def test_cp_eval_equals_unsharded_and_generation_refuses(hf_models, tmp_path):
     from spmd_lora.evaluate import evaluate
-    from spmd_lora.generate import generate
+    from spmd_lora.engine.generate import generate
     path, hf = hf_models("mha")
     make_peft_adapter(hf, tmp_path / "adapter")
     examples = [{"input_ids": t, "loss_mask": m} for t, m in
@@ -158,9 +158,9 @@ def test_cp_census_matches_formula(cp, tp, impl, remat, segments):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from spmd_lora import hlo, plan
-    from spmd_lora.config import ModelConfig
-    from spmd_lora.step import MICRO_BATCH_SPEC
+    from spmd_lora.analysis import hlo, plan
+    from spmd_lora.config.model_config import ModelConfig
+    from spmd_lora.parallel.placement import MICRO_BATCH_SPEC
     cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=12)
     lora = LoraConfig(rank=4, alpha=8.0, targets="all")
@@ -172,7 +172,7 @@ def test_cp_census_matches_formula(cp, tp, impl, remat, segments):
         spec = args[3]["tokens"]
         args[3]["segment_ids"] = jax.ShapeDtypeStruct(
             spec.shape, jnp.int32, sharding=NamedSharding(mesh, MICRO_BATCH_SPEC))
-    from spmd_lora.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
     opts = ForwardOptions(cfg, tp, lora, attention_impl="blockwise", remat=remat, cp=cp,
                           cp_impl=impl)
     lowered = make_train_step(opts, mesh, make_optimizer(OptimizerConfig())).lower(*args)
@@ -200,8 +200,8 @@ def test_plan_with_cp_reports_bytes_by_impl_and_offload():
     """plan_memory on a (1, 2, 2) mesh: the compiled step fits, cp wire bytes per impl follow
     the formula (GQA with 2 kv heads: allgather sends fewer bytes in training), and remat
     offload's host bytes count only the cp rank's rows."""
-    from spmd_lora import plan
-    from spmd_lora.config import ModelConfig
+    from spmd_lora.analysis import plan
+    from spmd_lora.config.model_config import ModelConfig
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=8, num_kv_heads=2, head_dim=8)
     lora = LoraConfig(rank=4, alpha=8.0, targets="all")

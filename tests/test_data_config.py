@@ -85,7 +85,7 @@ def test_bad_config_files_are_clear_errors(tmp_path, capsys, text, name, msg):
 
 
 def test_json_config_keys_may_be_kebab_case(tmp_path):
-    from spmd_lora.config_file import read_config_file
+    from spmd_lora.config.files import read_config_file
     p = tmp_path / "run.json"
     p.write_text(json.dumps({"model": "m", "lora-alpha": 4, "max_steps": None}))
     assert read_config_file(p) == {"model": "m", "lora_alpha": 4.0, "max_steps": None}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_lora import checkpoint_io
+from spmd_lora.weights import safetensors as checkpoint_io
 from spmd_lora.errors import CheckpointError
 from spmd_lora.export import export_merged
 from conftest import make_peft_adapter

@@ -4,12 +4,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from spmd_lora import flops, sharded
-from spmd_lora.config import ModelConfig
-from spmd_lora.lora import LoraConfig, init_lora
-from spmd_lora.mesh import make_mesh
-from spmd_lora.model import ForwardOptions
-from spmd_lora.params import random_params
+from spmd_lora.analysis import flops
+from spmd_lora.engine import sharded
+from spmd_lora.config.model_config import ModelConfig
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.weights.lora import init_lora
+from spmd_lora.parallel.mesh import make_mesh
+from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.weights.shapes import random_params
 
 CFG = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=32)

@@ -9,13 +9,15 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 import spmd_lora
-from spmd_lora import generate as gen
-from spmd_lora.config import ModelConfig
+from spmd_lora.engine import generate as gen
+from spmd_lora.config.model_config import ModelConfig
 from spmd_lora.errors import ConfigError, DataError
-from spmd_lora.generate import generate, generate_text
-from spmd_lora.lora import TARGETS, LoraConfig, init_lora
-from spmd_lora.mesh import TP, make_mesh
-from spmd_lora.model import ForwardOptions
+from spmd_lora.engine.generate import generate, generate_text
+from spmd_lora.config.projections import TARGETS
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.weights.lora import init_lora
+from spmd_lora.parallel.mesh import TP, make_mesh
+from spmd_lora.model.llama import ForwardOptions
 
 NEW = 12
 EOS = 2            # LlamaConfig's default eos_token_id, which HF generate stops at
@@ -100,7 +102,7 @@ def test_generate_text_templates_and_errors(hf_models, monkeypatch):
 
 def test_greedy_with_lora_equals_peft(hf_models, tmp_path):
     from peft import PeftModel
-    from spmd_lora.peft_io import save_adapter
+    from spmd_lora.weights.peft import save_adapter
     path, hf = hf_models("gqa4")
     model = spmd_lora.load_model(path, tp=2, dp=2)
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import gpu_targets
+from spmd_lora.analysis import gpu_targets
 
 if not gpu_targets.cuda_plugin_installed():
     pytest.skip("JAX's CUDA plugin is not installed (pip install -e \".[cuda12]\"): no "
                 "deviceless GPU compiles here", allow_module_level=True)
 
-from spmd_lora import gpu_kernels, plan  # noqa: E402
-from spmd_lora.config import ModelConfig  # noqa: E402
-from spmd_lora.lora import LoraConfig  # noqa: E402
+from spmd_lora.analysis import gpu_kernels, plan  # noqa: E402
+from spmd_lora.config.model_config import ModelConfig  # noqa: E402
+from spmd_lora.config.lora_config import LoraConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = gpu_targets.resolve_target("h100")

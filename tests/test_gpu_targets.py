@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import gpu_kernels, gpu_targets, hlo
+from spmd_lora.analysis import gpu_kernels, gpu_targets, hlo
 from spmd_lora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

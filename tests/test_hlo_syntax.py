@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import hlo
+from spmd_lora.analysis import hlo
 
 DATA = Path(__file__).parent / "data"
 CASES = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import spmd_lora
-from spmd_lora.config import PRESETS, ModelConfig, resolve_model_config
+from spmd_lora.config.model_config import PRESETS, ModelConfig, resolve_model_config
 from spmd_lora.errors import CheckpointError, ConfigError
 from conftest import CONFIGS, build_hf_llama
 

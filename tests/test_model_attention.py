@@ -8,9 +8,10 @@ import pytest
 
 import spmd_lora
 
-from spmd_lora import sharded
+from spmd_lora.engine import sharded
 from spmd_lora.kernels import BlockSizes, registry
-from spmd_lora.lora import LoraConfig, init_lora
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.weights.lora import init_lora
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 SEQ = 40                      # not a multiple of the 16-wide blocks

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import spmd_lora
-from spmd_lora import sharded
-from spmd_lora.model import ForwardOptions
+from spmd_lora.engine import sharded
+from spmd_lora.model.llama import ForwardOptions
 
 MESHES = [(1, 1), (1, 2), (1, 4), (2, 2)]   # (dp, tp)
 TOL = 1e-4
@@ -97,7 +97,8 @@ def test_bfloat16_weights_close_to_float32(hf_models):
 
 def test_remat_policies_give_identical_gradients(hf_models):
     """remat none / full / save-dots: same loss and LoRA + base gradients (tp=2)."""
-    from spmd_lora.lora import LoraConfig, init_lora
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
     path, _ = hf_models("gqa4")
     model = spmd_lora.load_model(path, tp=2)
     lcfg = LoraConfig(rank=4, alpha=8.0, targets="all")

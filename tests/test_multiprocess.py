@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from spmd_lora import cli, distributed, launch
+from spmd_lora import cli
+from spmd_lora.runtime import distributed, launch
 from spmd_lora.data import BatchIterator
-from spmd_lora.mesh import make_mesh
-from spmd_lora.step import shard_micro_batches
+from spmd_lora.parallel.mesh import make_mesh
+from spmd_lora.parallel.placement import place_micro_batches, shard_micro_batches
 from spmd_lora.tiny import asset_path, build_tiny_llama
 from spmd_lora.train import TrainConfig, train
 
@@ -126,7 +127,7 @@ def test_batch_rows_and_placement_match_the_whole_batch(tiny_model):
     assert it.batch_tokens(0, 1) == np.count_nonzero(whole["segment_ids"])
     assert it.take() == (0, 0) and it.take() == (0, 1) and it.state()["index"] == 2
     for mesh in (make_mesh(2, 4), make_mesh(2, 2, cp=2)):     # cp: zig-zag batch preparation
-        placed = distributed.place_micro_batches(it, [(0, 0), (0, 1)], mesh)
+        placed = place_micro_batches(it, [(0, 0), (0, 1)], mesh)
         ref = shard_micro_batches({k: np.stack([it.batch(0, 0)[k], whole[k]]) for k in whole},
                                   mesh)
         assert placed.keys() == ref.keys()

@@ -10,8 +10,10 @@ import torch
 
 import spmd_lora
 from spmd_lora.errors import CheckpointError
-from spmd_lora.lora import TARGETS, LoraConfig, init_lora
-from spmd_lora.peft_io import load_adapter, read_adapter, save_adapter
+from spmd_lora.config.projections import TARGETS
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.weights.lora import init_lora
+from spmd_lora.weights.peft import load_adapter, read_adapter, save_adapter
 from conftest import make_peft_adapter
 
 TOL = 1e-4

@@ -7,9 +7,9 @@ The allowance must be > 0 exactly when the compiled program has no 16-bit dot.
 import jax
 import pytest
 
-from spmd_lora import plan
-from spmd_lora.config import ModelConfig
-from spmd_lora.lora import LoraConfig
+from spmd_lora.analysis import plan
+from spmd_lora.config.model_config import ModelConfig
+from spmd_lora.config.lora_config import LoraConfig
 
 F32_DOT = ("  ROOT %dot.280 = f32[64,8]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, "
            "rhs_contracting_dims={0}")

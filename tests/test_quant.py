@@ -15,12 +15,15 @@ import pytest
 from jax.sharding import NamedSharding
 
 import spmd_lora
-from spmd_lora import quant, sharded
+from spmd_lora.weights import quant
+from spmd_lora.engine import sharded
 from spmd_lora.errors import ConfigError
-from spmd_lora.lora import LoraConfig, init_lora
-from spmd_lora.mesh import BATCH_SPEC, put_global
-from spmd_lora.model import ForwardOptions
-from spmd_lora.step import replicate
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.weights.lora import init_lora
+from spmd_lora.parallel.mesh import BATCH_SPEC
+from spmd_lora.parallel.placement import put_global
+from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.parallel.placement import replicate
 from spmd_lora.tiny import asset_path, build_tiny_llama
 
 # hidden 512 = 8 NF4 blocks per row, so a 256-absmax group is 32 rows: every tp <= 4 shard of
@@ -229,7 +232,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, spmd_lora
-    from spmd_lora.quant import quantize_nf4
+    from spmd_lora.weights.quant import quantize_nf4
     jax.block_until_ready(jax.device_put(np.zeros(8)))     # runtime and numpy warm-up
     quantize_nf4(np.ones((64, 512), np.float32))
     def status(key):        # kB; VmHWM is this process's own peak (ru_maxrss keeps the parent's)
@@ -268,9 +271,9 @@ def test_quantised_load_peak_host_memory(tmp_path):
 def test_plan_and_census_of_an_nf4_step(tmp_path, capsys):
     """The NF4 train step compiles from abstract shapes, adds no collective (dequantisation is
     local to each shard) and the plan counts packed weights and constants per device."""
-    from spmd_lora import hlo, plan
-    from spmd_lora.config import ModelConfig, PRESETS
-    from spmd_lora.params import abstract_params
+    from spmd_lora.analysis import hlo, plan
+    from spmd_lora.config.model_config import ModelConfig, PRESETS
+    from spmd_lora.weights.shapes import abstract_params
 
     cfg = ModelConfig(vocab_size=96, hidden_size=512, intermediate_size=512, num_layers=2,
                       num_heads=8, num_kv_heads=2, head_dim=64)
@@ -297,7 +300,7 @@ def test_plan_and_census_of_an_nf4_step(tmp_path, capsys):
 
 
 def test_greedy_generation_on_nf4_equals_dequantised_model(models):
-    from spmd_lora.generate import generate
+    from spmd_lora.engine.generate import generate
 
     model = spmd_lora.load_model(models("gqa"), tp=2, base_quant="nf4")
     dense = spmd_lora.load_model(models("gqa"), tp=2)

@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from spmd_lora import context_parallel as cpl  # noqa: E402
-from spmd_lora.hlo import collective_census  # noqa: E402
+from spmd_lora.parallel import zigzag as cpl  # noqa: E402
+from spmd_lora.analysis.hlo import collective_census  # noqa: E402
 from spmd_lora.kernels import (BlockSizes, cp_bytes_per_device, reference_attention,  # noqa: E402
                                ring_attention)
 from spmd_lora.kernels.blockwise import blockwise_block_bwd, blockwise_block_fwd  # noqa: E402

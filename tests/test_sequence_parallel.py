@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import spmd_lora
-from spmd_lora import sharded
-from spmd_lora.lora import LoraConfig
-from spmd_lora.model import ForwardOptions
+from spmd_lora.engine import sharded
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.model.llama import ForwardOptions
 
 from conftest import CONFIGS, make_peft_adapter, peft_reference, rel_err
 

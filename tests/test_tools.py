@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import hlo, plan
-from spmd_lora.config import PRESETS, ModelConfig
-from spmd_lora.lora import LoraConfig
-from spmd_lora.model import ForwardOptions
+from spmd_lora.analysis import hlo, plan
+from spmd_lora.config.model_config import PRESETS, ModelConfig
+from spmd_lora.config.lora_config import LoraConfig
+from spmd_lora.model.llama import ForwardOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dimensions chosen so no activation shape has the LoRA rank (4) as a dimension.
@@ -305,8 +305,8 @@ def test_bench_tiny(tmp_path):
 def test_step_breakdown_bound_counts_the_kernels_tiles(tmp_path):
     # The bound's attention row must count the products the blockwise kernel runs: 7 tile
     # matmuls per causal tile (flops.step_flops' hardware attention), at the CPU tile size.
-    from spmd_lora import flops
-    from spmd_lora.config import ModelConfig
+    from spmd_lora.analysis import flops
+    from spmd_lora.config.model_config import ModelConfig
     from spmd_lora.kernels import registry
     out = tmp_path / "breakdown.json"
     p = subprocess.run(

@@ -19,7 +19,7 @@ checkpointing.
 
 Before the configs, a timed large matmul (``--worker ceiling``: 2048^3 fp32 on CPU, 8192^3
 bf16 on GPU, best of 5) measures the machine's ceiling in the same run; each run then prints
-its useful FLOP/s (``spmd_lora.flops.step_flops``: the same work for both frameworks) as a
+its useful FLOP/s (``spmd_lora.analysis.flops.step_flops``: the same work for both frameworks) as a
 share of that ceiling, and the "hardware" share (useful + what that configuration recomputes:
 remat, chunked-CE logits, whole diagonal attention tiles). The load average is printed at the
 start and at the end: on a shared machine, write it next to any number taken from here.
@@ -88,12 +88,13 @@ def worker_ours(args):
     import jax
     import numpy as np
 
-    from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.params import random_params
-    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
-                                shard_micro_batches)
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.parallel.mesh import make_mesh
+    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.weights.shapes import random_params
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.parallel.placement import replicate, shard_micro_batches
 
     m = model_dims(args.config)
     gpu = jax.default_backend() != "cpu"
@@ -129,8 +130,8 @@ def worker_ours(args):
 
 
 def _our_flops(cfg, opts, seq, batch):
-    """Useful and hardware FLOPs of our step as configured (spmd_lora.flops)."""
-    from spmd_lora.flops import step_flops
+    """Useful and hardware FLOPs of our step as configured (spmd_lora.analysis.flops)."""
+    from spmd_lora.analysis.flops import step_flops
     from spmd_lora.kernels.registry import choose
     kc = choose(opts.attention_impl, seq_len=seq, head_dim=cfg.head_dim)
     kw = {"attention": "causal"}
@@ -149,14 +150,14 @@ def _our_flops(cfg, opts, seq, batch):
 def _peft_flops(m, args):
     """PEFT: the same useful work; no remat, full logits once, SDPA's causal kernel (counted
     as the exact triangle)."""
-    from spmd_lora.flops import step_flops
+    from spmd_lora.analysis.flops import step_flops
     f = step_flops(_model_config(m), m["seq"], args.batch, lora_rank=args.rank,
                    lora_targets=_targets(args.targets), attention="causal")
     return {"useful_flops": f.useful, "hardware_flops": f.hardware}
 
 
 def _model_config(m):
-    from spmd_lora.config import ModelConfig
+    from spmd_lora.config.model_config import ModelConfig
     return ModelConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
                        intermediate_size=m["intermediate"], num_layers=m["layers"],
                        num_heads=m["heads"], num_kv_heads=m["heads"], head_dim=64,
@@ -168,7 +169,7 @@ def worker_ceiling(args):
     dtype: fp32 on CPU, bf16 on GPU)."""
     import jax
 
-    from spmd_lora.flops import measure_matmul_ceiling
+    from spmd_lora.analysis.flops import measure_matmul_ceiling
     gpu = jax.default_backend() != "cpu"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     res = measure_matmul_ceiling(8192 if gpu else 2048, dtype, repeats=5)

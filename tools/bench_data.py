@@ -159,14 +159,15 @@ def cmd_overlap(args) -> dict:
     import jax
     import numpy as np
 
-    from spmd_lora.config import ModelConfig
+    from spmd_lora.config.model_config import ModelConfig
     from spmd_lora.data import BatchIterator, load_dataset
-    from spmd_lora.hf import load_hf_params
-    from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
-                                shard_micro_batches)
+    from spmd_lora.weights.hf import load_hf_params
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.parallel.mesh import make_mesh
+    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.parallel.placement import replicate, shard_micro_batches
     from spmd_lora.tiny import build_tiny_llama, sample_data_path
     from spmd_lora.tokenizer import load_tokenizer
 

@@ -54,13 +54,13 @@ def main(argv=None) -> int:
     from jax.sharding import PartitionSpec as P
 
     try:
-        from spmd_lora import context_parallel as cpl
-        from spmd_lora.hlo import collective_census
+        from spmd_lora.parallel import zigzag as cpl
+        from spmd_lora.analysis.hlo import collective_census
         from spmd_lora.kernels import BlockSizes, attention, ring_attention
     except ImportError:  # running from a checkout without `pip install -e .`
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from spmd_lora import context_parallel as cpl
-        from spmd_lora.hlo import collective_census
+        from spmd_lora.parallel import zigzag as cpl
+        from spmd_lora.analysis.hlo import collective_census
         from spmd_lora.kernels import BlockSizes, attention, ring_attention
 
     b, s, h, kvh, d, cp = (args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim,

@@ -25,7 +25,7 @@ d. LoRA train step, llama2-7b / llama3-8b shapes (random bf16 weights, r=16 on a
    bf16 matmul peak measured here (8192^3 matmuls), and peak device memory against
    ``spmd-lora plan``'s prediction (the same step compiled on abstract shapes). Useful FLOPs
    per step: 4*T*(linear weights) (forward + input gradients; the base is frozen) + 6*T*(LoRA
-   weights) + 3.5 * causal attention forward FLOPs (``spmd_lora.flops``); rematerialisation is
+   weights) + 3.5 * causal attention forward FLOPs (``spmd_lora.analysis.flops``); rematerialisation is
    not useful work: it is in the "hardware FLOP" utilisation next to it.
 e. the same steps with HF transformers + PEFT (SDPA attention, with and without gradient
    checkpointing; when torch with CUDA is present): tokens/s and our speed-up.
@@ -351,7 +351,7 @@ def measure_matmul_peak(n: int, iters: int) -> dict:
 # ----------------------------------------------------------------------------- (d) train step
 
 def model_config(name: str, seq_len: int):
-    from spmd_lora.config import PRESETS, ModelConfig
+    from spmd_lora.config.model_config import PRESETS, ModelConfig
     if name == "tiny":
         cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16)
@@ -362,8 +362,8 @@ def model_config(name: str, seq_len: int):
 
 
 def useful_flops(cfg, lora_rank: int, tokens: int, seq_len: int) -> float:
-    """Per train step (batch of ``tokens`` in rows of ``seq_len``): spmd_lora.flops.step_flops."""
-    from spmd_lora.flops import step_flops
+    """Per train step (batch of ``tokens`` in rows of ``seq_len``): spmd_lora.analysis.flops.step_flops."""
+    from spmd_lora.analysis.flops import step_flops
     return step_flops(cfg, seq_len, tokens // seq_len, lora_rank=lora_rank).useful
 
 
@@ -371,7 +371,7 @@ def hardware_flops(cfg, lora_rank: int, tokens: int, seq_len: int, remat: str, i
     """What the step computes (useful + recomputation), for remat ``remat``; attention counted
     as the whole square for ``xla``, else as the causal triangle (fused kernels skip masked
     tiles)."""
-    from spmd_lora.flops import step_flops
+    from spmd_lora.analysis.flops import step_flops
     return step_flops(cfg, seq_len, tokens // seq_len, lora_rank=lora_rank, remat=remat,
                       attention="xla" if impl == "xla" else "causal").hardware
 
@@ -381,13 +381,14 @@ def train_worker(spec: dict) -> dict:
     import jax
     import numpy as np
 
-    from spmd_lora import plan as plan_mod
-    from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.params import random_params
-    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
-                                shard_micro_batches)
+    from spmd_lora.analysis import plan as plan_mod
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.parallel.mesh import make_mesh
+    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.weights.shapes import random_params
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.parallel.placement import replicate, shard_micro_batches
 
     if spec.get("cache_dir"):  # the plan's compile of the same step fills it for the run
         jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])

@@ -48,8 +48,8 @@ def report(targets, head_dims, dtypes, seq_len=1024, blocks=None, heads=8, kv_he
            log=print):
     """Rows {target, head_dim, variant, dtype, kernel, registers, spill_bytes, stack,
     shared_memory, threads} for every compiled kernel of ours."""
-    from spmd_lora import gpu_kernels
-    from spmd_lora.gpu_targets import resolve_target
+    from spmd_lora.analysis import gpu_kernels
+    from spmd_lora.analysis.gpu_targets import resolve_target
     from spmd_lora.kernels import registry
     rows = []
     for target in targets:
@@ -103,7 +103,7 @@ def worst_by_kernel(rows) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", nargs="+", default=["h100"],
-                    help="GPUs to compile for (spmd_lora.gpu_targets names)")
+                    help="GPUs to compile for (spmd_lora.analysis.gpu_targets names)")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="bfloat16,float16")
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -112,11 +112,11 @@ def main(argv=None) -> int:
                          "num_stages,block_q_bwd,block_k_bwd,num_warps_bwd,num_stages_bwd")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from spmd_lora.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
+    from spmd_lora.analysis.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
     ensure_plugin_can_start()
     quiet_xla_warnings()
     from spmd_lora.errors import SpmdLoraError
-    from spmd_lora.gpu_targets import require_cuda_plugin, resolve_target
+    from spmd_lora.analysis.gpu_targets import require_cuda_plugin, resolve_target
     from spmd_lora.kernels import BlockSizes
     try:
         for t in args.target:

@@ -5,7 +5,7 @@
         --lora-targets all --dtype bfloat16 --json census.json [--time]
 
 Compiles ``step.make_train_step`` on abstract shapes (presets need no weights; a model
-directory only needs config.json), parses the compiled HLO (``spmd_lora.hlo``) and prints
+directory only needs config.json), parses the compiled HLO (``spmd_lora.analysis.hlo``) and prints
 every collective with its mesh axis, shape, bytes and count per step (collectives inside the
 layer / cross-entropy / accumulation scans are multiplied by the trip counts), totals per
 (kind, axis), and the comparison with our formula and the Megatron(-SP) minimum
@@ -21,11 +21,11 @@ layer / cross-entropy / accumulation scans are multiplied by the trip counts), t
     real steps with random weights (open it with TensorBoard/XProf or Perfetto to read each
     collective's device time inside the step).
 
-``--target h100`` (any GPU of ``spmd_lora.gpu_targets``; needs ``pip install -e ".[cuda12]"``,
+``--target h100`` (any GPU of ``spmd_lora.analysis.gpu_targets``; needs ``pip install -e ".[cuda12]"``,
 no GPU): the step is compiled for that GPU ahead of time (XLA:GPU, deviceless), so the census
 reads the GPU program (async start/done pairs counted once, combined collectives by operand),
 and a kernel table follows: every Pallas kernel of ours and every XLA Triton fusion with its
-registers, spill bytes and stack (ptxas), shared memory and threads (``spmd_lora.gpu_kernels``).
+registers, spill bytes and stack (ptxas), shared memory and threads (``spmd_lora.analysis.gpu_kernels``).
 ``--hosts H`` spreads the devices over H hosts.
 
 On CPU the fake device count must be fixed before JAX starts: this script sets
@@ -48,7 +48,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def build_parser():
-    from spmd_lora.model import DEFAULT_MLP_CHUNK_TOKENS   # jax backends start later, lazily
+    from spmd_lora.config.train_config import DEFAULT_MLP_CHUNK_TOKENS  # jax backends start later, lazily
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="HF model dir (config.json) or preset")
     ap.add_argument("--tp", type=int, default=1)
@@ -126,7 +126,7 @@ def print_census(census, out=sys.stdout):
 
 def print_kernels(kernels, out=sys.stdout):
     """Our Pallas kernels row by row; XLA's Triton fusions and other kernels summed up."""
-    from spmd_lora import gpu_kernels
+    from spmd_lora.analysis import gpu_kernels
     summary = gpu_kernels.summarize(kernels)
     print("\nGPU kernels (ptxas: registers, spill bytes, stack; thunk sequence: shared memory "
           "per block, threads, launches per program):", file=out)
@@ -175,7 +175,7 @@ def time_collectives(census, mesh, iters=5, max_bytes=2 ** 30):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from spmd_lora.hlo import DTYPE_BYTES
+    from spmd_lora.analysis.hlo import DTYPE_BYTES
 
     jdt = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32, "s32": jnp.int32,
            "f64": jnp.float64, "u32": jnp.uint32, "pred": jnp.bool_}
@@ -231,11 +231,11 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
     import jax
     import numpy as np
 
-    from spmd_lora.lora import init_lora
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.params import random_params
-    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
-                                shard_micro_batches)
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.weights.shapes import random_params
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.parallel.placement import replicate, shard_micro_batches
 
     opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
                           remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens,
@@ -274,18 +274,18 @@ def _jsonable(expected: dict) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from spmd_lora import plan                      # imports no jax at module level
+    from spmd_lora.analysis import plan  # imports no jax at module level
     if args.target is None:
         plan.ensure_host_devices(args.tp * args.dp * args.cp)
     else:
-        from spmd_lora.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
+        from spmd_lora.analysis.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
         ensure_plugin_can_start()
         quiet_xla_warnings()
 
-    from spmd_lora import hlo
-    from spmd_lora.config import resolve_model_config
+    from spmd_lora.analysis import hlo
+    from spmd_lora.config.model_config import resolve_model_config
     from spmd_lora.errors import SpmdLoraError
-    from spmd_lora.lora import LoraConfig
+    from spmd_lora.config.lora_config import LoraConfig
 
     try:
         cfg = resolve_model_config(args.model)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         if args.target is None and (args.hosts != 1 or args.autotune_results):
             raise SpmdLoraError("--hosts and --autotune-results need --target (e.g. --target h100)")
         if args.target is not None:
-            from spmd_lora.gpu_targets import require_cuda_plugin, resolve_target
+            from spmd_lora.analysis.gpu_targets import require_cuda_plugin, resolve_target
             resolve_target(args.target)
             require_cuda_plugin()
         t0 = time.perf_counter()
@@ -306,20 +306,20 @@ def main(argv=None) -> int:
             base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl, mesh=mesh)
         kernels = None
         if args.target is not None:
-            from spmd_lora import gpu_kernels
+            from spmd_lora.analysis import gpu_kernels
             compiled, kernels = gpu_kernels.compile_with_kernels(
                 lowered, plan.gpu_compiler_options(args.autotune_results))
         else:
             compiled = lowered.compile()
     except SpmdLoraError as e:
-        from spmd_lora.train_fields import with_flag_names
+        from spmd_lora.config.fields import with_flag_names
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)
     summary = hlo.summarize(census)
-    from spmd_lora.context_parallel import padded_seq_len
-    from spmd_lora.model import ForwardOptions
+    from spmd_lora.parallel.zigzag import padded_seq_len
+    from spmd_lora.model.llama import ForwardOptions
     local_batch = args.batch // args.dp
     # the sequence one cp rank holds (zig-zag chunks, padded to a multiple of 2*cp*tp)
     s_pad = padded_seq_len(args.max_seq_len, args.cp, args.tp) if args.cp > 1 else args.max_seq_len
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
               "backend": mesh.devices.flat[0].platform}
     if kernels is not None:
         import dataclasses
-        from spmd_lora import gpu_kernels
+        from spmd_lora.analysis import gpu_kernels
         result["kernels"] = [dataclasses.asdict(k) for k in kernels]
         result["kernel_summary"] = gpu_kernels.summarize(kernels)
     if args.time:

@@ -23,7 +23,7 @@ batch 1). Parts, each jitted and timed forward + backward on the step's shapes:
   attention tile, forward and backward, and the max and exp-sum over the [S, V] logits).
 
 Each part's time is the minimum of ``--repeats`` runs (the least-disturbed one, on a shared
-machine), next to its matmul FLOPs (``spmd_lora.flops``) and FLOP/s. "other" = the step
+machine), next to its matmul FLOPs (``spmd_lora.analysis.flops``) and FLOP/s. "other" = the step
 minus the parts it is made of: element-wise work (norms, rotary, SiLU, LoRA's small matmuls,
 the optimizer), loop overheads. Prints the load average before and after.
 """
@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from spmd_lora.model import REMAT_POLICIES
+    from spmd_lora.model.llama import REMAT_POLICIES
     for flag, values, allowed in (("--parts", args.parts, PARTS),
                                   ("--remat", args.remat, REMAT_POLICIES)):
         unknown = sorted(set(values.split(",")) - set(allowed))
@@ -79,15 +79,16 @@ def main(argv=None):
     import numpy as np
     from jax.sharding import PartitionSpec as P
 
-    from spmd_lora import flops as F
+    from spmd_lora.analysis import flops as F
     from spmd_lora.kernels import attention
     from spmd_lora.kernels.flash_attention import BlockSizes
-    from spmd_lora.lora import LoraConfig, init_lora
-    from spmd_lora.mesh import make_mesh, param_specs
-    from spmd_lora.model import ForwardOptions, cross_entropy_sum
-    from spmd_lora.params import random_params
-    from spmd_lora.step import (OptimizerConfig, make_optimizer, make_train_step, replicate,
-                                shard_micro_batches)
+    from spmd_lora.config.lora_config import LoraConfig
+    from spmd_lora.weights.lora import init_lora
+    from spmd_lora.parallel.mesh import make_mesh, param_specs
+    from spmd_lora.model.llama import ForwardOptions, cross_entropy_sum
+    from spmd_lora.weights.shapes import random_params
+    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
+    from spmd_lora.parallel.placement import replicate, shard_micro_batches
     model_dims, _model_config, _loadavg = bench.model_dims, bench._model_config, bench._loadavg
 
     m = model_dims(args.config)
@@ -205,7 +206,7 @@ def _bound(cfg, s, useful, ceiling, repeats, report):
     import jax
     import jax.numpy as jnp
 
-    from spmd_lora import flops as F
+    from spmd_lora.analysis import flops as F
     from spmd_lora.kernels import registry
 
     L, d, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size

@@ -24,7 +24,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def train_flags(cfg) -> list[str]:
     """``spmd-lora train`` flags that reproduce ``cfg`` (fields at their default are left out)."""
-    from ..train_fields import flag
+    from ..config.fields import flag
     args = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
@@ -50,7 +50,7 @@ def form_template(run_dirs) -> dict:
             train = json.loads((Path(run_dir) / "run_config.json").read_text())["train"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        from ..train import TrainConfig
+        from ..config.train_config import TrainConfig
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
         def differs(key, value):
@@ -67,7 +67,7 @@ def form_template(run_dirs) -> dict:
 def prepare_run(form: dict, new_runs_dir) -> tuple[Path, object]:
     """Validate the form; return (run dir, TrainConfig). Raises ConfigError with a message for
     the page; writes nothing."""
-    from ..train import TrainConfig
+    from ..config.train_config import TrainConfig
     if not isinstance(form, dict):
         raise ConfigError("the form must post a JSON object")
     name = str(form.get("name", ""))

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from . import model
-from .mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs, param_specs
+from ..model import llama as model
+from ..parallel.mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs, param_specs
 
 
 def batch_extras(batch: dict) -> dict:

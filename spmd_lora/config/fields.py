@@ -95,7 +95,7 @@ def flag(field: str) -> str:
 
 def check_choice(field: str, value) -> None:
     """Raise ConfigError naming the field and its choices when ``value`` is not one of them."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
     if value not in CHOICES[field]:
         raise ConfigError(f"{field} {value!r} unknown; choose from {', '.join(CHOICES[field])}")
 

@@ -11,16 +11,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from . import model, sharded
-from .context_parallel import prepare_batch
-from .mesh import CP, DP, MESH_AXES, REPLICATED, TP, lora_specs, param_specs, put_global
-from .model import ForwardOptions
+from ..model import llama as model
+from ..model.llama import ForwardOptions
+from ..parallel.mesh import CP, DP, MESH_AXES, REPLICATED, lora_specs, param_specs
+from ..parallel.placement import MICRO_BATCH_SPEC
+from . import sharded
 
-MICRO_BATCH_SPEC = P(None, DP, CP)      # [accum, batch, seq]: batch over dp, sequence over cp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,18 +111,3 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
 
     replicated = NamedSharding(mesh, REPLICATED)
     return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated, replicated, replicated))
-
-
-def shard_micro_batches(batches: dict, mesh) -> dict:
-    """The batch preparation of a step: host arrays [A, B, S] (``tokens``, ``loss_mask``,
-    optional ``positions`` / ``segment_ids``), with cp > 1 put in the zig-zag layout
-    (``context_parallel.prepare_batch``), placed with B split over dp and S over cp."""
-    batches = prepare_batch(batches, mesh.shape[CP], mesh.shape[TP])
-    sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    return {k: put_global(np.asarray(v, np.int32), sharding) for k, v in batches.items()}
-
-
-def replicate(tree, mesh):
-    """Replicate a (small) tree, e.g. LoRA factors and optimizer state, on every device."""
-    replicated = NamedSharding(mesh, REPLICATED)
-    return jax.tree.map(lambda x: put_global(x, replicated), tree)

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

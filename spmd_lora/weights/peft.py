@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, read_json_config
-from .errors import CheckpointError
-from .lora import TARGETS, LoraConfig, projection_dims
-from .mesh import put_global, replicated_to_host
+from ..config.model_config import ModelConfig, read_json_config
+from ..errors import CheckpointError
+from ..config.projections import TARGETS, projection_dims
+from ..config.lora_config import LoraConfig
+from ..parallel.placement import put_global, replicated_to_host
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -217,7 +218,7 @@ def read_adapter_config(adapter_dir) -> tuple[dict, LoraConfig]:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a (small) safetensors file as float32 numpy arrays (bf16/f16 included)."""
-    from .checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
+    from .safetensors import SAFETENSORS_DTYPES, read_safetensors_header
     base, header = read_safetensors_header(path)
     out = {}
     data = np.memmap(path, dtype=np.uint8, mode="r")

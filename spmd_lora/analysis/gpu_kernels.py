@@ -1,6 +1,6 @@
 """The GPU kernels of a compiled program: registers, spills and shared memory from ptxas.
 
-A GPU compile (a real one or a deviceless one, :mod:`spmd_lora.gpu_targets`) asked to dump
+A GPU compile (a real one or a deviceless one, :mod:`spmd_lora.analysis.gpu_targets`) asked to dump
 (``xla_dump_to``) leaves, per program, the thunk sequence (every kernel launch with its grid,
 threads and shared memory) and the PTX of every kernel. :func:`compile_with_kernels` compiles
 with such a dump in a temporary folder and returns :class:`Kernel` rows: launch facts from the
@@ -228,7 +228,7 @@ def compile_attention(target: str, *, seq_len: int, heads: int, kv_heads: int, h
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from .gpu_targets import target_devices
-    from .kernels import attention, ring_attention
+    from ..kernels import attention, ring_attention
 
     n = 2 if ring else 1
     axis = "cp" if ring else "x"

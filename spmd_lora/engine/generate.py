@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import model as M
-from .errors import ConfigError, DataError
-from .kernels import attention
-from .distributed import to_host
-from .mesh import CP, DP, TP, lora_specs, param_specs, put_global
+from ..model import llama as M
+from ..errors import ConfigError, DataError
+from ..kernels import attention
+from ..parallel.placement import to_host
+from ..parallel.mesh import CP, DP, TP, lora_specs, param_specs
+from ..parallel.placement import put_global
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
@@ -341,7 +342,7 @@ def generate_text(model, tokenizer, prompts: list, template: str | None = None,
     ids = []
     for i, p in enumerate(prompts):
         if template is not None:
-            from .data import encode_prompt
+            from ..data import encode_prompt
             if isinstance(p, str):
                 p = {"alpaca": {"instruction": p}, "rag": {"question": p, "contexts": []},
                      "chat": {"messages": [{"role": "user", "content": p}]}}.get(

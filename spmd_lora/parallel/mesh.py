@@ -2,7 +2,7 @@
 
 Mesh axes ``(dp, cp, tp)``, tp varying fastest: ``dp`` (data parallel: the batch is split over
 it along B), ``cp`` (context parallel: the sequence is split over it along S, in the zig-zag
-layout of :mod:`spmd_lora.context_parallel`) and ``tp`` (tensor parallel, Megatron-style, with
+layout of :mod:`spmd_lora.parallel.zigzag`) and ``tp`` (tensor parallel, Megatron-style, with
 optional sequence parallelism of the activations). Every parameter's PartitionSpec comes from
 ``PARAM_SPECS`` below; nothing else in the package decides how a weight is laid out. Weights
 are replicated over dp and cp alike.
@@ -40,11 +40,10 @@ replicated on every device. The batch ``[B, S]`` is split over dp along B and ov
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .errors import ConfigError
-from .quant import is_quantised
+from ..errors import ConfigError
+from ..weights.quant import is_quantised
 
 DP, CP, TP = "dp", "cp", "tp"
 MESH_AXES = (DP, CP, TP)
@@ -92,20 +91,6 @@ def lora_specs(lora):
     return jax.tree.map(lambda _: REPLICATED, lora)
 
 
-def initialize_distributed() -> bool:
-    """Start multi-host JAX when launched as several processes.
-
-    Call once per process before any other JAX call. It runs ``jax.distributed.initialize()``
-    when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``;
-    ``spmd-lora launch`` sets them), or under SLURM / Open MPI with more than one task, where
-    JAX discovers the cluster itself, and starts the watchdog that stops this process when a
-    peer dies (``spmd_lora.distributed``); otherwise it does nothing. Returns True when there
-    is more than one process. The ``spmd-lora`` CLI calls it for train/eval/generate.
-    """
-    from .distributed import initialize
-    return initialize()
-
-
 def make_mesh(dp: int = 1, tp: int = 1, cp: int = 1) -> Mesh:
     """A (dp, cp, tp) mesh over the first dp*cp*tp devices. tp varies fastest, so a tp group
     sits on neighbouring devices (one node's NVLink domain), then cp, then dp."""
@@ -131,18 +116,3 @@ def named(mesh: Mesh, spec_tree):
     """NamedSharding tree from a PartitionSpec tree."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def put_global(x, sharding):
-    """Place a host value that every process holds in full onto ``sharding``. Works with one
-    process and with several (each process fills only its own devices' shards)."""
-    x = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def replicated_to_host(x):
-    """numpy copy of a replicated array, also when it spans several processes (any local shard
-    of a replicated array is the whole of it)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_shards[0].data
-    return np.asarray(jax.device_get(x))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from .checkpoint_io import WeightFiles
-from .config import ModelConfig
-from .mesh import named, param_specs
-from .params import kv_head_source, param_shapes, resolve_dtype
+from .safetensors import WeightFiles
+from ..config.model_config import ModelConfig
+from ..parallel.mesh import named, param_specs
+from .shapes import kv_head_source, param_shapes, resolve_dtype
 from .quant import QUANTISED_LINEARS, check_base_quant, make_quantised_weight
 
 HF_LAYER_NAMES = {
@@ -47,7 +47,7 @@ def _hf_out_rows(cfg: ModelConfig, tp: int, name: str, cols: np.ndarray) -> np.n
 
 
 def _check_shapes(files: WeightFiles, cfg: ModelConfig) -> None:
-    from .lora import projection_dims
+    from ..config.projections import projection_dims
     d, v = cfg.hidden_size, cfg.vocab_size
     files.expect_shape("model.embed_tokens.weight", (v, d))
     files.expect_shape("model.norm.weight", (d,))

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import ModelConfig
-from .lora import TARGETS as PROJECTIONS, projection_dims
+from ..config.model_config import ModelConfig
+from ..config.projections import TARGETS as PROJECTIONS, projection_dims
 
 
 def causal_tiles(seq_len: int, block_q: int, block_k: int) -> int:

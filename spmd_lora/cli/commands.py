@@ -3,7 +3,7 @@
 User mistakes (bad paths, malformed data, impossible configs, NaN loss) print one clear
 ``error:`` line and exit with status 2; no traceback. In a multi-process run (``spmd-lora
 launch``, or several hosts) train / eval / generate print their results on process 0 only,
-and a process that fails exits at once and tells its peers (``spmd_lora.distributed``).
+and a process that fails exits at once and tells its peers (``spmd_lora.runtime.distributed``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import os
 import sys
 import typing
 
-from . import data
-from .cli_parser import OneLineErrorParser
-from .errors import ConfigError, SpmdLoraError
+from .. import data
+from .parser import OneLineErrorParser
+from ..errors import ConfigError, SpmdLoraError
 
 DEMO_DIR = "spmd_lora_demo"
 
@@ -31,8 +31,8 @@ def _ensure_host_devices(n: int) -> None:
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
     """One flag per TrainConfig field, its help and choices from ``train_fields``."""
-    from .train import TrainConfig
-    from .train_fields import CHOICES, FIELD_HELP, flag
+    from ..config.train_config import TrainConfig
+    from ..config.fields import CHOICES, FIELD_HELP, flag
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
@@ -61,7 +61,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
 def _train_config(args, file_values=None, given=None, **overrides):
     """TrainConfig from the flags; with a config file, its values under the flags ``given``
     on the command line (defaults of the flags not given do not override the file)."""
-    from .train import TrainConfig
+    from ..config.train_config import TrainConfig
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if hasattr(args, f.name)}
     if file_values is not None:
@@ -86,8 +86,8 @@ def _given_flags(argv) -> set[str]:
 
 
 def cmd_train(args) -> int:
-    from .config_file import read_config_file
-    from .train import train
+    from ..config.files import read_config_file
+    from ..train import train
     file_values = read_config_file(args.config) if args.config else None
     result = train(_train_config(args, file_values, getattr(args, "given", set())))
     _print_main(json.dumps(result))
@@ -100,8 +100,8 @@ def cmd_demo(args) -> int:
     import shutil
     from pathlib import Path
 
-    from .tiny import asset_path, build_tiny_llama
-    from .train import train
+    from ..tiny import asset_path, build_tiny_llama
+    from ..train import train
 
     out = Path(args.output)
     model_dir = out / "tiny_llama"
@@ -117,7 +117,7 @@ def cmd_demo(args) -> int:
         build_tiny_llama(model_dir)
     result = train(cfg)
     print(json.dumps(result))
-    from .reporting import read_metrics
+    from ..reporting import read_metrics
     before = [m["eval_loss"] for m in read_metrics(run) if m.get("step") == 0 and "eval_loss" in m]
     if before and "eval_loss" in result:
         print(f"eval loss {before[0]:.3f} -> {result['eval_loss']:.3f} (held-out "
@@ -130,7 +130,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import write_loss_plot
+    from ..plots import write_loss_plot
     for run_dir in args.run_dir:
         path = write_loss_plot(run_dir, args.output if len(args.run_dir) == 1 else None)
         if path is not None:
@@ -139,14 +139,14 @@ def cmd_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from .dashboard.server import serve
+    from ..dashboard.server import serve
     return serve(args.run_dir, host=args.host, port=args.port, new_runs_dir=args.new_runs_dir)
 
 
 def cmd_eval(args) -> int:
-    from .api import load_model
-    from .evaluate import evaluate
-    from .tokenizer import load_tokenizer
+    from ..api import load_model
+    from ..evaluate import evaluate
+    from ..tokenizer import load_tokenizer
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        sequence_parallel=args.sequence_parallel,
                        mlp_chunk_tokens=args.mlp_chunk_tokens,
@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_merged
+    from ..export import export_merged
     path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite,
                          base_quant=args.base_quant)
     into = "" if args.base_quant == "none" else f" (merged into the {args.base_quant}-dequantised base)"
@@ -169,9 +169,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .api import load_model
-    from .generate import generate_text
-    from .tokenizer import load_tokenizer
+    from ..api import load_model
+    from ..engine.generate import generate_text
+    from ..tokenizer import load_tokenizer
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        base_quant=args.base_quant)
     tokenizer = load_tokenizer(args.model)
@@ -192,8 +192,8 @@ def _print_main(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import DEFAULT_MLP_CHUNK_TOKENS
-    from .train_fields import CHOICES, FIELD_HELP
+    from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS
+    from ..config.fields import CHOICES, FIELD_HELP
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    eval_fraction=0.1, eval_every=10)
 
     def model_flags(p, adapter=True):
-        from .train_fields import CHOICES, FIELD_HELP
+        from ..config.fields import CHOICES, FIELD_HELP
         p.add_argument("--model", required=True, help=FIELD_HELP["model"])
         if adapter:
             p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
@@ -298,17 +298,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
-        from .plan import main as plan_main     # asks for its own dp*cp*tp host devices
+        from ..analysis.plan import main as plan_main  # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
     if argv[:1] == ["launch"]:
-        from .launch import main as launch_main
+        from ..runtime.launch import main as launch_main
         return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train":
         args.given = _given_flags(argv[1:])
     if args.command in ("train", "eval", "generate"):
-        from .distributed import finish
-        from .mesh import initialize_distributed
+        from ..runtime.distributed import finish
+        from ..runtime.distributed import initialize_distributed
         multi = _guard(initialize_distributed)
         if multi not in (True, False):               # the environment was wrong: exit status
             return multi
@@ -324,7 +324,7 @@ def _guard_multi(fn) -> tuple[int, str]:
     printed here, since the failed process then exits without unwinding (see finish)."""
     import traceback
 
-    from .distributed import await_watchdog
+    from ..runtime.distributed import await_watchdog
     errors = []
     try:
         status = _guard(fn, errors.append)
@@ -339,8 +339,8 @@ def _guard(fn, on_error=None) -> int:
     try:
         return fn()
     except SpmdLoraError as e:
-        from .config_file import ConfigFileError
-        from .train_fields import with_flag_names
+        from ..config.files import ConfigFileError
+        from ..config.fields import with_flag_names
         text = str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e))
         print(f"error: {text}", file=sys.stderr)
         if on_error is not None:

@@ -31,9 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-from .cli_parser import OneLineErrorParser
+from ..cli.parser import OneLineErrorParser
 from .distributed import EXIT_PEER_LOST, peer_timeout as default_peer_timeout
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")

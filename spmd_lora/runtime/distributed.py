@@ -1,7 +1,7 @@
 """Several JAX processes (one per host, or several on one machine): start-up, a watchdog that
 stops a process whose peer died, agreement between processes, and per-process batch rows.
 
-* :func:`initialize` runs ``jax.distributed.initialize`` when the environment describes a
+* :func:`initialize_distributed` runs ``jax.distributed.initialize`` when the environment describes a
   multi-process run (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``,
   as ``spmd-lora launch`` sets them, or SLURM / Open MPI with more than one task), then starts
   the watchdog. It returns whether the run has more than one process. Before that it points
@@ -29,8 +29,6 @@ stops a process whose peer died, agreement between processes, and per-process ba
 * :func:`agree` gives every process the list of one string per process (a barrier through the
   key-value store); checkpoint resume uses it so no process resumes from a checkpoint another
   one cannot see.
-* :func:`put_rows` places a batch whose row axis is split over dp, building on each process
-  only the rows of its own devices.
 * :func:`await_watchdog`: a collective that fails because a peer's connection dropped (gloo
   raises at once when a peer process dies) waits for the watchdog's verdict, so the process
   still ends with ``error: process K stopped responding`` rather than a traceback.
@@ -46,7 +44,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 
 #: Exit status of a process stopped because a peer died, hangs or failed.
 EXIT_PEER_LOST = 3
@@ -58,7 +55,7 @@ JAX_HEARTBEAT_FACTOR = 4   # JAX's heartbeat timeout, in peer timeouts (a backst
 
 def peer_timeout() -> float:
     """Seconds without a peer's heartbeat before it counts as dead ($SPMD_LORA_PEER_TIMEOUT)."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
     text = os.environ.get("SPMD_LORA_PEER_TIMEOUT", "")
     try:
         value = float(text) if text else DEFAULT_PEER_TIMEOUT
@@ -75,7 +72,7 @@ def _wanted() -> bool:
         int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def initialize() -> bool:
+def initialize_distributed() -> bool:
     """Start multi-process JAX when the environment asks for it (see the module docstring);
     call before any other JAX call. Returns True when there is more than one process."""
     if jax.distributed.is_initialized():
@@ -252,53 +249,3 @@ def agree(value: str, timeout_s: float = 1800.0) -> list[str]:
     client.key_value_set(key + str(jax.process_index()), value)
     return [client.blocking_key_value_get(key + str(k), int(timeout_s * 1000))
             for k in range(jax.process_count())]
-
-
-def local_rows(shape, sharding, row_axis: int = 1) -> list[int]:
-    """The indices along ``row_axis`` that this process's devices hold, ascending."""
-    rows = set()
-    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
-        rows.update(range(*index[row_axis].indices(shape[row_axis])))
-    return sorted(rows)
-
-
-def put_rows(shape, sharding, rows: list[int], local: np.ndarray, row_axis: int = 1) -> jax.Array:
-    """A global array of ``shape`` on ``sharding`` from ``local``, which holds only the rows
-    ``rows`` (from :func:`local_rows`) along ``row_axis``."""
-    where = {r: i for i, r in enumerate(rows)}
-
-    def piece(index):
-        picked = [where[r] for r in range(*index[row_axis].indices(shape[row_axis]))]
-        block = np.take(local, picked, axis=row_axis)
-        index = tuple(slice(None) if a == row_axis else s for a, s in enumerate(index))
-        return block[index]
-
-    return jax.make_array_from_callback(tuple(shape), sharding, piece)
-
-
-def to_host(x) -> np.ndarray:
-    """numpy copy of a whole array, also one split over devices of several processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def place_micro_batches(batches, where: list[tuple[int, int]], mesh) -> dict:
-    """The micro-batches at positions ``where`` ((epoch, index) pairs of a
-    :class:`~spmd_lora.data.BatchIterator`) as ``[A, B, S]`` arrays with B split over dp and
-    (zig-zag, with cp > 1) S over cp, the layout of ``step.shard_micro_batches``; this process
-    builds only its devices' rows."""
-    from jax.sharding import NamedSharding
-
-    from .context_parallel import padded_seq_len, prepare_batch
-    from .mesh import CP, TP
-    from .step import MICRO_BATCH_SPEC
-    sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    cp, tp = mesh.shape[CP], mesh.shape[TP]
-    seq = padded_seq_len(batches.max_seq_len, cp, tp) if cp > 1 else batches.max_seq_len
-    shape = (len(where), batches.batch_size, seq)
-    rows = local_rows(shape, sharding)
-    parts = [batches.batch(epoch, index, rows) for epoch, index in where]
-    local = prepare_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]}, cp, tp)
-    return {k: put_rows(shape, sharding, rows, v.astype(np.int32)) for k, v in local.items()}

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 BASE_QUANTS = ("none", "int8", "nf4")
 NF4_BLOCK = 64
@@ -278,7 +278,7 @@ def matmul(x, w):
 
 def canonical_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """[L, N, D] of a linear whose dense global shape (mesh.py) is ``shape`` [L, in, out]."""
-    from .mesh import COLUMN_PARALLEL
+    from ..parallel.mesh import COLUMN_PARALLEL
     L, fan_in, fan_out = shape
     return (L, fan_out, fan_in) if name in COLUMN_PARALLEL else (L, fan_in, fan_out)
 
@@ -308,7 +308,7 @@ def check_nf4_layout(name: str, canonical: tuple[int, int, int], tp: int) -> Non
 
 def abstract_weight(kind: str, name: str, shape, mesh, compute_dtype) -> QuantWeight:
     """A QuantWeight of ShapeDtypeStructs with the plan's shardings (planning, profiling)."""
-    from .mesh import named, quant_specs
+    from ..parallel.mesh import named, quant_specs
     canonical = canonical_shape(name, shape)
     if kind == "nf4":
         check_nf4_layout(name, canonical, mesh.shape["tp"])
@@ -320,7 +320,7 @@ def abstract_weight(kind: str, name: str, shape, mesh, compute_dtype) -> QuantWe
 
 
 def _is_column(name: str) -> bool:
-    from .mesh import COLUMN_PARALLEL
+    from ..parallel.mesh import COLUMN_PARALLEL
     return name in COLUMN_PARALLEL
 
 
@@ -333,7 +333,7 @@ def make_quantised_weight(kind: str, name: str, shape, mesh, compute_dtype, read
     double-quantisation groups), so the only full-precision data ever held is one chunk; the
     packed shard is shared by all leaves of that shard and dropped after the last leaf.
     """
-    from .mesh import named, quant_specs
+    from ..parallel.mesh import named, quant_specs
     tp = mesh.shape["tp"]
     canonical = canonical_shape(name, shape)
     if kind == "nf4":
@@ -377,7 +377,7 @@ def dequantized_params(params, mesh) -> dict:
     """The parameter tree with every QuantWeight replaced by the dense W it stands for (global
     [L, in, out] in its compute dtype, laid out by mesh.PARAM_SPECS): the float model the
     quantised one computes, for tests and comparisons."""
-    from .mesh import PARAM_SPECS
+    from ..parallel.mesh import PARAM_SPECS
     from jax.sharding import NamedSharding
 
     def dense(name, w):

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .mesh import named, param_specs
+from ..config.model_config import ModelConfig
+from ..errors import ConfigError
+from ..parallel.mesh import named, param_specs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry2x32_p
 
-from .kernels import _vma
+from ..kernels import _vma
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ import importlib.util
 import os
 import sys
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CUDA_EXTRA = 'pip install -e ".[cuda12]"   (or: pip install "spmd_lora[cuda12]")'
 MiB = 1024 ** 2

@@ -11,11 +11,11 @@ through explicit collectives: over the ``tp`` axis, Megatron-style,
 
 and, with context parallelism (cp > 1), over the ``cp`` axis inside attention only: each cp
 rank holds two zig-zag chunks of the sequence (laid out by the batch preparation,
-:mod:`spmd_lora.context_parallel`), and ring attention (``ppermute`` of K/V blocks, or an
+:mod:`spmd_lora.parallel.zigzag`), and ring attention (``ppermute`` of K/V blocks, or an
 all-gather of K/V) lets its queries see every earlier key, by global token index.
 
 Where the residual stream lives is the sequence layout's business
-(:mod:`spmd_lora.sequence_parallel`): replicated ``[B, S, D]`` on every tp device (the column
+(:mod:`spmd_lora.parallel.sequence`): replicated ``[B, S, D]`` on every tp device (the column
 block input is ``pcast`` to tp-varying, the row block output ``psum``-ed), or, with sequence
 parallelism, ``[B, S/tp, D]`` (``all_gather`` before a column block, ``psum_scatter`` after a row
 block). Position-wise work can run in tiles (``mlp_chunk_tokens``, ``ce_chunk_tokens``).
@@ -38,13 +38,13 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from . import dropout as lora_dropout
-from .config import ModelConfig
+from ..config.model_config import ModelConfig
 from .dropout import Dropout
-from .kernels import CP_IMPLS, _vma, attention, ring_attention
-from .lora import LoraConfig
-from .mesh import CP, DP, TP
-from .quant import matmul
-from .sequence_parallel import SeqLayout, gather_tiles, scatter_tiles, tiled
+from ..kernels import CP_IMPLS, _vma, attention, ring_attention
+from ..config.lora_config import LoraConfig
+from ..parallel.mesh import CP, DP, TP
+from ..weights.quant import matmul
+from ..parallel.sequence import SeqLayout, gather_tiles, scatter_tiles, tiled
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "full", "save-dots", "offload")
@@ -53,7 +53,6 @@ CP_ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
 # token_index of padded positions: later than every real token, so no real query sees them.
 PAD_TOKEN_INDEX = 2 ** 30
 # Tokens per MLP / attention-projection tile when the sequence is longer (the user-facing default).
-DEFAULT_MLP_CHUNK_TOKENS = 8192
 # Names of the per-layer values the ``offload`` remat policy keeps in host memory.
 LAYER_INPUT, MLP_INPUT = "layer_input", "mlp_input"
 
@@ -82,7 +81,7 @@ class ForwardOptions:
     cp_impl: str = "ring"
 
     def __post_init__(self):
-        from .errors import ConfigError
+        from ..errors import ConfigError
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
         if self.mlp_chunk_tokens < 0:

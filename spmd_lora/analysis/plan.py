@@ -9,7 +9,7 @@ split analytically into base weights, LoRA factors, optimizer state and the batc
 
 Where it compiles:
 
-* ``target="h100"`` (``--target``; any name of :mod:`spmd_lora.gpu_targets`): for that GPU,
+* ``target="h100"`` (``--target``; any name of :mod:`spmd_lora.analysis.gpu_targets`): for that GPU,
   with JAX's CUDA plugin, on any machine ("deviceless compile"): the real XLA:GPU pipeline
   with our Pallas kernels compiled by ptxas, over ``hosts`` hosts. This is the plan to trust
   for a GPU: it is XLA:GPU's own buffer assignment. It has no autotuning (GEMMs get default
@@ -62,7 +62,7 @@ def plan_devices(n: int, target: str | None = None, hosts: int = 1):
     """n devices to compile for: compile-only GPUs of ``target`` over ``hosts`` hosts, else the
     default backend's, else fake CPU devices."""
     import jax
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if target is not None:
         from .gpu_targets import target_devices
@@ -82,7 +82,7 @@ def plan_devices(n: int, target: str | None = None, hosts: int = 1):
 
 
 def plan_mesh(dp: int, tp: int, cp: int = 1, target: str | None = None, hosts: int = 1):
-    from .mesh import mesh_over
+    from ..parallel.mesh import mesh_over
     return mesh_over(plan_devices(dp * cp * tp, target, hosts), dp, tp, cp)
 
 
@@ -99,9 +99,11 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from .lora import LoraConfig, init_lora
-    from .params import abstract_params
-    from .step import MICRO_BATCH_SPEC, OptimizerConfig, make_optimizer
+    from ..config.lora_config import LoraConfig
+    from ..weights.lora import init_lora
+    from ..weights.shapes import abstract_params
+    from ..parallel.placement import MICRO_BATCH_SPEC
+    from ..engine.step import OptimizerConfig, make_optimizer
 
     lora = lora or LoraConfig()
     optimizer = optimizer or make_optimizer(OptimizerConfig())
@@ -116,7 +118,7 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
     cp, tp = mesh.shape["cp"], mesh.shape["tp"]
     if cp > 1:
-        from .context_parallel import padded_seq_len
+        from ..parallel.zigzag import padded_seq_len
         seq, fields = padded_seq_len(max_seq_len, cp, tp), ("tokens", "targets", "target_weights",
                                                             "positions", "token_index")
     else:
@@ -134,9 +136,9 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      base_quant="none", cp: int = 1, cp_impl: str = "ring"):
     """Lower the real train step on abstract inputs on a (dp, cp, tp) mesh. Returns
     (lowered, mesh, args)."""
-    from .lora import LoraConfig
-    from .model import ForwardOptions
-    from .step import OptimizerConfig, make_optimizer, make_train_step
+    from ..config.lora_config import LoraConfig
+    from ..model.llama import ForwardOptions
+    from ..engine.step import OptimizerConfig, make_optimizer, make_train_step
 
     cfg.check_tp(tp)
     lora = lora or LoraConfig()
@@ -186,7 +188,7 @@ def cpu_upcast_allowance(params, dtype, compiled_text: str | None = None) -> int
     import jax
     import numpy as np
 
-    from .quant import is_quantised
+    from ..weights.quant import is_quantised
     if np.dtype(jax.numpy.dtype(dtype) if isinstance(dtype, str) else dtype).itemsize >= 4:
         return 0
     if compiled_text is not None and not upcasts_matmuls(compiled_text):
@@ -224,9 +226,9 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     share of the (padded) sequence."""
     import numpy as np
 
-    from .context_parallel import padded_seq_len
-    from .model import ForwardOptions
-    from .params import resolve_dtype
+    from ..parallel.zigzag import padded_seq_len
+    from ..model.llama import ForwardOptions
+    from ..weights.shapes import resolve_dtype
     local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
     layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
@@ -241,7 +243,7 @@ def quant_weight_bytes(params) -> dict:
     (global). Empty for a dense base."""
     import numpy as np
 
-    from .quant import is_quantised
+    from ..weights.quant import is_quantised
     linears = [w for w in params["layers"].values() if is_quantised(w)]
     if not linears:
         return {}
@@ -263,7 +265,7 @@ def gpu_compiler_options(autotune_results: str | None = None) -> dict:
     if not autotune_results:
         return {}
     if not os.path.isfile(autotune_results):
-        from .errors import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"--autotune-results: no file {autotune_results!r} (tools/gpu_suite.py "
                           f"writes one on a GPU: OUT/autotune_results.textproto)")
     return {"xla_gpu_load_autotune_results_from": os.path.abspath(autotune_results)}
@@ -282,7 +284,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     gradients), peak (= arguments + outputs - aliased + temporaries), compile_s, the inputs,
     and ``compiled_for`` ({"platform", "device_kind", "devices", "hosts", "deviceless"}).
 
-    ``target`` (a GPU name, :mod:`spmd_lora.gpu_targets`): compiled for that GPU without one,
+    ``target`` (a GPU name, :mod:`spmd_lora.analysis.gpu_targets`): compiled for that GPU without one,
     over ``hosts`` hosts of (tp*dp*cp)/hosts devices; ``autotune_results`` loads XLA autotune
     results dumped on a real GPU. ``estimate`` is False: the numbers are XLA:GPU's.
 
@@ -306,7 +308,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``hlo.expected_cp_collectives``).
     """
     if mlp_chunk_tokens is None:
-        from .model import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
+        from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
     t0 = time.perf_counter()
     mesh = plan_mesh(dp, tp, cp, target, hosts)
     device = mesh.devices.flat[0]
@@ -325,7 +327,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
             base_quant=base_quant, cp=cp, cp_impl=cp_impl)
     except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
         if autotune_results and "autotune" in str(e).lower():
-            from .errors import ConfigError
+            from ..errors import ConfigError
             raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
                               f"({str(e).splitlines()[0]})") from None
         raise
@@ -365,9 +367,9 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         out["host_offload_source"] = "compiled" if compiled_host else "formula"
     out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp * cp)
     if cp > 1:
-        from .context_parallel import padded_seq_len
+        from ..parallel.zigzag import padded_seq_len
         from .hlo import expected_cp_collectives
-        from .params import resolve_dtype
+        from ..weights.shapes import resolve_dtype
         import numpy as np
         by_impl = {impl: expected_cp_collectives(
             cfg, tp, cp, cp_impl=impl, remat=remat, micro_batches=micro_batches,
@@ -512,7 +514,7 @@ def train_defaults() -> dict:
     """``TrainConfig``'s defaults: plan, like train, assumes them for flags not given."""
     import dataclasses
 
-    from .train import TrainConfig
+    from ..config.train_config import TrainConfig
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)
             if f.default is not dataclasses.MISSING}
 
@@ -523,7 +525,7 @@ def _target_names() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_parser import OneLineErrorParser
+    from ..cli.parser import OneLineErrorParser
     ap = OneLineErrorParser(
         prog="spmd-lora plan",
         description="Per-device memory of a LoRA train step (no weights needed): compiles the "
@@ -605,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         quiet_xla_warnings()
     import json
 
-    from .config import resolve_model_config
-    from .errors import SpmdLoraError
-    from .lora import LoraConfig
+    from ..config.model_config import resolve_model_config
+    from ..errors import SpmdLoraError
+    from ..config.lora_config import LoraConfig
 
     try:
         cfg = resolve_model_config(args.model)
@@ -680,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:
-        from .train_fields import with_flag_names
+        from ..config.fields import with_flag_names
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
 

@@ -799,7 +799,7 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     one device sends over cp per step (K/V in ``dtype_bytes``, dK/dV of ring in fp32, of
     allgather in ``dtype_bytes``; indices int32). ``logical_wire_bytes`` is the same without
     XLA's merges (``cp_bytes_per_device`` per call)."""
-    from .kernels import cp_bytes_per_device
+    from ..kernels import cp_bytes_per_device
     out = {"permute_operands": 0, "all_gather_operands": 0, "reduce_scatter_operands": 0,
            "wire_bytes": 0, "logical_wire_bytes": 0}
     if cp == 1:
@@ -838,7 +838,7 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
 
 
 def _proj_dims(cfg, name):
-    from .lora import projection_dims
+    from ..config.projections import projection_dims
     return projection_dims(cfg, name)
 
 

@@ -20,7 +20,7 @@ import tempfile
 import typing
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: TrainConfig fields that change how a run executes or reports, not what it computes (the
 #: mesh, kernels and recomputation give the same math; logging, checkpointing, caching).
@@ -36,7 +36,7 @@ EXECUTION_ONLY_FIELDS = frozenset({
 
 
 def _fields():
-    from .train import TrainConfig
+    from .train_config import TrainConfig
     return {f.name: f for f in dataclasses.fields(TrainConfig)}, typing.get_type_hints(TrainConfig)
 
 

@@ -1,0 +1,93 @@
+"""TrainConfig: every setting of a training run, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from .fields import CHOICES, check_choice
+from .lora_config import LoraConfig
+
+DEFAULT_MLP_CHUNK_TOKENS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every field is also a ``spmd-lora train`` flag (kebab-case); what each one means, and
+    the values of the choice-valued ones, is in ``spmd_lora.config.fields`` (the flag help)."""
+
+    model: str
+    data: str
+    output_dir: str
+    template: str = "auto"                 # alpaca | rag | text | chat | auto
+    tp: int = 1
+    dp: int = 1
+    max_seq_len: int = 2048
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1                    # rows per micro-batch (global, split over dp)
+    grad_accum_steps: int = 1
+    max_steps: int | None = None           # overrides epochs when set
+    epochs: int = 1
+    seed: int = 0
+    dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
+    base_quant: str = "none"               # none | int8 | nf4: quantised frozen base (QLoRA)
+    remat: str = "none"                    # none | full | save-dots | offload
+    attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
+    pack: bool = False
+    train_on_inputs: bool = False
+    eval_fraction: float = 0.0
+    eval_every: int = 0                    # steps; 0 = only at the end (when there is eval data)
+    save_every: int = 0                    # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    ce_chunk_tokens: int = 4096
+    allow_pickle: bool = False
+    sequence_parallel: bool = True         # shard activations along S over tp (when tp > 1)
+    mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS  # tile the MLP above this many tokens; 0 = never
+    cp: int = 1                            # context parallel: the sequence split over cp devices
+    cp_impl: str = "ring"                  # ring | allgather: how attention sees the other chunks
+    chat_template: str | None = None       # llama2 | llama3 | chatml | a Jinja file; default: the tokenizer's
+    data_cache_dir: str | None = None      # tokenized-data cache; default $SPMD_LORA_CACHE or ~/.cache/spmd_lora/tokenized
+    data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
+    report_to: str = "none"                # none | tensorboard
+    census: bool = True                    # write census.json at start-up (--no-census)
+
+    def __post_init__(self):
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(
+                t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        elif isinstance(self.lora_targets, list):           # e.g. from a JSON config file
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        positive = ("tp", "dp", "cp", "max_seq_len", "lora_rank", "batch_size", "grad_accum_steps",
+                    "epochs", "log_every", "ce_chunk_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_chunk_tokens < 0:
+            raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = never tile), got "
+                              f"{self.mlp_chunk_tokens}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size % self.dp:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of dp={self.dp} "
+                              f"(each data-parallel group gets batch_size/dp rows)")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets, use_rslora=self.use_rslora)
