@@ -16,7 +16,7 @@ from .weights.hf import load_hf_params
 from .parallel.mesh import BATCH_SPEC, CP, TP, make_mesh
 from .parallel.placement import put_global
 from .config.train_config import DEFAULT_MLP_CHUNK_TOKENS
-from .model.llama import ForwardOptions
+from .model import ForwardOptions
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ from .health import DivergenceGuard, lora_norm
 from .config.train_config import TrainConfig
 from .weights.lora import init_lora
 from .parallel.mesh import make_mesh
-from .model.llama import ForwardOptions
+from .model import ForwardOptions
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
 from .engine.step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step

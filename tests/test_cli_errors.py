@@ -194,7 +194,7 @@ def test_help_is_plain_and_every_train_flag_explains_itself():
 def test_field_table_matches_the_api():
     """The help table, TrainConfig and the modules that own each choice cannot drift."""
     from spmd_lora.kernels.registry import IMPLS
-    from spmd_lora.model.llama import REMAT_POLICIES
+    from spmd_lora.model import REMAT_POLICIES
     from spmd_lora.weights.shapes import DTYPES
     assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(CHOICES["attention"]) == set(IMPLS)

@@ -10,7 +10,7 @@ from spmd_lora.config.model_config import ModelConfig
 from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.weights.lora import init_lora
 from spmd_lora.parallel.mesh import make_mesh
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 from spmd_lora.weights.shapes import random_params
 
 CFG = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_layers=2,

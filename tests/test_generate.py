@@ -17,7 +17,7 @@ from spmd_lora.config.projections import TARGETS
 from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.weights.lora import init_lora
 from spmd_lora.parallel.mesh import TP, make_mesh
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 
 NEW = 12
 EOS = 2            # LlamaConfig's default eos_token_id, which HF generate stops at

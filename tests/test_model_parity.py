@@ -7,7 +7,7 @@ import torch
 
 import spmd_lora
 from spmd_lora.engine import sharded
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 
 MESHES = [(1, 1), (1, 2), (1, 4), (2, 2)]   # (dp, tp)
 TOL = 1e-4

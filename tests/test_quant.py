@@ -22,7 +22,7 @@ from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.weights.lora import init_lora
 from spmd_lora.parallel.mesh import BATCH_SPEC
 from spmd_lora.parallel.placement import put_global
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 from spmd_lora.parallel.placement import replicate
 from spmd_lora.tiny import asset_path, build_tiny_llama
 

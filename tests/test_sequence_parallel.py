@@ -10,7 +10,7 @@ import pytest
 import spmd_lora
 from spmd_lora.engine import sharded
 from spmd_lora.config.lora_config import LoraConfig
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 
 from conftest import CONFIGS, make_peft_adapter, peft_reference, rel_err
 

@@ -10,7 +10,7 @@ import pytest
 from spmd_lora.analysis import hlo, plan
 from spmd_lora.config.model_config import PRESETS, ModelConfig
 from spmd_lora.config.lora_config import LoraConfig
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dimensions chosen so no activation shape has the LoRA rank (4) as a dimension.

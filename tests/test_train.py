@@ -18,7 +18,7 @@ import spmd_lora
 from spmd_lora import cli
 from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.weights.lora import init_lora
-from spmd_lora.model.llama import ForwardOptions
+from spmd_lora.model import ForwardOptions
 from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
 from spmd_lora.parallel.placement import replicate, shard_micro_batches
 from spmd_lora.tiny import asset_path, build_tiny_llama

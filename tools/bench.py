@@ -91,7 +91,7 @@ def worker_ours(args):
     from spmd_lora.config.lora_config import LoraConfig
     from spmd_lora.weights.lora import init_lora
     from spmd_lora.parallel.mesh import make_mesh
-    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.model import ForwardOptions
     from spmd_lora.weights.shapes import random_params
     from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
     from spmd_lora.parallel.placement import replicate, shard_micro_batches

@@ -232,7 +232,7 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
     import numpy as np
 
     from spmd_lora.weights.lora import init_lora
-    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.model import ForwardOptions
     from spmd_lora.weights.shapes import random_params
     from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
     from spmd_lora.parallel.placement import replicate, shard_micro_batches
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     census = hlo.collective_census(compiled, mesh, lowered)
     summary = hlo.summarize(census)
     from spmd_lora.parallel.zigzag import padded_seq_len
-    from spmd_lora.model.llama import ForwardOptions
+    from spmd_lora.model import ForwardOptions
     local_batch = args.batch // args.dp
     # the sequence one cp rank holds (zig-zag chunks, padded to a multiple of 2*cp*tp)
     s_pad = padded_seq_len(args.max_seq_len, args.cp, args.tp) if args.cp > 1 else args.max_seq_len

@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from spmd_lora.model.llama import REMAT_POLICIES
+    from spmd_lora.model import REMAT_POLICIES
     for flag, values, allowed in (("--parts", args.parts, PARTS),
                                   ("--remat", args.remat, REMAT_POLICIES)):
         unknown = sorted(set(values.split(",")) - set(allowed))
@@ -85,7 +85,7 @@ def main(argv=None):
     from spmd_lora.config.lora_config import LoraConfig
     from spmd_lora.weights.lora import init_lora
     from spmd_lora.parallel.mesh import make_mesh, param_specs
-    from spmd_lora.model.llama import ForwardOptions, cross_entropy_sum
+    from spmd_lora.model import ForwardOptions, cross_entropy_sum
     from spmd_lora.weights.shapes import random_params
     from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
     from spmd_lora.parallel.placement import replicate, shard_micro_batches

@@ -137,7 +137,7 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
     """Lower the real train step on abstract inputs on a (dp, cp, tp) mesh. Returns
     (lowered, mesh, args)."""
     from ..config.lora_config import LoraConfig
-    from ..model.llama import ForwardOptions
+    from ..model import ForwardOptions
     from ..engine.step import OptimizerConfig, make_optimizer, make_train_step
 
     cfg.check_tp(tp)
@@ -227,7 +227,7 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     import numpy as np
 
     from ..parallel.zigzag import padded_seq_len
-    from ..model.llama import ForwardOptions
+    from ..model import ForwardOptions
     from ..weights.shapes import resolve_dtype
     local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
     layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)

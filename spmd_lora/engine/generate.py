@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..model import llama as M
+from .. import model as M
 from ..errors import ConfigError, DataError
 from ..kernels import attention
 from ..parallel.placement import to_host

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..model import llama as model
+from .. import model
 from ..parallel.mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs, param_specs
 
 

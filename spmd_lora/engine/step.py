@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from ..model import llama as model
-from ..model.llama import ForwardOptions
+from .. import model
+from ..model import ForwardOptions
 from ..parallel.mesh import CP, DP, MESH_AXES, REPLICATED, lora_specs, param_specs
 from ..parallel.placement import MICRO_BATCH_SPEC
 from . import sharded
