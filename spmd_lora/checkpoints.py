@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from .errors import CheckpointError
 from .parallel.placement import replicated_to_host
+from .runtime.distributed import agree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -119,7 +120,6 @@ def agreed_checkpoints(ckpt_root: Path) -> list[Path]:
     run (one string per process through ``distributed.agree``, a barrier): a process that sees
     a different newest checkpoint (or none) than process 0 would resume from another state,
     so every process raises the same CheckpointError instead."""
-    from .runtime.distributed import agree
     found = list_checkpoints(ckpt_root)
     views = agree(found[-1].name if found else "")
     for rank, view in enumerate(views):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .analysis import hlo
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -82,7 +83,6 @@ def write_census(out: Path, step_fn, args, mesh, lora_rank: int, note=print) -> 
     """Compile ``step_fn`` on ``args`` (the real first step's inputs; the step's own call then
     reuses this executable) and write its collective census and per-device memory analysis to
     ``out/census.json``. Returns the census, or None after a ``note`` when it cannot be taken."""
-    from .analysis import hlo
     t0 = time.perf_counter()
     lowered = step_fn.lower(*args)
     compiled = lowered.compile()

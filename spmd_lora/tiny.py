@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError, SpmdLoraError
+from .data import PROMPT_TEMPLATES
+from .weights.safetensors import write_safetensors_checkpoint
 
 ASSETS = "spmd_lora.assets"
 SAMPLES = {"alpaca": "alpaca_sample.jsonl", "rag": "rag_sample.jsonl", "text": "text_sample.jsonl"}
@@ -51,7 +53,6 @@ def sample_data_path(template: str) -> Path:
 
 def _training_lines() -> list[str]:
     """Corpus lines plus every string of the bundled samples and prompt templates."""
-    from .data import PROMPT_TEMPLATES
 
     lines = [ln for ln in asset_text("corpus.txt").splitlines() if ln.strip()]
 
@@ -164,7 +165,6 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
     import numpy as np
     from transformers import LlamaConfig
 
-    from .weights.safetensors import write_safetensors_checkpoint
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {_DTYPES}")

@@ -37,6 +37,11 @@ from .model import ForwardOptions
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
 from .engine.step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step
+from .api import Model
+from .evaluate import evaluate
+from .plots import write_loss_plot
+from .weights.hf import load_hf_params
+from .weights.peft import save_adapter
 
 
 class Progress:
@@ -90,9 +95,6 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
 
 def train(cfg: TrainConfig, progress_stream=None) -> dict:
     """Fine-tune; returns the final metrics dict (also the last line of metrics.jsonl)."""
-    from .api import Model
-    from .weights.hf import load_hf_params
-    from .weights.peft import save_adapter
 
     # Validate everything before writing anything.
     model_cfg = ModelConfig.from_pretrained(cfg.model)
@@ -235,13 +237,11 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     save_adapter(out / "adapter", lora, lora_cfg, base_model_path=str(cfg.model))
     progress.message(f"adapter written to {out / 'adapter'}")
     if is_main:
-        from .plots import write_loss_plot
         write_loss_plot(out, note=progress.message)
     return last
 
 
 def _eval(model, examples, cfg: TrainConfig) -> dict:
-    from .evaluate import evaluate
     result = evaluate(model, examples, batch_size=cfg.batch_size)
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 

@@ -9,6 +9,7 @@ cannot drift apart. ``CHOICES`` is checked by ``TrainConfig`` itself, so a typo 
 from __future__ import annotations
 
 import re
+from ..errors import ConfigError
 
 #: Values accepted by the choice-valued fields (first entry of each is not necessarily the default).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -95,7 +96,6 @@ def flag(field: str) -> str:
 
 def check_choice(field: str, value) -> None:
     """Raise ConfigError naming the field and its choices when ``value`` is not one of them."""
-    from ..errors import ConfigError
     if value not in CHOICES[field]:
         raise ConfigError(f"{field} {value!r} unknown; choose from {', '.join(CHOICES[field])}")
 

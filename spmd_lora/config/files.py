@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 from ..errors import ConfigError
+from .train_config import TrainConfig
 
 #: TrainConfig fields that change how a run executes or reports, not what it computes (the
 #: mesh, kernels and recomputation give the same math; logging, checkpointing, caching).
@@ -36,7 +37,6 @@ EXECUTION_ONLY_FIELDS = frozenset({
 
 
 def _fields():
-    from .train_config import TrainConfig
     return {f.name: f for f in dataclasses.fields(TrainConfig)}, typing.get_type_hints(TrainConfig)
 
 

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..reporting import write_json_atomic
+from ..config.fields import flag
+from ..config.train_config import TrainConfig
+from ..tiny import asset_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def train_flags(cfg) -> list[str]:
     """``spmd-lora train`` flags that reproduce ``cfg`` (fields at their default are left out)."""
-    from ..config.fields import flag
     args = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
@@ -50,7 +52,6 @@ def form_template(run_dirs) -> dict:
             train = json.loads((Path(run_dir) / "run_config.json").read_text())["train"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        from ..config.train_config import TrainConfig
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
         def differs(key, value):
@@ -59,7 +60,6 @@ def form_template(run_dirs) -> dict:
 
         return {k: v for k, v in train.items() if k in ("model", "data")
                 or (k not in ("output_dir", "resume") and differs(k, v))}
-    from ..tiny import asset_path
     return {"model": "", "data": str(asset_path("alpaca_sample.jsonl")), "template": "alpaca",
             "max_steps": 20, "eval_fraction": 0.1}
 
@@ -67,7 +67,6 @@ def form_template(run_dirs) -> dict:
 def prepare_run(form: dict, new_runs_dir) -> tuple[Path, object]:
     """Validate the form; return (run dir, TrainConfig). Raises ConfigError with a message for
     the page; writes nothing."""
-    from ..config.train_config import TrainConfig
     if not isinstance(form, dict):
         raise ConfigError("the form must post a JSON object")
     name = str(form.get("name", ""))

@@ -11,7 +11,8 @@ fixed-shape batches. One job per module:
 from .batching import BatchIterator, collate, eval_batches, pack_examples
 from .cache import TokenizedData, load_or_build
 from .chat import BUILTIN_CHAT_TEMPLATES, ChatRenderer, chat_messages, resolve_chat_template
-from .records import Record, iter_records, load_records
+from .rows import Record
+from .records import iter_records, load_records
 from .templates import (MIN_PARTIAL_PASSAGE_TOKENS, PROMPT_TEMPLATES, TEMPLATES, format_prompt,
                         infer_template)
 from .tokenize import (DataWarning, Example, encode_prompt, load_dataset, pad_token_id,

@@ -42,7 +42,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .records import iter_records, where_of
+from .chat import resolve_chat_template
+from .records import iter_records
+from .rows import where_of
 from .templates import resolve_template
 from .tokenize import Example, check_max_seq_len, check_template, report, tokenize_chunk
 
@@ -225,7 +227,6 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
     check_template(template, chat_template)
     chat_text = None
     if template == "chat" or chat_template:
-        from .chat import resolve_chat_template
         chat_text = resolve_chat_template(tokenizer, chat_template)
     key_fields = {"version": CACHE_VERSION, "data_digest": data_digest(data),
                   "tokenizer": tokenizer_fingerprint(tokenizer), "template": template,

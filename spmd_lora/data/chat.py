@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, DataError
-from .records import json_type
+from .rows import json_type, required_list
 
 ROLES = ("system", "user", "assistant")
 
@@ -106,14 +106,8 @@ def chat_messages(rec: dict, where: str, *, training: bool = True) -> list[dict]
     is not an object, an unknown role, non-string content, a system message after the first
     position, no user/assistant turn, or (``training``) a last turn that is not the assistant's.
     """
-    if "messages" not in rec:
-        raise DataError(f"{where}: missing required field 'messages' for the chat template "
-                        f"(fields present: {sorted(rec)}); it must be a list of "
-                        '{"role": ..., "content": ...} objects')
-    msgs = rec["messages"]
-    if not isinstance(msgs, list):
-        raise DataError(f"{where}: field 'messages' must be a list of {{\"role\", \"content\"}} "
-                        f"objects, got {json_type(msgs)}")
+    msgs = required_list(rec, "messages", where, "chat",
+                         'a list of {"role": ..., "content": ...} objects')
     if not msgs:
         raise DataError(f"{where}: field 'messages' is an empty conversation; add at least a "
                         "user and an assistant turn")

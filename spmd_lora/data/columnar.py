@@ -6,7 +6,7 @@
   ``state.json`` lists the Arrow stream files (``data-0000N-of-0000M.arrow``) in order. A
   ``DatasetDict`` directory (``dataset_dict.json``) is refused with the names of its splits.
 
-Every row becomes a :class:`~.records.Record` with ``path`` (its file) and ``index`` = the row
+Every row becomes a :class:`~.rows.Record` with ``path`` (its file) and ``index`` = the row
 number in that file (``line`` None), so field errors read ``file, row N``. Columns are converted with
 ``to_pylist`` (lists stay lists, structs become dicts, nulls become None).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .records import Record
+from .rows import Record
 
 SUFFIXES = (".parquet", ".arrow")
 #: Rows converted to Python objects at a time (bounds memory while streaming).

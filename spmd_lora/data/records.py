@@ -1,4 +1,4 @@
-"""Dataset rows: :class:`Record` (a dict that remembers its file and line) and the readers.
+"""Dataset readers: every input format to :class:`~.rows.Record` rows.
 
 :func:`load_records` reads JSON lists, JSONL, Parquet / Arrow files and ``save_to_disk``
 directories (the last three through :mod:`.columnar`). Nothing here tokenizes.
@@ -7,45 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ..errors import DataError
-
-
-class Record(dict):
-    """A dataset row (a plain dict) that remembers where it came from, for error messages."""
-
-    __slots__ = ("path", "line", "index")
-
-    def __init__(self, data=(), path: str | None = None, line: int | None = None,
-                 index: int | None = None):
-        super().__init__(data)
-        self.path, self.line, self.index = path, line, index
-
-    @property
-    def where(self) -> str:
-        return where_of(self, self.index)
-
-
-def where_of(rec: Any, i: int | None) -> str:
-    """Where a record came from: ``file, line N (record i)`` for JSON inputs, ``file, row i``
-    for columnar ones (no line), ``record i`` for plain dicts."""
-    path = getattr(rec, "path", None)
-    line = getattr(rec, "line", None)
-    if path is not None:
-        idx = getattr(rec, "index", None)
-        if line is None:
-            return f"{path}, row {idx}" if idx is not None else str(path)
-        return f"{path}, line {line}" + (f" (record {idx})" if idx is not None else "")
-    return f"record {i}" if i is not None else "record"
-
-
-_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true/false",
-               list: "a list", dict: "an object", type(None): "null"}
-
-
-def json_type(v: Any) -> str:
-    return _JSON_TYPES.get(type(v), type(v).__name__)
+from . import columnar
+from .rows import Record, json_type
 
 
 def load_records(path) -> list[Record]:
@@ -66,7 +32,6 @@ def iter_records(path) -> Iterator[Record]:
     :class:`DataError` naming the file and line / row for a missing file, malformed JSON or a
     row that is not an object.
     """
-    from . import columnar
 
     p = Path(path)
     if not p.exists():

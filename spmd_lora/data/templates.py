@@ -17,7 +17,7 @@ import json
 from typing import Sequence
 
 from ..errors import ConfigError, DataError
-from .records import json_type, where_of
+from .rows import json_type, required_list, where_of
 
 
 PROMPT_TEMPLATES: dict[str, dict[str, str]] = {
@@ -94,14 +94,8 @@ def get_str(rec: dict, field: str, where: str, template: str, *, optional: bool 
 
 
 def rag_passages(rec: dict, where: str) -> list[tuple[str | None, str]]:
-    if "contexts" not in rec:
-        raise DataError(f"{where}: missing required field 'contexts' for the rag template "
-                        f"(fields present: {sorted(rec)}); it must be a list of passages "
-                        '(strings or {"title": ..., "text": ...} objects), possibly empty')
-    ctx = rec["contexts"]
-    if not isinstance(ctx, list):
-        raise DataError(f"{where}: field 'contexts' must be a list of passages (strings or "
-                        f'{{"title", "text"}} objects), got {json_type(ctx)}')
+    ctx = required_list(rec, "contexts", where, "rag", "a list of passages (strings or "
+                        '{"title": ..., "text": ...} objects), possibly empty')
     out = []
     for j, c in enumerate(ctx):
         if isinstance(c, str):

@@ -43,7 +43,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .chat import ChatRenderer, chat_messages
-from .records import where_of
+from .records import load_records
+from .rows import where_of
 from .templates import (MIN_PARTIAL_PASSAGE_TOKENS, PROMPT_TEMPLATES, alpaca_prompt, format_prompt,
                         get_str, rag_passages, rag_prompt, resolve_template)
 
@@ -375,7 +376,6 @@ def load_dataset(path, tokenizer, template: str = "auto", max_seq_len: int = 204
                  train_on_inputs: bool = False, chat_template: str | None = None
                  ) -> list[Example]:
     """:func:`~.records.load_records` + :func:`tokenize_records` (in memory, no cache)."""
-    from .records import load_records
     return tokenize_records(load_records(path), tokenizer, template, max_seq_len,
                             train_on_inputs, chat_template)
 

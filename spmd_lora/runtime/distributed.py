@@ -44,6 +44,7 @@ import threading
 import time
 
 import jax
+from ..errors import ConfigError
 
 #: Exit status of a process stopped because a peer died, hangs or failed.
 EXIT_PEER_LOST = 3
@@ -55,7 +56,6 @@ JAX_HEARTBEAT_FACTOR = 4   # JAX's heartbeat timeout, in peer timeouts (a backst
 
 def peer_timeout() -> float:
     """Seconds without a peer's heartbeat before it counts as dead ($SPMD_LORA_PEER_TIMEOUT)."""
-    from ..errors import ConfigError
     text = os.environ.get("SPMD_LORA_PEER_TIMEOUT", "")
     try:
         value = float(text) if text else DEFAULT_PEER_TIMEOUT
