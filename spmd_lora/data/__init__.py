@@ -1,10 +1,13 @@
 """Datasets: records (JSON, JSONL, Parquet, Arrow, save_to_disk) -> token ids + loss mask ->
 fixed-shape batches. One job per module:
 
-* :mod:`.records` / :mod:`.columnar`: read rows (:class:`Record` remembers file and line/row);
+* :mod:`.rows`: one row, :class:`Record` (remembers its file and line / row);
+* :mod:`.records` / :mod:`.columnar`: read rows from every input format;
 * :mod:`.templates`: Alpaca / RAG / raw-text fields and prompt text;
 * :mod:`.chat`: ``messages`` rows rendered with a chat template, assistant-only loss mask;
-* :mod:`.tokenize`: records -> :class:`Example` s (conventions in its docstring);
+* :mod:`.tokenize`: records -> :class:`Example` s (conventions in its docstring), with
+  :mod:`.rag_fit` fitting RAG passages to a token budget and :mod:`.examples` the Example
+  type, the special ids and the train / eval split;
 * :mod:`.cache`: the tokenized-data cache (memory-mapped, built by worker processes, atomic);
 * :mod:`.batching`: packing and the resumable :class:`BatchIterator`.
 """
@@ -15,8 +18,8 @@ from .rows import Record
 from .records import iter_records, load_records
 from .templates import (MIN_PARTIAL_PASSAGE_TOKENS, PROMPT_TEMPLATES, TEMPLATES, format_prompt,
                         infer_template)
-from .tokenize import (DataWarning, Example, encode_prompt, load_dataset, pad_token_id,
-                       split_train_eval, tokenize_records)
+from .examples import DataWarning, Example, pad_token_id, split_train_eval
+from .tokenize import encode_prompt, load_dataset, tokenize_records
 
 __all__ = ["PROMPT_TEMPLATES", "TEMPLATES", "MIN_PARTIAL_PASSAGE_TOKENS", "DataWarning", "Record",
            "Example", "load_records", "iter_records", "infer_template", "format_prompt",

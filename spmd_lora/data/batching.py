@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .tokenize import Example
+from .examples import Example
 
 
 def pack_examples(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:

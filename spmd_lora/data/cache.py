@@ -46,7 +46,8 @@ from .chat import resolve_chat_template
 from .records import iter_records
 from .rows import where_of
 from .templates import resolve_template
-from .tokenize import Example, check_max_seq_len, check_template, report, tokenize_chunk
+from .examples import Example
+from .tokenize import check_max_seq_len, check_template, report, tokenize_chunk
 
 CACHE_VERSION = 1
 #: Records per work item sent to a tokenizer worker.

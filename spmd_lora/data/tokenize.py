@@ -35,83 +35,18 @@ worker processes call the first and report through :func:`report`).
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Sequence
 
-import numpy as np
-
 from ..errors import ConfigError, DataError
 from .chat import ChatRenderer, chat_messages
+from .examples import (ChunkResult, DataWarning, Example, encode_texts, make_example,
+                       special_ids)
+from .rag_fit import fit_rag_prompt, tokenize_rag
 from .records import load_records
 from .rows import where_of
-from .templates import (MIN_PARTIAL_PASSAGE_TOKENS, PROMPT_TEMPLATES, alpaca_prompt, format_prompt,
-                        get_str, rag_passages, rag_prompt, resolve_template)
-
-
-class DataWarning(UserWarning):
-    """Examples were skipped or shortened while tokenizing a dataset."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Example:
-    """One tokenized example: ``input_ids`` and ``loss_mask``, ``np.int32`` of equal length."""
-
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    source: str = ""
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.loss_mask.sum())
-
-
-def _example(ids: list[int], mask: list[int], source: str) -> Example:
-    return Example(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.int32), source)
-
-
-def pad_token_id(tokenizer) -> int:
-    """Id used for padding batches: ``tokenizer.pad_token_id``, or 0 when it has none."""
-    pid = getattr(tokenizer, "pad_token_id", None)
-    return 0 if pid is None else int(pid)
-
-
-def _special_ids(tokenizer) -> tuple[int | None, int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ConfigError("the tokenizer has no eos_token_id; training needs an end-of-sequence "
-                          "token (set tokenizer.eos_token)")
-    return (None if bos is None else int(bos)), int(eos)
-
-
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    out = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [list(x) for x in out]
-
-
-@dataclasses.dataclass
-class ChunkResult:
-    """What :func:`tokenize_chunk` made of a slice of records: the examples, the records it
-    skipped as too long (``(where, tokens needed)``) and how many it shortened to fit."""
-
-    examples: list
-    too_long: list
-    shortened: int = 0
-    records: int = 0
-
-    def summary(self) -> dict:
-        """JSON-able counts for :func:`report` (the first three skipped records named)."""
-        return {"records": self.records, "examples": len(self.examples),
-                "too_long": [list(t) for t in self.too_long[:3]],
-                "n_too_long": len(self.too_long),
-                "shortest": min((n for _, n in self.too_long), default=None),
-                "shortened": int(self.shortened)}
+from .templates import (alpaca_prompt, format_prompt, get_str, rag_passages,
+                        rag_prompt, resolve_template)
 
 
 def check_template(template: str, chat_template: str | None) -> None:
@@ -136,14 +71,14 @@ def tokenize_chunk(records: Sequence[dict], tokenizer, template: str, max_seq_le
         res = _tokenize_chat(records, wheres, ChatRenderer(tokenizer, chat_template), max_seq_len,
                              train_on_inputs)
     else:
-        bos, eos = _special_ids(tokenizer)
+        bos, eos = special_ids(tokenizer)
         head = [] if bos is None else [bos]
         if template == "alpaca":
             res = _tokenize_alpaca(records, wheres, tokenizer, head, eos, max_seq_len,
                                    train_on_inputs)
         elif template == "rag":
             renderer = ChatRenderer(tokenizer, chat_template) if chat_template else None
-            res = _tokenize_rag(records, wheres, tokenizer, head, eos, max_seq_len,
+            res = tokenize_rag(records, wheres, tokenizer, head, eos, max_seq_len,
                                 train_on_inputs, renderer)
         else:
             res = _tokenize_text(records, wheres, tokenizer, head, eos, max_seq_len)
@@ -211,7 +146,7 @@ def _tokenize_alpaca(records, wheres, tokenizer, head, eos, max_seq_len, train_o
         inp = get_str(rec, "input", where, "alpaca", optional=True)
         responses.append(get_str(rec, "output", where, "alpaca"))
         prompts.append(alpaca_prompt(instruction, inp))
-    p_ids, r_ids = _encode(tokenizer, prompts), _encode(tokenizer, responses)
+    p_ids, r_ids = encode_texts(tokenizer, prompts), encode_texts(tokenizer, responses)
     examples, too_long = [], []
     for where, p, r in zip(wheres, p_ids, r_ids):
         ids = head + p + r + [eos]
@@ -224,7 +159,7 @@ def _tokenize_alpaca(records, wheres, tokenizer, head, eos, max_seq_len, train_o
         else:
             mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
         mask[0] = 0
-        examples.append(_example(ids, mask, where))
+        examples.append(make_example(ids, mask, where))
     return ChunkResult(examples, too_long)
 
 
@@ -232,7 +167,7 @@ def _tokenize_text(records, wheres, tokenizer, head, eos, max_seq_len):
     texts = [get_str(rec, "text", where, "text") for rec, where in zip(records, wheres)]
     chunk = max_seq_len - len(head)
     examples = []
-    for where, ids in zip(wheres, _encode(tokenizer, texts)):
+    for where, ids in zip(wheres, encode_texts(tokenizer, texts)):
         ids = ids + [eos]
         for start in range(0, len(ids), chunk):
             piece = ids[start:start + chunk]
@@ -240,7 +175,7 @@ def _tokenize_text(records, wheres, tokenizer, head, eos, max_seq_len):
                 break
             toks = head + piece
             mask = [0] + [1] * (len(toks) - 1)
-            examples.append(_example(toks, mask, where if start == 0 else
+            examples.append(make_example(toks, mask, where if start == 0 else
                                      f"{where} (chunk {start // chunk})"))
     return ChunkResult(examples, [])
 
@@ -260,71 +195,7 @@ def _tokenize_chat(records, wheres, renderer: ChatRenderer, max_seq_len, train_o
             too_long.append((where, dropped))
             continue
         shortened += dropped > 0
-        examples.append(_example(ids, mask, where))
-    return ChunkResult(examples, too_long, shortened)
-
-
-def _rag_chat(renderer: ChatRenderer, tokenizer, question, passages, answer, max_seq_len,
-              train_on_inputs):
-    """A RAG record as a (user, assistant) chat in at most ``max_seq_len`` tokens:
-    ``(ids, mask, shortened)`` or None when the question and answer alone do not fit."""
-    def chat(ps):
-        return [{"role": "user", "content": rag_prompt(question, ps, chat=True)},
-                {"role": "assistant", "content": answer}]
-
-    ids, mask = renderer.encode(chat(passages), train_on_inputs)
-    if len(ids) <= max_seq_len:
-        return ids, mask, False
-    # Tokens the chat adds around the user text, then fit the passages to what is left.
-    empty = _encode(tokenizer, [rag_prompt(question, [], chat=True)])[0]
-    budget = max_seq_len - (len(renderer.encode(chat([]), train_on_inputs)[0]) - len(empty))
-    for _ in range(4):   # token counts are not exactly additive: correct and retry
-        fit = fit_rag_prompt(tokenizer, question, passages, budget, chat=True)
-        if fit is None:
-            return None
-        ids, mask = renderer.encode(chat(fit[1]), train_on_inputs)
-        if len(ids) <= max_seq_len:
-            return ids, mask, True
-        budget -= len(ids) - max_seq_len
-    return None
-
-
-def _tokenize_rag(records, wheres, tokenizer, head, eos, max_seq_len, train_on_inputs,
-                  renderer: ChatRenderer | None = None):
-    examples, too_long, shortened = [], [], 0
-    for rec, where in zip(records, wheres):
-        question = get_str(rec, "question", where, "rag")
-        passages = rag_passages(rec, where)
-        answer = get_str(rec, "answer", where, "rag")
-        if renderer is not None:
-            out = _rag_chat(renderer, tokenizer, question, passages, answer, max_seq_len,
-                            train_on_inputs)
-            if out is None:
-                need = renderer.encode([{"role": "user", "content":
-                                         rag_prompt(question, [], chat=True)},
-                                        {"role": "assistant", "content": answer}])[0]
-                too_long.append((where, len(need)))
-                continue
-            ids, mask, short = out
-            shortened += short
-            examples.append(_example(ids, mask, where))
-            continue
-        a = _encode(tokenizer, [answer])[0]
-        budget = max_seq_len - len(head) - len(a) - 1
-        fit = fit_rag_prompt(tokenizer, question, passages, budget) if budget > 0 else None
-        if fit is None:
-            base = _encode(tokenizer, [rag_prompt(question, [])])[0]
-            too_long.append((where, len(head) + len(base) + len(a) + 1))
-            continue
-        p, _, short = fit
-        shortened += short
-        ids = head + p + a + [eos]
-        n_prompt = len(head) + len(p)
-        if train_on_inputs:
-            mask = [0] + [1] * (len(ids) - 1)
-        else:
-            mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
-        examples.append(_example(ids, mask, where))
+        examples.append(make_example(ids, mask, where))
     return ChunkResult(examples, too_long, shortened)
 
 
@@ -354,13 +225,13 @@ def encode_prompt(record: dict, tokenizer, template: str = "auto",
         ids = ids_for(passages)
         if max_len is None or len(ids) <= max_len:
             return ids
-        empty = _encode(tokenizer, [rag_prompt(question, [], chat=True)])[0]
+        empty = encode_texts(tokenizer, [rag_prompt(question, [], chat=True)])[0]
         fit = fit_rag_prompt(tokenizer, question, passages,
                              int(max_len) - (len(ids_for([])) - len(empty)), chat=True)
         if fit is None or len(ids_for(fit[1])) > max_len:
             raise DataError(f"{where}: the question alone is longer than {max_len} tokens")
         return ids_for(fit[1])
-    bos, _ = _special_ids(tokenizer)
+    bos, _ = special_ids(tokenizer)
     head = [] if bos is None else [bos]
     if template == "rag" and max_len is not None:
         question = get_str(record, "question", where, "rag")
@@ -369,7 +240,7 @@ def encode_prompt(record: dict, tokenizer, template: str = "auto",
         if fit is None:
             raise DataError(f"{where}: the question alone is longer than {max_len} tokens")
         return head + fit[0]
-    return head + _encode(tokenizer, [format_prompt(record, template)])[0]
+    return head + encode_texts(tokenizer, [format_prompt(record, template)])[0]
 
 
 def load_dataset(path, tokenizer, template: str = "auto", max_seq_len: int = 2048,
@@ -380,71 +251,3 @@ def load_dataset(path, tokenizer, template: str = "auto", max_seq_len: int = 204
                             train_on_inputs, chat_template)
 
 
-def fit_rag_prompt(tokenizer, question, passages, budget, chat: bool = False):
-    """The RAG prompt in at most ``budget`` tokens: ``(ids, passages used, shortened)`` (the
-    last used passage possibly truncated), or None when the question alone does not fit.
-    With ``chat`` the prompt is the user turn of the chat rendering."""
-    ids = _encode(tokenizer, [rag_prompt(question, passages, chat=chat)])[0]
-    if len(ids) <= budget:
-        return ids, list(passages), False
-    base = _encode(tokenizer, [rag_prompt(question, [], chat=chat)])[0]
-    if len(base) > budget:
-        return None
-    # Estimate the largest k whole passages that fit, then correct with exact tokenization.
-    blocks = [PROMPT_TEMPLATES["rag"]["passage"].format(index=i, title=t, text=x) if t else
-              PROMPT_TEMPLATES["rag"]["passage_no_title"].format(index=i, text=x)
-              for i, (t, x) in enumerate(passages, 1)]
-    costs = [len(c) for c in _encode(tokenizer, blocks)]
-    k, total = 0, len(base)
-    while k < len(passages) and total + costs[k] <= budget:
-        total += costs[k]
-        k += 1
-
-    def enc(ps):
-        return _encode(tokenizer, [rag_prompt(question, ps, chat=chat)])[0]
-
-    cur = enc(passages[:k]) if k else base
-    while k > 0 and len(cur) > budget:
-        k -= 1
-        cur = enc(passages[:k]) if k else base
-    while k + 1 < len(passages):
-        nxt = enc(passages[:k + 1])
-        if len(nxt) > budget:
-            break
-        k, cur = k + 1, nxt
-    # Keep the leading tokens of the next passage if enough of them fit.
-    title, text = passages[k]
-    text_ids = _encode(tokenizer, [text])[0]
-    overhead = costs[k] - len(text_ids)
-    m = min(len(text_ids) - 1, budget - len(cur) - max(overhead, 0))
-    while m >= MIN_PARTIAL_PASSAGE_TOKENS:
-        partial = tokenizer.decode(text_ids[:m], skip_special_tokens=True)
-        cand = enc(list(passages[:k]) + [(title, partial)])
-        if len(cand) <= budget:
-            return cand, list(passages[:k]) + [(title, partial)], True
-        m -= max(1, len(cand) - budget)
-    return cur, list(passages[:k]), k < len(passages)
-
-
-def split_train_eval(examples: Sequence, eval_fraction: float, seed: int = 0
-                     ) -> tuple[list, list]:
-    """Deterministic split: a random ``eval_fraction`` of the examples (at least one when the
-    fraction is > 0) goes to eval. Both parts keep the original relative order. Examples with
-    a ``subset(indices)`` method (the cache's memory-mapped examples) are split into views."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction={eval_fraction} must be in [0, 1)")
-    n = len(examples)
-    if eval_fraction == 0.0 or n == 0:
-        return (examples, examples.subset([])) if hasattr(examples, "subset") else (
-            list(examples), [])
-    n_eval = max(1, int(round(n * eval_fraction)))
-    if n_eval >= n:
-        raise DataError(f"eval_fraction={eval_fraction} of {n} examples leaves no training "
-                        "examples; lower eval_fraction or add data")
-    perm = np.random.default_rng(seed).permutation(n)
-    is_eval = np.zeros(n, dtype=bool)
-    is_eval[perm[:n_eval]] = True
-    if hasattr(examples, "subset"):
-        return examples.subset(np.flatnonzero(~is_eval)), examples.subset(np.flatnonzero(is_eval))
-    return ([e for e, f in zip(examples, is_eval) if not f],
-            [e for e, f in zip(examples, is_eval) if f])
