@@ -11,8 +11,8 @@ import numpy as np
 
 from .safetensors import WeightFiles
 from ..config.model_config import ModelConfig
-from ..parallel.mesh import named, param_specs
-from .shapes import kv_head_source, param_shapes, resolve_dtype
+from ..parallel.mesh import named
+from .shapes import kv_head_source, param_shapes, param_specs, resolve_dtype
 from .quant import QUANTISED_LINEARS, check_base_quant, make_quantised_weight
 
 HF_LAYER_NAMES = {
