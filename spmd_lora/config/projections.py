@@ -90,6 +90,11 @@ COLUMN_PARALLEL = tuple(n for n, p in PROJECTIONS.items() if p.parallel == "colu
 ROW_PARALLEL = tuple(n for n, p in PROJECTIONS.items() if p.parallel == "row")
 #: The layer's blocks in execution order (each ends with its row-parallel projection).
 BLOCKS = tuple(dict.fromkeys(p.block for p in PROJECTIONS.values()))
+# What the sharding plan and the collective count rely on: a block is column-parallel
+# projections, then exactly one row-parallel projection.
+assert all([p.parallel for p in PROJECTIONS.values() if p.block == b][-1:] == ["row"]
+           and sum(p.block == b and not p.column for p in PROJECTIONS.values()) == 1
+           for b in BLOCKS), "each block must end with its one row-parallel projection"
 
 
 def projection_dims(cfg: ModelConfig, name: str) -> tuple[int, int]:
