@@ -23,6 +23,7 @@ import numpy as np
 
 from .weights.safetensors import WeightFiles, write_safetensors_checkpoint
 from .config.model_config import ModelConfig
+from .config.projections import PROJECTIONS, canonical_dims
 from .errors import CheckpointError
 from .weights.hf import hf_layer_key
 from .weights.peft import _replace_dir, read_adapter
@@ -39,15 +40,13 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-_ROW = ("o_proj", "down_proj")
-
-
 def _quant_roundtrip(kind: str, proj: str, w) -> np.ndarray:
     """HF weight [out, in] -> the dequantised weight training used, same dtype."""
     c = np.asarray(w, np.float32)
-    c = c.T if proj in _ROW else c                          # canonical [N, D] (quant.py)
+    row = not PROJECTIONS[proj].column
+    c = c.T if row else c                                   # canonical [N, D] (quant.py)
     deq = dequantize_host(kind, QUANTIZERS[kind](c))
-    return (deq.T if proj in _ROW else deq).astype(w.dtype)
+    return (deq.T if row else deq).astype(w.dtype)
 
 
 def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
@@ -106,7 +105,7 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
 
     for proj in set(quantised.values()) if base_quant == "nf4" else ():
         out_f, in_f = files.shape(hf_layer_key(0, proj))
-        check_nf4_layout(proj, (1, in_f, out_f) if proj in _ROW else (1, out_f, in_f), 1)
+        check_nf4_layout(proj, (1, *canonical_dims(proj, (in_f, out_f))), 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

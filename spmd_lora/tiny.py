@@ -17,6 +17,7 @@ import io
 import json
 from pathlib import Path
 
+from .config.projections import PROJECTIONS
 from .errors import ConfigError, SpmdLoraError
 from .data import PROMPT_TEMPLATES
 from .weights.safetensors import write_safetensors_checkpoint
@@ -127,16 +128,16 @@ def _tiny_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """HF LlamaForCausalLM tensor names -> shapes ([out, in] for linears), in HF's order."""
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = d // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    features = {"hidden": d, "intermediate": f, "heads": cfg["num_attention_heads"] * hd,
+                "kv_heads": cfg["num_key_value_heads"] * hd}
     shapes = {"model.embed_tokens.weight": (v, d)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-            p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+        shapes.update({p + f"{proj.hf_module}.weight": (features[proj.out_features],
+                                                        features[proj.in_features])
+                       for proj in PROJECTIONS.values()})
+        shapes.update({p + "input_layernorm.weight": (d,),
+                       p + "post_attention_layernorm.weight": (d,)})
     shapes["model.norm.weight"] = (d,)
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (v, d)

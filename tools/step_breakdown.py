@@ -84,7 +84,8 @@ def main(argv=None):
     from spmd_lora.kernels.flash_attention import BlockSizes
     from spmd_lora.config.lora_config import LoraConfig
     from spmd_lora.weights.lora import init_lora
-    from spmd_lora.parallel.mesh import make_mesh, param_specs
+    from spmd_lora.parallel.mesh import make_mesh
+    from spmd_lora.weights.shapes import param_specs
     from spmd_lora.model import ForwardOptions, cross_entropy_sum
     from spmd_lora.weights.shapes import random_params
     from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step

@@ -3,7 +3,7 @@
 Counted are matrix-multiply FLOPs (2 per multiply-add); element-wise work (norms, rotary,
 softmax exponentials, SiLU, the optimizer) is left out, as in the usual MFU accounting. With
 T = rows x S tokens, L layers, and per layer the frozen projection weights
-W = sum(in x out) over q, k, v, o, gate, up, down:
+W = sum(in x out) over the projection table (config/projections.py):
 
 * frozen linears: forward 2 T W and input gradient 2 T W per layer (the weights are frozen,
   so no weight gradient): ``4 T W L``;
@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config.model_config import ModelConfig
-from ..config.projections import TARGETS as PROJECTIONS, projection_dims
+from ..config.projections import ROW_PARALLEL, TARGETS as PROJECTIONS, projection_dims
 
 
 def causal_tiles(seq_len: int, block_q: int, block_k: int) -> int:
@@ -99,10 +99,11 @@ def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int 
     else:
         raise ValueError(f"attention {attention!r}: one of causal, xla, blockwise")
     if remat in ("full", "offload"):
-        # The layer's last matmul (down_proj, and LoRA's r x out factor on it) feeds only the
-        # residual sum, which no derivative of the layer needs: it is not recomputed.
-        # With offload each half-layer is its own checkpoint: o_proj's output is skipped too.
-        lasts = ("down_proj",) if remat == "full" else ("o_proj", "down_proj")
+        # The layer's last matmul (the last block's row-parallel projection, down_proj, and
+        # LoRA's r x out factor on it) feeds only the residual sum, which no derivative of the
+        # layer needs: it is not recomputed. With offload each block (half-layer) is its own
+        # checkpoint: every block's row-parallel projection (o_proj too) is skipped.
+        lasts = ROW_PARALLEL[-1:] if remat == "full" else ROW_PARALLEL
         last = 0
         for name in lasts:
             f_in, f_out = projection_dims(cfg, name)

@@ -35,6 +35,8 @@ import re
 
 import numpy as np
 
+from ..config.projections import BLOCKS, projection_dims
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
 
@@ -575,9 +577,6 @@ def summarize(census: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- expectations
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
 def operand_role(shape, lora_rank: int | None) -> str:
     """'scalar', 'lora_grad' (a LoRA gradient: A [L, in, r] / B [L, r, out] stacked over layers,
     or one layer's [in, r] / [r, out]) or 'activation' (everything else: [B, S, D] inside
@@ -594,70 +593,37 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                          lora=None, remat: str = "full", micro_batches: int = 1,
                          mlp_tiles: int = 1, ce_chunks: int = 1, tokens: int | None = None,
                          padded_tokens: int | None = None, dtype_bytes: int = 2) -> dict:
-    """Collectives over tp per step that our train step emits, and the Megatron(-SP) minimum,
-    with the terms explained. Counted per array (logical collective; XLA's combiner may merge
-    several into one op, see the module docstring). Checked against the compiled HLO of tiny
-    models by tests/test_tools.py (both layouts; remat none/full/save-dots/offload; tiles).
+    """Collectives over tp per step that our train step emits, and the Megatron(-SP) minimum.
+    Counted per array (logical collective; XLA's combiner may merge several into one op, see
+    the module docstring). Checked against the compiled HLO of tiny models by
+    tests/test_tools.py (both layouts; remat none/full/save-dots/offload; tiles).
 
-    Per micro-batch, L layers, n MLP tiles (``mlp_tiles``; 1 = untiled), C cross-entropy chunks.
-    ``t`` = 1 when the layer is rematerialised (remat full | save-dots | offload), else 0.
+    The layer's collectives come from THE projection table (config/projections.py): each block
+    (``BLOCKS``: attention, mlp) reads its input in its column-parallel projections and ends
+    with its row-parallel one, whose partial sums are reduced over tp. Per block, layer and
+    micro-batch, with k tiles of the block (``mlp_tiles`` n tiles the MLP; under sequence
+    parallelism both blocks; k = 1 otherwise), each of an activation [B, S, D] / k:
 
-    **Replicated layout** (plain Megatron TP; every collective an all-reduce ``AR``):
+    * replicated layout (Megatron TP): forward k all-reduces after the row projection,
+      backward k (the block's input gradient; Megatron's f);
+    * sequence-parallel layout (Megatron-SP): forward k all-gathers before the column
+      projections and k reduce-scatters after the row one, backward the same (transposed).
 
-    ============================  ============  ==========  ==================================
-    term                          ours          Megatron    what
-    ============================  ============  ==========  ==================================
-    forward, per layer            (1 + n) L     2 L         [B,S,D] psum after o_proj and after
-                                                            down_proj (one per MLP tile)
-    remat, per layer              r L           r L         the recompute needs the o_proj psum
-                                                            (the down_proj one only feeds the
-                                                            carried residual: dead); r = 1 for
-                                                            full / save-dots, 0 for none and
-                                                            offload (MLP input from the host)
-    backward, per layer           (1 + n) L     2 L         psum of the input gradient of the
-                                                            attention / MLP block (Megatron f:
-                                                            the normed input is pcast once)
-    embedding                     1             1           psum of the looked-up rows
-    cross-entropy                 3C + C        3C + C      pmax, psum sum-exp, psum target
-                                                            ([N] each) + [N,D] psum of dL/dh
-                                                            (the fused CE computes it in its
-                                                            forward; no chunk is recomputed)
-    ============================  ============  ==========  ==================================
+    Remat (the layer's forward again in its backward) adds, per block: the reduction again,
+    except for the last block's, which feeds only the carried residual (for remat full /
+    save-dots; none and offload, which keeps each block's input on the host, re-reduce
+    nothing); and under SP the gathers again (remat != none), or, tiled, each tile's own
+    re-gather (checkpointed tiles, always) plus one more for the non-last blocks under full and
+    offload (save-dots keeps the q/k/v products). Outside the layers: the embedding's rows
+    (all-reduce; SP: reduce-scatter, per tile), and per cross-entropy chunk (C = ``ce_chunks``)
+    3 [N] all-reduces (max, sum-exp, target logit) plus the [N, D] input gradient (an
+    all-reduce; SP: the chunk all-gathered once and its gradient reduce-scattered). The
+    Megatron(-SP) minimum is the same count untiled (n = 1).
 
-    **Sequence-parallel layout** (Megatron-SP; all-gather ``AG`` before a column block,
-    reduce-scatter ``RS`` after a row block, swapped in the backward; no activation AR inside
-    the layers):
-
-    ============================  ==================  ===================================
-    term                          ours                what
-    ============================  ==================  ===================================
-    forward, per layer            AG 2 L, RS 2 L      gather before q/k/v and before the
-                                                      MLP; scatter after o_proj and down_proj
-                                  (tiles: 2n each)    (with tiles both blocks work per tile)
-    remat, per layer              AG 2t L, RS r L     the recompute re-gathers the block
-                                                      inputs and re-scatters o_proj (r = 1 for
-                                                      full/save-dots; 0 for none and offload,
-                                                      which keeps the MLP input in host
-                                                      memory)
-                                  tiles: AG (2+f)nL,  checkpointed tiles re-gather in their
-                                  RS r n L            own backward even without remat; f = 1
-                                                      for full and offload (save-dots keeps
-                                                      the q/k/v products), else 0
-    backward, per layer           AG 2 L, RS 2 L      transposes of the forward ones
-                                  (tiles: 2n each)
-    embedding                     RS 1 (tiles: n)     the looked-up rows, scattered
-    cross-entropy                 AG C, RS C, AR 3C   each chunk of rows gathered once
-                                                      (the fused CE recomputes nothing),
-                                                      its gradient scattered; the [N]
-                                                      softmax statistics stay all-reduces
-    ============================  ==================  ===================================
-
-    The Megatron-SP minimum is the untiled count with remat's re-gathers: per layer AG 6 / RS 5
-    (remat full), AG 6 / RS 4 (offload), AG 4 / RS 4 (none). In bytes on a ring (all-reduce
-    = 2 (tp-1)/tp of the array, all-gather and reduce-scatter (tp-1)/tp each), a layer of the
-    SP step moves 11/10 of the replicated step's bytes under remat full (the re-scatter of the
-    recompute), the same bytes under none, and under offload more (the replicated layout's
-    recompute then needs no all-reduce at all, SP's still re-gathers the block inputs).
+    In bytes on a ring (all-reduce = 2 (tp-1)/tp of the array, all-gather and reduce-scatter
+    (tp-1)/tp each), a layer of the SP step moves 11/10 of the replicated step's bytes under
+    remat full (the re-scatter of the recompute), the same bytes under none, and under offload
+    more (the replicated recompute needs no all-reduce, SP's still re-gathers the block inputs).
 
     LoRA weight gradients are accumulated per device over all micro-batches and all-reduced
     ONCE per step over the whole mesh: ``lora_grad_bytes_minimum`` (fp32 LoRA size when
@@ -670,53 +636,45 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     ``tp_activation_reductions`` (activation all-reduces, the replicated layout's census number),
     ``megatron_tp``, ``extra_tp``, and with ``tokens`` the bytes and ring wire bytes.
     """
-    L, A, C, n = cfg.num_layers, micro_batches, ce_chunks, mlp_tiles
+    L, A, C = cfg.num_layers, micro_batches, ce_chunks
     sp = sequence_parallel and tp > 1
     targets = tuple(lora.targets) if lora is not None else ()
     r = lora.rank if lora is not None else 0
-    t = 0 if remat == "none" else 1
+    AR, AG, RS = "all-reduce", "all-gather", "reduce-scatter"
+    rematted = remat != "none"
+    re_reduce = remat in ("full", "save-dots")       # the recompute re-runs the reductions
+    re_gather = remat in ("full", "offload")         # a tiled recompute re-gathers q/k/v
     # Bytes of one op's RESULT on one device, from the local token counts (0 without tokens).
-    D = cfg.hidden_size
     tok = tokens or 0
     full = padded_tokens or tok                      # S_pad-based token count under SP
-    whole = (full if sp else tok) * D * dtype_bytes  # one [B, S, D] activation
-    tile = whole / n                                 # one MLP tile's gathered activation
+    whole = (full if sp else tok) * cfg.hidden_size * dtype_bytes     # one [B, S, D]
     stats = (full if sp else tok) / C * 4            # one chunk's [N] f32 softmax statistic
     chunk = whole / C                                # one CE chunk's [N, D]
-    ours, mega = [], []                              # (kind, term, count, result bytes)
-    if tp > 1 and not sp:
-        AR = "all-reduce"
-        # offload keeps the MLP input on the host: its recompute needs no o_proj psum
-        re_reduce = 1 if remat in ("full", "save-dots") else 0
-        common = [(AR, "remat", re_reduce * L, whole), (AR, "embedding", 1, whole),
-                  (AR, "ce_forward", 3 * C, stats), (AR, "ce_backward", C, chunk)]
-        ours = [(AR, "forward", L, whole), (AR, "forward", n * L, tile),
-                (AR, "backward", L, whole), (AR, "backward", n * L, tile)] + common
-        mega = [(AR, "forward", 2 * L, whole), (AR, "backward", 2 * L, whole)] + common
-    elif sp:
-        AG, RS, AR = "all-gather", "reduce-scatter", "all-reduce"
-        re_scatter = 1 if remat in ("full", "save-dots") else 0
-        common = [(RS, "remat", re_scatter * L, whole / tp), (RS, "embedding", 1, whole / tp),
-                  (AG, "ce_forward", C, chunk),
-                  (RS, "ce_backward", C, chunk / tp),
-                  (AR, "ce_forward", 3 * C, stats)]
-        if n > 1:   # attention projections tiled too: its gathers/scatters are per tile
-            # the recompute re-runs the attention tiles: their gathers under full and offload
-            # (save-dots keeps the q/k/v products), their o_proj scatters under full/save-dots
-            outer_ag = n if remat in ("full", "offload") else 0
-            common[0] = (RS, "remat", n * re_scatter * L, tile / tp)
-            common[1] = (RS, "embedding", n, tile / tp)    # the lookup is tiled too
-            ours = [(AG, "forward", 2 * n * L, tile), (RS, "forward", 2 * n * L, tile / tp),
-                    (AG, "remat", (2 * n + outer_ag) * L, tile),
-                    (AG, "backward", 2 * n * L, tile), (RS, "backward", 2 * n * L, tile / tp)]
-        else:
-            ours = [(AG, "forward", 2 * L, whole), (RS, "forward", 2 * L, whole / tp),
-                    (AG, "remat", 2 * t * L, whole),
-                    (AG, "backward", 2 * L, whole), (RS, "backward", 2 * L, whole / tp)]
-        ours = ours + common
-        mega = [(AG, "forward", 2 * L, whole), (RS, "forward", 2 * L, whole / tp),
-                (AG, "remat", 2 * t * L, whole),
-                (AG, "backward", 2 * L, whole), (RS, "backward", 2 * L, whole / tp)] + common
+
+    def entries(n):
+        """(kind, term, count per micro-batch, result bytes) with n MLP tiles."""
+        if tp == 1:
+            return []
+        out = []
+        for i, block in enumerate(BLOCKS):
+            k = n if (sp or block == "mlp") else 1   # tiles of this block
+            act, not_last = whole / k, i < len(BLOCKS) - 1
+            if not sp:
+                out += [(AR, "forward", k * L, act), (AR, "backward", k * L, act),
+                        (AR, "remat", re_reduce * not_last * k * L, act)]
+                continue
+            regather = rematted if k == 1 else 1 + re_gather * not_last
+            out += [(AG, "forward", k * L, act), (RS, "forward", k * L, act / tp),
+                    (AG, "remat", regather * k * L, act),
+                    (RS, "remat", re_reduce * not_last * k * L, act / tp),
+                    (AG, "backward", k * L, act), (RS, "backward", k * L, act / tp)]
+        if sp:
+            return out + [(RS, "embedding", n, whole / n / tp), (AG, "ce_forward", C, chunk),
+                          (RS, "ce_backward", C, chunk / tp), (AR, "ce_forward", 3 * C, stats)]
+        return out + [(AR, "embedding", 1, whole), (AR, "ce_forward", 3 * C, stats),
+                      (AR, "ce_backward", C, chunk)]
+
+    ours, mega = entries(mlp_tiles), entries(1)
 
     def counts(entries):
         out = {}
@@ -749,7 +707,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
         "tp_activation_reductions": total(ours, "all-reduce"),
         "megatron_tp": total(mega, "all-reduce"),
         "extra_tp": total(ours, "all-reduce") - total(mega, "all-reduce"),
-        "lora_grad_bytes_minimum": (4 * r * L * sum(sum(_proj_dims(cfg, tg)) for tg in targets)
+        "lora_grad_bytes_minimum": (4 * r * L * sum(sum(projection_dims(cfg, t)) for t in targets)
                                     if (tp > 1 or dp > 1) else 0),
         "dp_scalars": 2 if dp > 1 else 0,
     }
@@ -835,11 +793,6 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
                                              + t * cp_bytes_per_device(cp_impl, backward=False,
                                                                        **kw))
     return out
-
-
-def _proj_dims(cfg, name):
-    from ..config.projections import projection_dims
-    return projection_dims(cfg, name)
 
 
 def measured(census: list[dict], lora_rank: int | None) -> dict:

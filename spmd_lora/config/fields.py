@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from ..errors import ConfigError
 
+from .projections import TARGETS
+
 #: Values accepted by the choice-valued fields (first entry of each is not necessarily the default).
 CHOICES: dict[str, tuple[str, ...]] = {
     "template": ("auto", "alpaca", "rag", "text", "chat"),
@@ -42,8 +44,7 @@ FIELD_HELP: dict[str, str] = {
     "lora_rank": "LoRA rank r",
     "lora_alpha": "LoRA alpha; the update is scaled by alpha/r",
     "lora_dropout": "dropout on the LoRA input during training",
-    "lora_targets": "comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,"
-                    "gate_proj,up_proj,down_proj) or 'all'",
+    "lora_targets": f"comma-separated projections to adapt ({','.join(TARGETS)}) or 'all'",
     "use_rslora": "scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)",
     "learning_rate": "peak AdamW learning rate",
     "weight_decay": "AdamW weight decay",

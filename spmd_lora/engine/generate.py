@@ -40,7 +40,8 @@ from .. import model as M
 from ..errors import ConfigError, DataError
 from ..kernels import attention
 from ..parallel.placement import to_host
-from ..parallel.mesh import CP, DP, TP, lora_specs, param_specs
+from ..parallel.mesh import CP, DP, TP, lora_specs
+from ..weights.shapes import param_specs
 from ..parallel.placement import put_global
 
 F32 = jnp.float32

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .. import model
-from ..parallel.mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs, param_specs
+from ..parallel.mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs
+from ..weights.shapes import param_specs
 
 
 def batch_extras(batch: dict) -> dict:

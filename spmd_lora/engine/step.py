@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding
 
 from .. import model
 from ..model import ForwardOptions
-from ..parallel.mesh import CP, DP, MESH_AXES, REPLICATED, lora_specs, param_specs
+from ..parallel.mesh import CP, DP, MESH_AXES, REPLICATED, lora_specs
+from ..weights.shapes import param_specs
 from ..parallel.placement import MICRO_BATCH_SPEC
 from . import sharded
 

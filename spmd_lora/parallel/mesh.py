@@ -15,23 +15,14 @@ tp > KV, i.e. ``tp * max(KV // tp, 1)``)::
     lm_head      [D, Vp]        columns over tp   vocab-parallel cross-entropy (absent if tied)
     final_norm   [D]            replicated
     layers/attn_norm [L, D]     replicated
-    layers/q_proj    [L, D, H*hd]    columns over tp (whole heads per device)
-    layers/k_proj    [L, D, KVe*hd]  columns over tp
-    layers/v_proj    [L, D, KVe*hd]  columns over tp
-    layers/o_proj    [L, H*hd, D]    rows over tp, psum(tp) after
     layers/mlp_norm  [L, D]     replicated
-    layers/gate_proj [L, D, F]  columns over tp
-    layers/up_proj   [L, D, F]  columns over tp
-    layers/down_proj [L, F, D]  rows over tp, psum(tp) after
+    layers/<proj>    [L, in, out]  the seven projections of THE projection table
+                     (config/projections.py, which lists their shapes): a column-parallel one
+                     split along out (``P(None, None, tp)``), a row-parallel one along in
+                     (``P(None, tp, None)``, psum(tp) after); k/v with KVe kv heads
 
-With a quantised base (``base_quant`` int8 / nf4, see quant.py) each of the seven linears is a
-QuantWeight whose leaves are in the canonical orientation ``[L, N, ...]``, ``N`` the tp-split
-dimension (out of q/k/v/gate/up, in of o/down); every leaf is split over tp along axis 1
-(``QUANT_SPECS``)::
-
-    int8: values [L, N, D] int8, scale [L, N] f32
-    nf4:  packed [L, N, D/2] uint8, absmax_codes [L, N, D/64] uint8,
-          group_scale / group_offset [L, N*D/16384] f32
+Quantised linears (``base_quant`` int8 / nf4) and the spec tree of an actual parameter tree
+(``param_specs``) live on the weights floor (weights/quant.py, weights/shapes.py).
 
 LoRA factors (``lora/layers/<proj>/a`` [L, in, r] and ``.../b`` [L, r, out], fp32) are
 replicated on every device. The batch ``[B, S]`` is split over dp along B and over cp along S
@@ -42,14 +33,14 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..config.projections import PROJECTIONS
 from ..errors import ConfigError
-from ..weights.quant import is_quantised
 
 DP, CP, TP = "dp", "cp", "tp"
 MESH_AXES = (DP, CP, TP)
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+# how a [L, in, out] projection weight is split over tp, by its kind in the projection table
+PROJECTION_SPECS = {"column": P(None, None, TP), "row": P(None, TP, None)}
 
 PARAM_SPECS = {
     "embed": P(TP, None),
@@ -58,32 +49,12 @@ PARAM_SPECS = {
     "layers": {
         "attn_norm": P(),
         "mlp_norm": P(),
-        **{name: P(None, None, TP) for name in COLUMN_PARALLEL},
-        **{name: P(None, TP, None) for name in ROW_PARALLEL},
+        **{name: PROJECTION_SPECS[p.parallel] for name, p in PROJECTIONS.items()},
     },
-}
-
-QUANT_SPECS = {
-    "int8": {"values": P(None, TP, None), "scale": P(None, TP)},
-    "nf4": {"packed": P(None, TP, None), "absmax_codes": P(None, TP, None),
-            "group_scale": P(None, TP), "group_offset": P(None, TP)},
 }
 
 BATCH_SPEC = P(DP, CP)
 REPLICATED = P()
-
-
-def param_specs(params):
-    """PartitionSpec tree matching ``params`` (which may omit lm_head when embeddings are tied)."""
-    specs = {k: PARAM_SPECS[k] for k in params if k != "layers"}
-    specs["layers"] = {k: v.with_leaves(**quant_specs(v.kind)) if is_quantised(v)
-                       else PARAM_SPECS["layers"][k] for k, v in params["layers"].items()}
-    return specs
-
-
-def quant_specs(kind: str) -> dict:
-    """Leaf name -> PartitionSpec of a quantised linear (``kind`` int8 | nf4)."""
-    return dict(QUANT_SPECS[kind])
 
 
 def lora_specs(lora):

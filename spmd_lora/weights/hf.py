@@ -11,15 +11,14 @@ import numpy as np
 
 from .safetensors import WeightFiles
 from ..config.model_config import ModelConfig
-from ..parallel.mesh import named, param_specs
-from .shapes import kv_head_source, param_shapes, resolve_dtype
+from ..config.projections import PROJECTIONS, projection_dims
+from ..parallel.mesh import named
+from .shapes import kv_head_source, param_shapes, param_specs, resolve_dtype
 from .quant import QUANTISED_LINEARS, check_base_quant, make_quantised_weight
 
 HF_LAYER_NAMES = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "mlp_norm": "post_attention_layernorm",
+    **{name: p.hf_module for name, p in PROJECTIONS.items()},
+    "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
 }
 
 
@@ -40,14 +39,13 @@ def _take_rows(t, rows: np.ndarray):
 
 def _hf_out_rows(cfg: ModelConfig, tp: int, name: str, cols: np.ndarray) -> np.ndarray:
     """HF output rows that our (possibly kv-expanded) output columns come from."""
-    if name in ("k_proj", "v_proj"):
+    if PROJECTIONS[name].kv_expanded:
         hd = cfg.head_dim
         return kv_head_source(cfg, tp)[cols // hd] * hd + cols % hd
     return cols
 
 
 def _check_shapes(files: WeightFiles, cfg: ModelConfig) -> None:
-    from ..config.projections import projection_dims
     d, v = cfg.hidden_size, cfg.vocab_size
     files.expect_shape("model.embed_tokens.weight", (v, d))
     files.expect_shape("model.norm.weight", (d,))
@@ -103,7 +101,7 @@ def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pic
                 t = files.get(hf_layer_key(layer, name))
                 if name.endswith("norm"):                  # [D]
                     blocks.append(np.asarray(t[idx[1]]))
-                elif name in ("o_proj", "down_proj"):      # ours [in, out] = HF [out, in].T
+                elif not PROJECTIONS[name].column:         # ours [in, out] = HF [out, in].T
                     blocks.append(np.asarray(t[idx[2], idx[1]]).T)
                 else:                                      # column-parallel, maybe kv-expanded
                     cols = _indices(idx[2], shapes["layers"][name][2])
@@ -115,7 +113,7 @@ def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pic
     def read_rows(name):                                   # canonical C[layer, rows] (quant.py)
         def read(layer, rows):
             t = files.get(hf_layer_key(layer, name))
-            if name in ("o_proj", "down_proj"):            # C = HF [D, in].T, rows of in
+            if not PROJECTIONS[name].column:               # C = HF [D, in].T, rows of in
                 return np.asarray(t[:, rows[0]:rows[-1] + 1]).T
             return np.asarray(_take_rows(t, _hf_out_rows(cfg, tp, name, rows)))
         return read

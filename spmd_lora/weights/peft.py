@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config.model_config import ModelConfig, read_json_config
 from ..errors import CheckpointError
-from ..config.projections import TARGETS, projection_dims
+from ..config.projections import HF_MODULES, PROJECTIONS, TARGETS, projection_dims
 from ..config.lora_config import LoraConfig
 from ..parallel.placement import put_global, replicated_to_host
 
@@ -36,11 +36,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 
-_MODULE_PREFIX = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 _KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(" + "|".join(HF_MODULES.values())
+    + r")\.(\w+)\.lora_([AB])"
     r"(?:\.default)?\.weight$")
 
 # adapter_config.json fields that change what the adapter computes; each must be at its default.
@@ -72,7 +71,7 @@ _BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda")
 
 def hf_lora_key(layer: int, proj: str, factor: str) -> str:
     """PEFT's saved key, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
-    return f"base_model.model.model.layers.{layer}.{_MODULE_PREFIX[proj]}.{proj}.lora_{factor}.weight"
+    return f"base_model.model.model.layers.{layer}.{PROJECTIONS[proj].hf_module}.lora_{factor}.weight"
 
 
 # ----------------------------------------------------------------------------- save
@@ -263,7 +262,8 @@ def read_adapter(adapter_dir, config: ModelConfig, allow_pickle: bool = False
     unknown = []
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
-        if not m or m.group(3) not in TARGETS or _MODULE_PREFIX[m.group(3)] != m.group(2):
+        if (not m or m.group(3) not in TARGETS
+                or PROJECTIONS[m.group(3)].hf_module != f"{m.group(2)}.{m.group(3)}"):
             unknown.append(key)
             continue
         layer, proj, factor = int(m.group(1)), m.group(3), m.group(4)

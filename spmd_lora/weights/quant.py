@@ -1,12 +1,13 @@
 """Quantised frozen base weights (QLoRA): ``base_quant = "none" | "int8" | "nf4"``.
 
-Only the seven decoder linears are quantised (as bitsandbytes/QLoRA do); embeddings, norms and
+Only the seven decoder linears (THE projection table, config/projections.py) are quantised (as bitsandbytes/QLoRA do); embeddings, norms and
 the LM head keep the model dtype. A quantised linear is stored in its CANONICAL orientation
 ``C [L, N, D]``: ``N`` is the dimension tensor parallelism splits (the output of a
 column-parallel q/k/v/gate/up, the input of a row-parallel o/down) and ``D`` the hidden size,
 which no linear splits. So ``C`` is HF's ``[out, in]`` weight for a column-parallel linear and its
 transpose for a row-parallel one, and ``W = C.T`` resp. ``W = C`` in our ``x @ W`` layout
-(mesh.py). Every quantisation block runs along ``D`` inside one row of ``C``, so no block ever
+(parallel/mesh.py; ``N``, ``D`` from :func:`~spmd_lora.config.projections.canonical_dims`).
+Every quantisation block runs along ``D`` inside one row of ``C``, so no block ever
 straddles a tp shard boundary, and the quantised base does not depend on tp.
 
 * ``int8`` (:class:`Int8Weight`): one absmax scale per row of ``C`` (``values`` int8 [L, N, D],
@@ -24,7 +25,13 @@ straddles a tp shard boundary, and the quantised base does not depend on tp.
   first level (codes and absmax of a column-parallel ``[out, in]`` weight) equals
   ``bitsandbytes.functional.quantize_4bit(W, blocksize=64, quant_type="nf4")`` exactly.
 
-Sharding (``mesh.QUANT_SPECS``): every leaf is split over tp along ``N`` (axis 1). A group
+Sharding (``QUANT_SPECS``): every leaf is split over tp along ``N`` (axis 1)::
+
+    int8: values [L, N, D] int8, scale [L, N] f32
+    nf4:  packed [L, N, D/2] uint8, absmax_codes [L, N, D/64] uint8,
+          group_scale / group_offset [L, N*D/16384] f32
+
+A group
 stays inside one shard when ``N/tp * D/64`` is a multiple of 256 (Llama 7B-70B: always);
 :func:`check_nf4_layout` reports the rare config where it is not.
 
@@ -42,14 +49,23 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..config.projections import PROJECTIONS, TARGETS, canonical_dims
 from ..errors import ConfigError
+from ..parallel.mesh import PARAM_SPECS, TP, named
 
 BASE_QUANTS = ("none", "int8", "nf4")
 NF4_BLOCK = 64
 NF4_GROUP = 256                       # absmax values per double-quantisation group
 QUANT_CHUNK_ELEMENTS = 1 << 18       # weights quantised at once while loading (1 MiB in fp32)
-QUANTISED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTISED_LINEARS = TARGETS          # every projection of the table
+
+QUANT_SPECS = {
+    "int8": {"values": P(None, TP, None), "scale": P(None, TP)},
+    "nf4": {"packed": P(None, TP, None), "absmax_codes": P(None, TP, None),
+            "group_scale": P(None, TP), "group_offset": P(None, TP)},
+}
 
 # The 16 NF4 values as published with QLoRA (Dettmers et al. 2023, appendix E) and used by
 # bitsandbytes: normal quantiles, asymmetric so that 0 is represented exactly.
@@ -276,11 +292,15 @@ def matmul(x, w):
 
 # ----------------------------------------------------------------------------- layout
 
+def quant_specs(kind: str) -> dict:
+    """Leaf name -> PartitionSpec of a quantised linear (``kind`` int8 | nf4)."""
+    return dict(QUANT_SPECS[kind])
+
+
 def canonical_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """[L, N, D] of a linear whose dense global shape (mesh.py) is ``shape`` [L, in, out]."""
-    from ..parallel.mesh import COLUMN_PARALLEL
     L, fan_in, fan_out = shape
-    return (L, fan_out, fan_in) if name in COLUMN_PARALLEL else (L, fan_in, fan_out)
+    return (L, *canonical_dims(name, (fan_in, fan_out)))
 
 
 def leaf_shapes(kind: str, canonical: tuple[int, int, int]) -> dict:
@@ -308,7 +328,6 @@ def check_nf4_layout(name: str, canonical: tuple[int, int, int], tp: int) -> Non
 
 def abstract_weight(kind: str, name: str, shape, mesh, compute_dtype) -> QuantWeight:
     """A QuantWeight of ShapeDtypeStructs with the plan's shardings (planning, profiling)."""
-    from ..parallel.mesh import named, quant_specs
     canonical = canonical_shape(name, shape)
     if kind == "nf4":
         check_nf4_layout(name, canonical, mesh.shape["tp"])
@@ -320,8 +339,7 @@ def abstract_weight(kind: str, name: str, shape, mesh, compute_dtype) -> QuantWe
 
 
 def _is_column(name: str) -> bool:
-    from ..parallel.mesh import COLUMN_PARALLEL
-    return name in COLUMN_PARALLEL
+    return PROJECTIONS[name].column
 
 
 def make_quantised_weight(kind: str, name: str, shape, mesh, compute_dtype, read_rows):
@@ -333,7 +351,6 @@ def make_quantised_weight(kind: str, name: str, shape, mesh, compute_dtype, read
     double-quantisation groups), so the only full-precision data ever held is one chunk; the
     packed shard is shared by all leaves of that shard and dropped after the last leaf.
     """
-    from ..parallel.mesh import named, quant_specs
     tp = mesh.shape["tp"]
     canonical = canonical_shape(name, shape)
     if kind == "nf4":
@@ -377,9 +394,6 @@ def dequantized_params(params, mesh) -> dict:
     """The parameter tree with every QuantWeight replaced by the dense W it stands for (global
     [L, in, out] in its compute dtype, laid out by mesh.PARAM_SPECS): the float model the
     quantised one computes, for tests and comparisons."""
-    from ..parallel.mesh import PARAM_SPECS
-    from jax.sharding import NamedSharding
-
     def dense(name, w):
         if not is_quantised(w):
             return w

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config.model_config import ModelConfig
+from ..config.projections import PROJECTIONS
 from ..errors import ConfigError
-from ..parallel.mesh import named, param_specs
+from ..parallel.mesh import PARAM_SPECS, named
+from .quant import (QUANTISED_LINEARS, abstract_weight, check_base_quant, is_quantised,
+                    quant_specs)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -41,22 +44,29 @@ def kv_head_source(cfg: ModelConfig, tp: int) -> np.ndarray:
 
 def param_shapes(cfg: ModelConfig, tp: int) -> dict:
     """Global shape of every base parameter (see mesh.py for the layout)."""
-    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    q = cfg.num_heads * cfg.head_dim
-    kv = expanded_kv_heads(cfg, tp) * cfg.head_dim
+    L, D = cfg.num_layers, cfg.hidden_size
+    kv = expanded_kv_heads(cfg, tp)
     vp = cfg.padded_vocab(tp)
     shapes = {
         "embed": (vp, D),
         "final_norm": (D,),
         "layers": {
             "attn_norm": (L, D), "mlp_norm": (L, D),
-            "q_proj": (L, D, q), "k_proj": (L, D, kv), "v_proj": (L, D, kv), "o_proj": (L, q, D),
-            "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+            **{name: (L, *p.dims(cfg, kv)) for name, p in PROJECTIONS.items()},
         },
     }
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (D, vp)
     return shapes
+
+
+def param_specs(params):
+    """PartitionSpec tree matching ``params`` (which may omit lm_head when embeddings are tied;
+    its linears may be QuantWeights, whose leaves get ``quant.QUANT_SPECS``)."""
+    specs = {k: PARAM_SPECS[k] for k in params if k != "layers"}
+    specs["layers"] = {k: v.with_leaves(**quant_specs(v.kind)) if is_quantised(v)
+                       else PARAM_SPECS["layers"][k] for k, v in params["layers"].items()}
+    return specs
 
 
 def _is_shape(x):
@@ -66,7 +76,6 @@ def _is_shape(x):
 def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16", base_quant="none") -> dict:
     """ShapeDtypeStruct tree with the plan's shardings (norms kept in the same dtype); with
     ``base_quant`` int8 | nf4 the seven linears are QuantWeights of packed leaves (quant.py)."""
-    from .quant import QUANTISED_LINEARS, abstract_weight, check_base_quant
     check_base_quant(base_quant)
     tp = mesh.shape["tp"]
     shapes = param_shapes(cfg, tp)
