@@ -91,42 +91,13 @@ def plan_mesh(dp: int, tp: int, cp: int = 1, target: str | None = None, hosts: i
 def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=None,
                         dtype="bfloat16", micro_batches: int = 1, optimizer=None,
                         base_quant="none"):
-    """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings.
-    ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp). With cp > 1 in the
-    mesh, the batch has the zig-zag fields of the batch preparation, S padded to a multiple of
-    2*cp*tp."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from ..config.lora_config import LoraConfig
-    from ..weights.lora import init_lora
-    from ..weights.shapes import abstract_params
-    from ..parallel.placement import MICRO_BATCH_SPEC
-    from ..engine.step import OptimizerConfig, make_optimizer
-
-    lora = lora or LoraConfig()
-    optimizer = optimizer or make_optimizer(OptimizerConfig())
-    rep = NamedSharding(mesh, P())
-
-    def put(tree, sharding):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-    params = abstract_params(cfg, mesh, dtype, base_quant)
-    lora_p = put(jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0))), rep)
-    opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
-    bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    cp, tp = mesh.shape["cp"], mesh.shape["tp"]
-    if cp > 1:
-        from ..parallel.zigzag import padded_seq_len
-        seq, fields = padded_seq_len(max_seq_len, cp, tp), ("tokens", "targets", "target_weights",
-                                                            "positions", "token_index")
-    else:
-        seq, fields = max_seq_len, ("tokens", "loss_mask")
-    batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, seq), jnp.int32, sharding=bs)
-               for k in fields}
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    return params, lora_p, opt_state, batches, key
+    """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings
+    (:meth:`spmd_lora.engine.factory.TrainStep.abstract_args`). ``batch`` is the GLOBAL batch
+    (rows per micro-batch, split over dp)."""
+    from ..engine.factory import build_train_step
+    return build_train_step(cfg, mesh=mesh, lora=lora, optimizer=optimizer).abstract_args(
+        max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches, dtype=dtype,
+        base_quant=base_quant)
 
 
 def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int = 1, lora=None,
@@ -134,23 +105,19 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                      mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
                      base_quant="none", cp: int = 1, cp_impl: str = "ring"):
-    """Lower the real train step on abstract inputs on a (dp, cp, tp) mesh. Returns
-    (lowered, mesh, args)."""
-    from ..config.lora_config import LoraConfig
-    from ..model import ForwardOptions
-    from ..engine.step import OptimizerConfig, make_optimizer, make_train_step
+    """Lower the real train step (:func:`spmd_lora.engine.factory.build_train_step`) on
+    abstract inputs on a (dp, cp, tp) mesh. Returns (lowered, mesh, args)."""
+    from ..engine.factory import build_train_step
 
     cfg.check_tp(tp)
-    lora = lora or LoraConfig()
     mesh = mesh or plan_mesh(dp, tp, cp)
-    optimizer = optimizer or make_optimizer(OptimizerConfig())
-    opts = ForwardOptions(cfg=cfg, tp=tp, lora=lora, attention_impl=attention, remat=remat,
-                          ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-                          mlp_chunk_tokens=mlp_chunk_tokens, cp=cp, cp_impl=cp_impl)
-    args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
-                               dtype=dtype, micro_batches=micro_batches, optimizer=optimizer,
-                               base_quant=base_quant)
-    return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args
+    step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
+                            cp_impl=cp_impl, attention=attention, remat=remat,
+                            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+                            mlp_chunk_tokens=mlp_chunk_tokens)
+    args = step.abstract_args(max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches,
+                              dtype=dtype, base_quant=base_quant)
+    return step.lower(*args), mesh, args
 
 
 # XLA:CPU up to jaxlib 0.10 has no bf16 matmul: it converts bf16 weights to f32 first, and
@@ -227,10 +194,10 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     import numpy as np
 
     from ..parallel.zigzag import padded_seq_len
-    from ..model import ForwardOptions
+    from ..engine.factory import forward_options
     from ..weights.shapes import resolve_dtype
     local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
-    layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
+    layout = forward_options(cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return cfg.num_layers * per_layer * itemsize * 2
