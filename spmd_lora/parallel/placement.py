@@ -3,10 +3,11 @@
 * :func:`put_global` / :func:`replicate`: a host value every process holds in full, onto a
   sharding (each process fills only its own devices' shards).
 * :func:`shard_micro_batches` / :func:`place_micro_batches`: THE batch placement of a train
-  step (:func:`shard_batch`: the same for one batch ``[B, S]`` of a forward, no ``A`` axis). Host ``[A, B, S]`` int arrays (``tokens``, ``loss_mask``, optional ``positions`` /
+  step. Host ``[A, B, S]`` int arrays (``tokens``, ``loss_mask``, optional ``positions`` /
   ``segment_ids``) are put in the zig-zag layout when cp > 1 (:mod:`.zigzag`) and placed on
   ``MICRO_BATCH_SPEC``: B split over dp, S over cp. ``place_micro_batches`` builds on each
   process only the rows of its own devices (:func:`local_rows`, :func:`put_rows`).
+  :func:`shard_batch` does the same for one ``[B, S]`` batch of a forward (``api.Model``).
 * :func:`replicated_to_host` / :func:`to_host`: numpy copies back, also of arrays that span
   several processes.
 """
