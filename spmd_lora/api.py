@@ -5,16 +5,15 @@ import dataclasses
 from functools import cached_property
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from .engine import sharded
+from .engine.factory import forward_options, mesh_for
 from .config.model_config import ModelConfig
-from .parallel.zigzag import from_zigzag, prepare_batch
+from .parallel.zigzag import from_zigzag
 from .weights.hf import load_hf_params
-from .parallel.mesh import BATCH_SPEC, CP, TP, make_mesh
-from .parallel.placement import put_global
+from .parallel.mesh import CP, TP
+from .parallel.placement import shard_batch
 from .config.train_config import DEFAULT_MLP_CHUNK_TOKENS
 from .model import ForwardOptions
 
@@ -37,20 +36,15 @@ class Model:
 
     @property
     def options(self) -> ForwardOptions:
-        return ForwardOptions(cfg=self.config, tp=self.mesh.shape[TP], lora=self.lora_config,
-                              attention_impl=self.attention,
-                              sequence_parallel=self.sequence_parallel,
-                              mlp_chunk_tokens=self.mlp_chunk_tokens, cp=self.mesh.shape[CP],
-                              cp_impl=self.cp_impl)
+        """The forward's settings: this model's fields (``lora_config`` too), tp and cp the
+        mesh's."""
+        return forward_options(self.config, self, tp=self.mesh.shape[TP], cp=self.mesh.shape[CP])
 
     def put_batch(self, batch: dict) -> dict:
         """Host arrays [B, S] (``tokens``, ``loss_mask``, optional ``positions`` /
         ``segment_ids``) -> the prepared global batch of :func:`sharded.loss_sum_fn` (zig-zag
         with cp > 1), B split over dp and S over cp."""
-        batch = {k: v for k, v in batch.items() if v is not None}
-        batch = prepare_batch(batch, self.mesh.shape[CP], self.mesh.shape[TP])
-        sharding = NamedSharding(self.mesh, BATCH_SPEC)
-        return {k: put_global(np.asarray(v, jnp.int32), sharding) for k, v in batch.items()}
+        return shard_batch({k: v for k, v in batch.items() if v is not None}, self.mesh)
 
     @cached_property
     def _logits(self):
@@ -98,7 +92,7 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
     """
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
-    mesh = make_mesh(dp, tp, cp)
+    mesh = mesh_for(dp=dp, tp=tp, cp=cp)
     params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle,
                             base_quant=base_quant)
     model = Model(config=config, mesh=mesh, params=params, attention=attention,

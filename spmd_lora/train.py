@@ -32,11 +32,10 @@ from .errors import ConfigError, DataError
 from .health import DivergenceGuard, lora_norm
 from .config.train_config import TrainConfig
 from .weights.lora import init_lora
-from .parallel.mesh import make_mesh
-from .model import ForwardOptions
+from .engine.factory import build_train_step, mesh_for, optimizer_config
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
-from .engine.step import OptimizerConfig, lr_schedule, make_optimizer, make_train_step
+from .engine.step import lr_schedule
 from .api import Model
 from .evaluate import evaluate
 from .plots import write_loss_plot
@@ -104,7 +103,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
-    mesh = make_mesh(cfg.dp, cfg.tp, cfg.cp)
+    mesh = mesh_for(cfg)
     batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                                  pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
     steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum_steps
@@ -116,10 +115,9 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
 
     params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle,
                             base_quant=cfg.base_quant)
-    opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                              total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio,
-                              weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    optimizer = make_optimizer(opt_cfg)
+    opt_cfg = optimizer_config(cfg, total_steps)
+    built = build_train_step(model_cfg, cfg, mesh=mesh, optimizer=opt_cfg)
+    optimizer, step_fn = built.optimizer, built.step
     schedule = lr_schedule(opt_cfg)
     base_key = jax.random.key(cfg.seed)
     lora = init_lora(model_cfg, lora_cfg, jax.random.fold_in(base_key, 0))
@@ -136,11 +134,6 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
         batches.restore(state["data"])
     lora, opt_state = replicate(lora, mesh), replicate(opt_state, mesh)
 
-    opts = ForwardOptions(cfg=model_cfg, tp=cfg.tp, lora=lora_cfg, attention_impl=cfg.attention,
-                          remat=cfg.remat, ce_chunk_tokens=cfg.ce_chunk_tokens,
-                          sequence_parallel=cfg.sequence_parallel,
-                          mlp_chunk_tokens=cfg.mlp_chunk_tokens, cp=cfg.cp, cp_impl=cfg.cp_impl)
-    step_fn = make_train_step(opts, mesh, optimizer)
     model = Model(config=model_cfg, mesh=mesh, params=params, lora=lora, lora_config=lora_cfg,
                   attention=cfg.attention, sequence_parallel=cfg.sequence_parallel,
                   mlp_chunk_tokens=cfg.mlp_chunk_tokens, cp_impl=cfg.cp_impl)

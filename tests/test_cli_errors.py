@@ -15,7 +15,7 @@ import pytest
 
 from spmd_lora import cli
 from spmd_lora import data
-from spmd_lora.analysis import plan
+from spmd_lora.cli import plan
 from spmd_lora.errors import ConfigError, TrainingError
 from spmd_lora.health import DivergenceGuard
 from spmd_lora.tiny import asset_path, build_tiny_llama

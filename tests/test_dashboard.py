@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora import cli
+from spmd_lora.cli import commands as cli
 from spmd_lora.dashboard import launcher, runs
 from spmd_lora.dashboard.server import Dashboard, is_loopback, make_server
 from spmd_lora.tiny import asset_path

@@ -271,7 +271,8 @@ def test_quantised_load_peak_host_memory(tmp_path):
 def test_plan_and_census_of_an_nf4_step(tmp_path, capsys):
     """The NF4 train step compiles from abstract shapes, adds no collective (dequantisation is
     local to each shard) and the plan counts packed weights and constants per device."""
-    from spmd_lora.analysis import hlo, plan
+    from spmd_lora.analysis import hlo
+    from spmd_lora.cli import plan
     from spmd_lora.config.model_config import ModelConfig, PRESETS
     from spmd_lora.weights.shapes import abstract_params
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spmd_lora.analysis import hlo, plan
+from spmd_lora.analysis import hlo
+from spmd_lora.cli import plan
 from spmd_lora.config.model_config import PRESETS, ModelConfig
 from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.model import ForwardOptions

@@ -89,32 +89,27 @@ def worker_ours(args):
     import numpy as np
 
     from spmd_lora.config.lora_config import LoraConfig
-    from spmd_lora.weights.lora import init_lora
-    from spmd_lora.parallel.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.weights.shapes import random_params
-    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
-    from spmd_lora.parallel.placement import replicate, shard_micro_batches
+    from spmd_lora.engine.factory import build_train_step
+    from spmd_lora.engine.step import OptimizerConfig
+    from spmd_lora.parallel.placement import shard_micro_batches
 
     m = model_dims(args.config)
     gpu = jax.default_backend() != "cpu"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     cfg = _model_config(m)
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=_targets(args.targets))
-    mesh = make_mesh(1, args.tp)
-    opts = ForwardOptions(cfg=cfg, tp=args.tp, lora=lora_cfg, attention_impl=args.attention,
-                          remat=args.remat, ce_chunk_tokens=args.ce_chunk_tokens,
-                          sequence_parallel=args.sequence_parallel)
-    opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0, max_grad_norm=None,
-                                         total_steps=10 ** 6))
-    params = random_params(cfg, mesh, dtype)
-    state = {"lora": replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)}
-    state["opt"] = replicate(opt.init(state["lora"]), mesh)
+    step = build_train_step(
+        cfg, lora=lora_cfg, tp=args.tp, attention=args.attention, remat=args.remat,
+        ce_chunk_tokens=args.ce_chunk_tokens, sequence_parallel=args.sequence_parallel,
+        optimizer=OptimizerConfig(learning_rate=2e-4, weight_decay=0.0, max_grad_norm=None,
+                                  total_steps=10 ** 6))
+    mesh, opts = step.mesh, step.opts
+    params = step.random_params(dtype)
+    state = dict(zip(("lora", "opt"), step.init_state(jax.random.key(0))))
     rng = np.random.default_rng(0)
     shape = (1, args.batch, m["seq"])
     batches = shard_micro_batches({"tokens": rng.integers(0, m["vocab"], shape),
                                    "loss_mask": np.ones(shape, np.int32)}, mesh)
-    step = make_train_step(opts, mesh, opt)
     key = jax.random.key(1)
 
     def one():

@@ -163,11 +163,9 @@ def cmd_overlap(args) -> dict:
     from spmd_lora.data import BatchIterator, load_dataset
     from spmd_lora.weights.hf import load_hf_params
     from spmd_lora.config.lora_config import LoraConfig
-    from spmd_lora.weights.lora import init_lora
-    from spmd_lora.parallel.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
-    from spmd_lora.parallel.placement import replicate, shard_micro_batches
+    from spmd_lora.engine.factory import build_train_step, mesh_for
+    from spmd_lora.engine.step import OptimizerConfig
+    from spmd_lora.parallel.placement import shard_micro_batches
     from spmd_lora.tiny import build_tiny_llama, sample_data_path
     from spmd_lora.tokenizer import load_tokenizer
 
@@ -176,16 +174,15 @@ def cmd_overlap(args) -> dict:
                                  hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4)
     cfg = ModelConfig.from_pretrained(model_dir)
-    mesh = make_mesh(1, 1)
+    mesh = mesh_for()
     lora_cfg = LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("all",))
     params = load_hf_params(model_dir, cfg, mesh, "float32")
     tok = load_tokenizer(model_dir)
     examples = load_dataset(sample_data_path("alpaca"), tok, "alpaca", 256)
     batches = BatchIterator(examples, batch_size=1, max_seq_len=256, pack=True, seed=0)
-    opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, total_steps=10 ** 6))
-    step_fn = make_train_step(ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg), mesh, opt)
-    lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
-    opt_state = replicate(opt.init(lora), mesh)
+    step_fn = build_train_step(cfg, mesh=mesh, lora=lora_cfg,
+                               optimizer=OptimizerConfig(learning_rate=2e-4, total_steps=10 ** 6))
+    lora, opt_state = step_fn.init_state(jax.random.key(0))
     key = jax.random.key(1)
 
     def prepare():

@@ -383,12 +383,9 @@ def train_worker(spec: dict) -> dict:
 
     from spmd_lora.analysis import plan as plan_mod
     from spmd_lora.config.lora_config import LoraConfig
-    from spmd_lora.weights.lora import init_lora
-    from spmd_lora.parallel.mesh import make_mesh
-    from spmd_lora.model import ForwardOptions
-    from spmd_lora.weights.shapes import random_params
-    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
-    from spmd_lora.parallel.placement import replicate, shard_micro_batches
+    from spmd_lora.engine.factory import build_train_step
+    from spmd_lora.engine.step import OptimizerConfig
+    from spmd_lora.parallel.placement import shard_micro_batches
 
     if spec.get("cache_dir"):  # the plan's compile of the same step fills it for the run
         jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
@@ -398,18 +395,16 @@ def train_worker(spec: dict) -> dict:
     lora_cfg = LoraConfig(rank=spec["rank"], alpha=2.0 * spec["rank"], targets="all")
     predicted = plan_mod.plan_memory(cfg, 1, 1, s, lora=lora_cfg, dtype=dtype, remat="full",
                                      attention=impl)
-    mesh = make_mesh(1, 1)
-    opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, attention_impl=impl, remat="full")
-    opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0,
-                                         max_grad_norm=None, total_steps=10 ** 6))
-    params = random_params(cfg, mesh, dtype)
-    state = {"lora": replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)}
-    state["opt"] = replicate(opt.init(state["lora"]), mesh)
+    step = build_train_step(cfg, lora=lora_cfg, attention=impl, remat="full",
+                            optimizer=OptimizerConfig(learning_rate=2e-4, weight_decay=0.0,
+                                                      max_grad_norm=None, total_steps=10 ** 6))
+    mesh = step.mesh
+    params = step.random_params(dtype)
+    state = dict(zip(("lora", "opt"), step.init_state(jax.random.key(0))))
     rng = np.random.default_rng(0)
     shape = (1, 1, s)
     batches = shard_micro_batches({"tokens": rng.integers(0, cfg.vocab_size, shape),
                                    "loss_mask": np.ones(shape, np.int32)}, mesh)
-    step = make_train_step(opts, mesh, opt)
     key = jax.random.key(1)
 
     def one():

@@ -83,13 +83,12 @@ def main(argv=None):
     from spmd_lora.kernels import attention
     from spmd_lora.kernels.flash_attention import BlockSizes
     from spmd_lora.config.lora_config import LoraConfig
-    from spmd_lora.weights.lora import init_lora
-    from spmd_lora.parallel.mesh import make_mesh
+    from spmd_lora.engine.factory import build_train_step, forward_options, mesh_for
     from spmd_lora.weights.shapes import param_specs
-    from spmd_lora.model import ForwardOptions, cross_entropy_sum
+    from spmd_lora.model import cross_entropy_sum
     from spmd_lora.weights.shapes import random_params
-    from spmd_lora.engine.step import OptimizerConfig, make_optimizer, make_train_step
-    from spmd_lora.parallel.placement import replicate, shard_micro_batches
+    from spmd_lora.engine.step import OptimizerConfig
+    from spmd_lora.parallel.placement import shard_micro_batches
     model_dims, _model_config, _loadavg = bench.model_dims, bench._model_config, bench._loadavg
 
     m = model_dims(args.config)
@@ -98,7 +97,7 @@ def main(argv=None):
     useful = F.step_flops(cfg, s, lora_rank=8)              # by part; the same for every remat
     h, hd = cfg.num_heads, cfg.head_dim
     lora_cfg = LoraConfig(rank=8, alpha=16.0, targets="all")
-    mesh = make_mesh(1, 1)
+    mesh = mesh_for()
     parts = args.parts.split(",")
     rows = []
     print(f"config {args.config}: L={L} d={d} S={s} V={m['vocab']}; load average {_loadavg()}",
@@ -121,17 +120,15 @@ def main(argv=None):
 
     if "step" in parts:
         params = random_params(cfg, mesh, "float32")
-        opt = make_optimizer(OptimizerConfig(learning_rate=2e-4, weight_decay=0.0,
-                                             max_grad_norm=None, total_steps=10 ** 6))
+        opt = OptimizerConfig(learning_rate=2e-4, weight_decay=0.0, max_grad_norm=None,
+                              total_steps=10 ** 6)
         rng = np.random.default_rng(0)
         batches = shard_micro_batches({"tokens": rng.integers(0, m["vocab"], (1, 1, s)),
                                        "loss_mask": np.ones((1, 1, s), np.int32)}, mesh)
         for remat in args.remat.split(","):
-            opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, remat=remat,
-                                  ce_chunk_tokens=args.ce_chunk_tokens)
-            step = make_train_step(opts, mesh, opt)
-            lora = replicate(init_lora(cfg, lora_cfg, jax.random.key(0)), mesh)
-            state = [lora, replicate(opt.init(lora), mesh)]
+            step = build_train_step(cfg, mesh=mesh, lora=lora_cfg, remat=remat,
+                                    ce_chunk_tokens=args.ce_chunk_tokens, optimizer=opt)
+            state = list(step.init_state(jax.random.key(0)))
             key = jax.random.key(1)
 
             def one():
@@ -164,7 +161,7 @@ def main(argv=None):
         targets = jax.random.randint(jax.random.key(4), (1, s), 0, m["vocab"])
         weights = jnp.ones((1, s), jnp.float32)
         for chunk in (s, max(1, s // 2)):
-            opts = ForwardOptions(cfg=cfg, tp=1, lora=lora_cfg, ce_chunk_tokens=chunk)
+            opts = forward_options(cfg, lora=lora_cfg, ce_chunk_tokens=chunk)
 
             def per_dev(p, hs, t, w, opts=opts):
                 return cross_entropy_sum(hs, t, w, p, opts)[0]

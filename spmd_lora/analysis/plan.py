@@ -16,7 +16,8 @@ Where it compiles:
   configs; ``autotune_results`` loads results dumped on a real GPU by tools/gpu_suite.py).
 * otherwise on the default backend when it has tp*dp*cp devices, else on the host CPU with
   that many fake devices: an *estimate* of a GPU run. The CPU device count is fixed when JAX
-  initialises its backends, so :func:`main` (and :func:`ensure_host_devices`) set
+  initialises its backends, so the command (:mod:`spmd_lora.cli.plan`, through
+  :func:`ensure_host_devices`) sets
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` if JAX has not initialised yet; a
   process that already initialised JAX with fewer devices gets a clear error instead.
 
@@ -37,6 +38,12 @@ import sys
 import time
 
 GiB = 1024 ** 3
+
+__all__ = ["GiB", "ensure_host_devices", "plan_devices", "plan_mesh", "abstract_train_args",
+           "lower_train_step", "CPU_PLAN_OPTIONS", "compile_train_step", "upcasts_matmuls",
+           "cpu_upcast_allowance", "offloaded_bytes", "quant_weight_bytes",
+           "gpu_compiler_options", "plan_memory", "parse_bytes", "format_bytes", "compiled_for",
+           "compiled_for_line", "print_plan", "find_max_seq_len"]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -91,42 +98,13 @@ def plan_mesh(dp: int, tp: int, cp: int = 1, target: str | None = None, hosts: i
 def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=None,
                         dtype="bfloat16", micro_batches: int = 1, optimizer=None,
                         base_quant="none"):
-    """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings.
-    ``batch`` is the GLOBAL batch (rows per micro-batch, split over dp). With cp > 1 in the
-    mesh, the batch has the zig-zag fields of the batch preparation, S padded to a multiple of
-    2*cp*tp."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from ..config.lora_config import LoraConfig
-    from ..weights.lora import init_lora
-    from ..weights.shapes import abstract_params
-    from ..parallel.placement import MICRO_BATCH_SPEC
-    from ..engine.step import OptimizerConfig, make_optimizer
-
-    lora = lora or LoraConfig()
-    optimizer = optimizer or make_optimizer(OptimizerConfig())
-    rep = NamedSharding(mesh, P())
-
-    def put(tree, sharding):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-    params = abstract_params(cfg, mesh, dtype, base_quant)
-    lora_p = put(jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0))), rep)
-    opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
-    bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
-    cp, tp = mesh.shape["cp"], mesh.shape["tp"]
-    if cp > 1:
-        from ..parallel.zigzag import padded_seq_len
-        seq, fields = padded_seq_len(max_seq_len, cp, tp), ("tokens", "targets", "target_weights",
-                                                            "positions", "token_index")
-    else:
-        seq, fields = max_seq_len, ("tokens", "loss_mask")
-    batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, seq), jnp.int32, sharding=bs)
-               for k in fields}
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    return params, lora_p, opt_state, batches, key
+    """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings
+    (:meth:`spmd_lora.engine.factory.TrainStep.abstract_args`). ``batch`` is the GLOBAL batch
+    (rows per micro-batch, split over dp)."""
+    from ..engine.factory import build_train_step
+    return build_train_step(cfg, mesh=mesh, lora=lora, optimizer=optimizer).abstract_args(
+        max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches, dtype=dtype,
+        base_quant=base_quant)
 
 
 def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int = 1, lora=None,
@@ -134,23 +112,19 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                      mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
                      base_quant="none", cp: int = 1, cp_impl: str = "ring"):
-    """Lower the real train step on abstract inputs on a (dp, cp, tp) mesh. Returns
-    (lowered, mesh, args)."""
-    from ..config.lora_config import LoraConfig
-    from ..model import ForwardOptions
-    from ..engine.step import OptimizerConfig, make_optimizer, make_train_step
+    """Lower the real train step (:func:`spmd_lora.engine.factory.build_train_step`) on
+    abstract inputs on a (dp, cp, tp) mesh. Returns (lowered, mesh, args)."""
+    from ..engine.factory import build_train_step
 
     cfg.check_tp(tp)
-    lora = lora or LoraConfig()
     mesh = mesh or plan_mesh(dp, tp, cp)
-    optimizer = optimizer or make_optimizer(OptimizerConfig())
-    opts = ForwardOptions(cfg=cfg, tp=tp, lora=lora, attention_impl=attention, remat=remat,
-                          ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-                          mlp_chunk_tokens=mlp_chunk_tokens, cp=cp, cp_impl=cp_impl)
-    args = abstract_train_args(cfg, mesh, max_seq_len=max_seq_len, batch=batch, lora=lora,
-                               dtype=dtype, micro_batches=micro_batches, optimizer=optimizer,
-                               base_quant=base_quant)
-    return make_train_step(opts, mesh, optimizer).lower(*args), mesh, args
+    step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
+                            cp_impl=cp_impl, attention=attention, remat=remat,
+                            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+                            mlp_chunk_tokens=mlp_chunk_tokens)
+    args = step.abstract_args(max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches,
+                              dtype=dtype, base_quant=base_quant)
+    return step.lower(*args), mesh, args
 
 
 # XLA:CPU up to jaxlib 0.10 has no bf16 matmul: it converts bf16 weights to f32 first, and
@@ -227,10 +201,10 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     import numpy as np
 
     from ..parallel.zigzag import padded_seq_len
-    from ..model import ForwardOptions
+    from ..engine.factory import forward_options
     from ..weights.shapes import resolve_dtype
     local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
-    layout = ForwardOptions(cfg=cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
+    layout = forward_options(cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return cfg.num_layers * per_layer * itemsize * 2
@@ -385,7 +359,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- report
 
 def parse_bytes(text: str) -> int:
     """'80GB', '80GiB', '80G', '81920MB', '8.5e10' -> bytes (GB = GiB = 2**30, as GPU specs
@@ -397,7 +371,7 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _fmt(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 1024 ** 2:9.1f} MiB"
 
 
@@ -459,15 +433,15 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
         print(f"  base_quant={p['base_quant']}: {p['quant_bytes_per_param']:.4f} bytes per "
               f"parameter of the quantised linears", file=file)
     for name, n in rows:
-        print(f"  {name:34s} {_fmt(n)}", file=file)
+        print(f"  {name:34s} {format_bytes(n)}", file=file)
     if p.get("cp_wire_bytes_by_impl"):
         by = p["cp_wire_bytes_by_impl"]
         best = min(by, key=by.get)
-        print(f"  sent over cp per step and device: ring {_fmt(by['ring'])}, allgather "
-              f"{_fmt(by['allgather'])} -> fewer bytes: {best}", file=file)
+        print(f"  sent over cp per step and device: ring {format_bytes(by['ring'])}, allgather "
+              f"{format_bytes(by['allgather'])} -> fewer bytes: {best}", file=file)
     if budget:
         verdict = "fits" if p[key] <= budget else "does NOT fit"
-        print(f"  usable device memory               {_fmt(budget)}  -> {verdict} (by {key})",
+        print(f"  usable device memory               {format_bytes(budget)}  -> {verdict} (by {key})",
               file=file)
 
 
@@ -508,184 +482,3 @@ def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 
         else:
             hi = mid
     return (lo or None), tried
-
-
-def train_defaults() -> dict:
-    """``TrainConfig``'s defaults: plan, like train, assumes them for flags not given."""
-    import dataclasses
-
-    from ..config.train_config import TrainConfig
-    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
-            if f.default is not dataclasses.MISSING}
-
-
-def _target_names() -> list[str]:
-    from .gpu_targets import target_names
-    return target_names()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..cli.parser import OneLineErrorParser
-    ap = OneLineErrorParser(
-        prog="spmd-lora plan",
-        description="Per-device memory of a LoRA train step (no weights needed): compiles the "
-                    "real step on abstract shapes and reads XLA's memory analysis.")
-    ap.add_argument("--model", required=True, help="HF model directory or preset "
-                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b)")
-    d = train_defaults()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--cp", type=int, default=d["cp"],
-                    help="context-parallel degree: the sequence split over cp devices")
-    ap.add_argument("--cp-impl", default=d["cp_impl"], choices=["ring", "allgather"],
-                    help="ring attention's exchange (default %(default)s)")
-    ap.add_argument("--max-seq-len", type=int, default=4096)
-    ap.add_argument("--batch-size", dest="batch", type=int, default=d["batch_size"],
-                    help="global batch per micro-batch (split over dp)")
-    ap.add_argument("--grad-accum-steps", dest="micro_batches", type=int,
-                    default=d["grad_accum_steps"], help="micro-batches per optimizer step")
-    ap.add_argument("--lora-rank", type=int, default=d["lora_rank"])
-    ap.add_argument("--lora-alpha", type=float, default=d["lora_alpha"])
-    ap.add_argument("--lora-targets", dest="targets", default=",".join(d["lora_targets"]),
-                    help="comma list of projections, or 'all'")
-    ap.add_argument("--dtype", default=d["dtype"], choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--remat", default=d["remat"], choices=["none", "full", "save-dots", "offload"],
-                    help="offload: full remat with the saved layer inputs in pinned host memory")
-    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
-                    default=d["sequence_parallel"],
-                    help="shard activations along the sequence over tp (default on)")
-    ap.add_argument("--mlp-chunk-tokens", type=int, default=d["mlp_chunk_tokens"],
-                    help="tile the MLP (and, with sequence parallelism, the attention "
-                         "projections) above this many tokens; 0 = never (default %(default)s)")
-    ap.add_argument("--devices-per-host", type=int, default=8,
-                    help="devices sharing one host's memory, for the offload host total")
-    ap.add_argument("--attention", default=d["attention"],
-                    help="attention impl compiled into the step (auto|pallas|blockwise|xla|cudnn); "
-                         "auto: our Pallas kernel on a GPU (--target), blockwise on CPU")
-    ap.add_argument("--target", default=None, metavar="GPU",
-                    help="compile for this GPU without one (XLA:GPU's own memory plan; needs "
-                         "the CUDA plugin: pip install -e \".[cuda12]\"): "
-                         + ", ".join(_target_names()))
-    ap.add_argument("--hosts", type=int, default=1,
-                    help="with --target: hosts the tp*dp*cp devices are spread over "
-                         "(multi-host plans; default 1)")
-    ap.add_argument("--autotune-results", default=None, metavar="FILE",
-                    help="with --target: XLA autotune results dumped on a real GPU "
-                         "(tools/gpu_suite.py writes OUT/autotune_results.textproto)")
-    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
-                            ("--targets", "targets", str)):   # names before they matched train's
-        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
-    ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
-                    help="quantised frozen base linears (QLoRA); default %(default)s")
-    ap.add_argument("--device-memory", type=parse_bytes, default=None,
-                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict "
-                         "(default with --target: that GPU's memory)")
-    ap.add_argument("--usable-fraction", type=float, default=0.9,
-                    help="fraction of --device-memory the step may use (the rest: CUDA "
-                         "context, allocator fragmentation, NCCL buffers); default 0.9")
-    ap.add_argument("--gpu-estimate", action="store_true",
-                    help="on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent "
-                         "on GPU) instead of the conservative raw peak")
-    ap.add_argument("--find-max-seq-len", action="store_true",
-                    help="search the longest --max-seq-len that fits (powers of two up to "
-                         "32M, then bisection on multiples of 1024 to within 1 %%); needs "
-                         "--device-memory")
-    ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``spmd-lora plan``: print the per-device breakdown and whether it fits. Returns 0, or
-    1 when it does not fit, 2 on a usage/config error."""
-    args = build_parser().parse_args(argv)
-    if args.target is None:
-        ensure_host_devices(args.tp * args.dp * args.cp)
-    else:
-        from .gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
-        ensure_plugin_can_start()
-        quiet_xla_warnings()
-    import json
-
-    from ..config.model_config import resolve_model_config
-    from ..errors import SpmdLoraError
-    from ..config.lora_config import LoraConfig
-
-    try:
-        cfg = resolve_model_config(args.model)
-        cfg.check_tp(args.tp)
-        if args.cp < 1:
-            raise SpmdLoraError(f"--cp must be >= 1, got {args.cp}")
-        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
-        if args.target is not None:
-            from .gpu_targets import require_cuda_plugin, resolve_target
-            gpu = resolve_target(args.target)
-            require_cuda_plugin()
-            if args.device_memory is None:
-                args.device_memory = gpu.memory_bytes
-        elif args.hosts != 1 or args.autotune_results:
-            raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
-                                "compile for, e.g. --target h100)")
-        if args.find_max_seq_len and not args.device_memory:
-            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB) or "
-                                "--target")
-        budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
-        key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
-
-        def plan_at(s):
-            return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
-                               dtype=args.dtype, remat=args.remat, attention=args.attention,
-                               micro_batches=args.micro_batches,
-                               ce_chunk_tokens=args.ce_chunk_tokens,
-                               sequence_parallel=args.sequence_parallel,
-                               mlp_chunk_tokens=args.mlp_chunk_tokens,
-                               devices_per_host=args.devices_per_host,
-                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
-                               target=args.target, hosts=args.hosts,
-                               autotune_results=args.autotune_results)
-
-        print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-              f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
-        print(f"settings (spmd-lora train's defaults unless given): --dtype {args.dtype} "
-              f"--remat {args.remat} --lora-rank {lora.rank} --lora-targets "
-              f"{','.join(lora.targets)} --batch-size {args.batch} --grad-accum-steps "
-              f"{args.micro_batches} --attention {args.attention}"
-              + (f" --target {args.target}" + (f" --hosts {args.hosts}" if args.hosts > 1 else "")
-                 if args.target else ""))
-        if not args.find_max_seq_len:
-            p = plan_at(args.max_seq_len)
-            print_plan(p, budget, key=key)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(p, f, indent=1)
-            return 0 if budget is None or p[key] <= budget else 1
-
-        def log(s, p):
-            mark = "fits" if p[key] <= budget else "too big"
-            host = f", host {_fmt(p['host_offload'])}" if p.get("host_offload") else ""
-            est = (f"GPU estimate {_fmt(p['peak_gpu_estimate'])}, " if p["cpu_upcast_allowance"]
-                   else "")
-            print(f"  S={s:8d}: peak {_fmt(p['peak'])} ({est}activations+temp "
-                  f"{_fmt(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}",
-                  flush=True)
-
-        best, tried = find_max_seq_len(plan_at, budget, log=log, key=key)
-        if best is None:
-            print(f"no max_seq_len >= 1024 fits in {_fmt(budget)} per device")
-        else:
-            print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
-                  f"within {_fmt(budget)} per device")
-            print_plan(tried[best], budget, key=key)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"max_seq_len": best, "budget": budget,
-                           "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
-        return 0 if best else 1
-    except SpmdLoraError as e:
-        from ..config.fields import with_flag_names
-        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
 """The ``spmd-lora`` command line: one parser per subcommand, built from the field table."""
-from .commands import main
+from .commands import build_parser, main
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]

@@ -12,10 +12,9 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 
 from .. import data
-from .parser import OneLineErrorParser
+from .parser import OneLineErrorParser, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
 
 DEMO_DIR = "spmd_lora_demo"
@@ -30,32 +29,11 @@ def _ensure_host_devices(n: int) -> None:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per TrainConfig field, its help and choices from ``train_fields``."""
+    """One flag per TrainConfig field, its help and choices from the field table."""
     from ..config.train_config import TrainConfig
-    from ..config.fields import CHOICES, FIELD_HELP, flag
-    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        if field.name in skip:
-            continue
-        name = flag(field.name)
-        required = field.default is dataclasses.MISSING
-        hint = hints[field.name]
-        text = FIELD_HELP[field.name]
-        if field.name == "output_dir":
-            parser.add_argument(name, "--output", dest="output_dir", help=text)
-        elif hint is bool:
-            parser.add_argument(name, default=field.default, help=text,
-                                action=argparse.BooleanOptionalAction if field.default
-                                else "store_true")
-        elif field.name == "lora_targets":
-            parser.add_argument(name, default=",".join(field.default),
-                                help=text + " (default: %(default)s)")
-        else:
-            kind = {int: int, float: float, str: str}.get(hint, int if "int" in str(hint) else str)
-            parser.add_argument(name, type=kind,   # required ones are checked in _train_config
-                                choices=CHOICES.get(field.name),
-                                default=None if required else field.default,
-                                help=text + ("" if required else " (default: %(default)s)"))
+        if field.name not in skip:
+            add_field_flag(parser, field.name)
 
 
 def _train_config(args, file_values=None, given=None, **overrides):
@@ -298,7 +276,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
-        from ..analysis.plan import main as plan_main  # asks for its own dp*cp*tp host devices
+        from .plan import main as plan_main  # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
     if argv[:1] == ["launch"]:
         from ..runtime.launch import main as launch_main

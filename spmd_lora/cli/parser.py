@@ -1,7 +1,12 @@
-"""argparse in the house error style, shared by ``spmd-lora`` and its ``plan`` subcommand."""
+"""argparse in the house style, shared by ``spmd-lora`` and its ``plan`` subcommand: one-line
+usage errors, and flags of ``TrainConfig`` fields built from the field table."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+
+_FIELD_DEFAULT = object()
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -10,3 +15,33 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def add_field_flag(parser: argparse.ArgumentParser, name: str, *, default=_FIELD_DEFAULT,
+                   dest: str | None = None, help_suffix: str = "") -> None:
+    """The flag of the ``TrainConfig`` field ``name`` (``--kebab-case``): its type from the
+    field, its help and choices from ``spmd_lora.config.fields``, its default the field's
+    unless ``default`` is given; ``dest`` renames the attribute it sets."""
+    from ..config.fields import CHOICES, FIELD_HELP, flag
+    from ..config.train_config import TrainConfig
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    hint = typing.get_type_hints(TrainConfig)[name]
+    required = field.default is dataclasses.MISSING
+    if default is _FIELD_DEFAULT:
+        default = field.default
+    text = FIELD_HELP[name] + help_suffix
+    kw = {"dest": dest} if dest else {}
+    if name == "output_dir":
+        parser.add_argument(flag(name), "--output", dest="output_dir", help=text)
+    elif hint is bool:
+        parser.add_argument(flag(name), default=default, help=text, **kw,
+                            action=argparse.BooleanOptionalAction if field.default
+                            else "store_true")
+    elif name == "lora_targets":
+        parser.add_argument(flag(name), default=",".join(default), **kw,
+                            help=text + " (default: %(default)s)")
+    else:
+        kind = {int: int, float: float, str: str}.get(hint, int if "int" in str(hint) else str)
+        parser.add_argument(flag(name), type=kind,   # required ones are checked by the caller
+                            choices=CHOICES.get(name), default=None if required else default,
+                            help=text + ("" if required else " (default: %(default)s)"), **kw)

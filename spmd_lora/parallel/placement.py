@@ -7,6 +7,7 @@
   ``segment_ids``) are put in the zig-zag layout when cp > 1 (:mod:`.zigzag`) and placed on
   ``MICRO_BATCH_SPEC``: B split over dp, S over cp. ``place_micro_batches`` builds on each
   process only the rows of its own devices (:func:`local_rows`, :func:`put_rows`).
+  :func:`shard_batch` does the same for one ``[B, S]`` batch of a forward (``api.Model``).
 * :func:`replicated_to_host` / :func:`to_host`: numpy copies back, also of arrays that span
   several processes.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .mesh import CP, DP, REPLICATED, TP
+from .mesh import BATCH_SPEC, CP, DP, REPLICATED, TP
 from .zigzag import padded_seq_len, prepare_batch
 
 MICRO_BATCH_SPEC = P(None, DP, CP)      # [accum, batch, seq]: batch over dp, sequence over cp
@@ -42,8 +43,18 @@ def shard_micro_batches(batches: dict, mesh) -> dict:
     """The batch preparation of a step: host arrays [A, B, S] (``tokens``, ``loss_mask``,
     optional ``positions`` / ``segment_ids``), with cp > 1 put in the zig-zag layout
     (:func:`.zigzag.prepare_batch`), placed with B split over dp and S over cp."""
+    return _shard(batches, mesh, MICRO_BATCH_SPEC)
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+    """One batch of a forward (logits, eval loss): host arrays [B, S] laid out as
+    :func:`shard_micro_batches` lays out each micro-batch (``BATCH_SPEC``)."""
+    return _shard(batch, mesh, BATCH_SPEC)
+
+
+def _shard(batches: dict, mesh, spec) -> dict:
     batches = prepare_batch(batches, mesh.shape[CP], mesh.shape[TP])
-    sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
+    sharding = NamedSharding(mesh, spec)
     return {k: put_global(np.asarray(v, np.int32), sharding) for k, v in batches.items()}
 
 

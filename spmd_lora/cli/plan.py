@@ -1,0 +1,175 @@
+"""``spmd-lora plan``: the per-device memory plan of a LoRA train step, without weights.
+
+The command line of :mod:`spmd_lora.analysis.plan` (which does the planning, and whose API this
+module also offers under the command's name). Its flags that are ``TrainConfig`` fields take
+their type, choices, help and defaults from the field table (``spmd_lora.config.fields``), as
+``spmd-lora train``'s do; only ``--max-seq-len`` defaults otherwise (4096). The rest are the
+plan's own (the GPU to compile for, the memory budget, the search).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..analysis.plan import *  # noqa: F401,F403 - the planning API, under the command's name
+from ..analysis.plan import (ensure_host_devices, find_max_seq_len, format_bytes, parse_bytes,
+                             plan_memory, print_plan)
+from .parser import OneLineErrorParser, add_field_flag
+
+
+def _target_names() -> list[str]:
+    from ..analysis.gpu_targets import target_names
+    return target_names()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineErrorParser(
+        prog="spmd-lora plan",
+        description="Per-device memory of a LoRA train step (no weights needed): compiles the "
+                    "real step on abstract shapes and reads XLA's memory analysis.")
+    ap.add_argument("--model", required=True, help="HF model directory or preset "
+                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b)")
+    for name in ("tp", "dp", "cp", "cp_impl"):
+        add_field_flag(ap, name)
+    add_field_flag(ap, "max_seq_len", default=4096)
+    add_field_flag(ap, "batch_size", dest="batch")
+    add_field_flag(ap, "grad_accum_steps", dest="micro_batches")
+    for name in ("lora_rank", "lora_alpha"):
+        add_field_flag(ap, name)
+    add_field_flag(ap, "lora_targets", dest="targets")
+    for name in ("dtype", "remat", "sequence_parallel", "mlp_chunk_tokens"):
+        add_field_flag(ap, name)
+    ap.add_argument("--devices-per-host", type=int, default=8,
+                    help="devices sharing one host's memory, for the offload host total")
+    add_field_flag(ap, "attention", help_suffix="; in a plan, auto compiles our Pallas kernel "
+                                                "for a GPU (--target), blockwise on CPU")
+    ap.add_argument("--target", default=None, metavar="GPU",
+                    help="compile for this GPU without one (XLA:GPU's own memory plan; needs "
+                         "the CUDA plugin: pip install -e \".[cuda12]\"): "
+                         + ", ".join(_target_names()))
+    ap.add_argument("--hosts", type=int, default=1,
+                    help="with --target: hosts the tp*dp*cp devices are spread over "
+                         "(multi-host plans; default 1)")
+    ap.add_argument("--autotune-results", default=None, metavar="FILE",
+                    help="with --target: XLA autotune results dumped on a real GPU "
+                         "(tools/gpu_suite.py writes OUT/autotune_results.textproto)")
+    for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
+                            ("--targets", "targets", str)):   # names before they matched train's
+        ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for name in ("ce_chunk_tokens", "base_quant"):
+        add_field_flag(ap, name)
+    ap.add_argument("--device-memory", type=parse_bytes, default=None,
+                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict "
+                         "(default with --target: that GPU's memory)")
+    ap.add_argument("--usable-fraction", type=float, default=0.9,
+                    help="fraction of --device-memory the step may use (the rest: CUDA "
+                         "context, allocator fragmentation, NCCL buffers); default 0.9")
+    ap.add_argument("--gpu-estimate", action="store_true",
+                    help="on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent "
+                         "on GPU) instead of the conservative raw peak")
+    ap.add_argument("--find-max-seq-len", action="store_true",
+                    help="search the longest --max-seq-len that fits (powers of two up to "
+                         "32M, then bisection on multiples of 1024 to within 1 %%); needs "
+                         "--device-memory")
+    ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spmd-lora plan``: print the per-device breakdown and whether it fits. Returns 0, or
+    1 when it does not fit, 2 on a usage/config error."""
+    args = build_parser().parse_args(argv)
+    if args.target is None:
+        ensure_host_devices(args.tp * args.dp * args.cp)
+    else:
+        from ..analysis.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
+        ensure_plugin_can_start()
+        quiet_xla_warnings()
+    import json
+
+    from ..config.model_config import resolve_model_config
+    from ..errors import SpmdLoraError
+    from ..config.lora_config import LoraConfig
+
+    try:
+        cfg = resolve_model_config(args.model)
+        cfg.check_tp(args.tp)
+        if args.cp < 1:
+            raise SpmdLoraError(f"--cp must be >= 1, got {args.cp}")
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
+        if args.target is not None:
+            from ..analysis.gpu_targets import require_cuda_plugin, resolve_target
+            gpu = resolve_target(args.target)
+            require_cuda_plugin()
+            if args.device_memory is None:
+                args.device_memory = gpu.memory_bytes
+        elif args.hosts != 1 or args.autotune_results:
+            raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
+                                "compile for, e.g. --target h100)")
+        if args.find_max_seq_len and not args.device_memory:
+            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB) or "
+                                "--target")
+        budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
+        key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
+
+        def plan_at(s):
+            return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
+                               dtype=args.dtype, remat=args.remat, attention=args.attention,
+                               micro_batches=args.micro_batches,
+                               ce_chunk_tokens=args.ce_chunk_tokens,
+                               sequence_parallel=args.sequence_parallel,
+                               mlp_chunk_tokens=args.mlp_chunk_tokens,
+                               devices_per_host=args.devices_per_host,
+                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
+                               target=args.target, hosts=args.hosts,
+                               autotune_results=args.autotune_results)
+
+        print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+              f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
+        print(f"settings (spmd-lora train's defaults unless given): --dtype {args.dtype} "
+              f"--remat {args.remat} --lora-rank {lora.rank} --lora-targets "
+              f"{','.join(lora.targets)} --batch-size {args.batch} --grad-accum-steps "
+              f"{args.micro_batches} --attention {args.attention}"
+              + (f" --target {args.target}" + (f" --hosts {args.hosts}" if args.hosts > 1 else "")
+                 if args.target else ""))
+        if not args.find_max_seq_len:
+            p = plan_at(args.max_seq_len)
+            print_plan(p, budget, key=key)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(p, f, indent=1)
+            return 0 if budget is None or p[key] <= budget else 1
+
+        def log(s, p):
+            mark = "fits" if p[key] <= budget else "too big"
+            host = f", host {format_bytes(p['host_offload'])}" if p.get("host_offload") else ""
+            est = (f"GPU estimate {format_bytes(p['peak_gpu_estimate'])}, " if p["cpu_upcast_allowance"]
+                   else "")
+            print(f"  S={s:8d}: peak {format_bytes(p['peak'])} ({est}activations+temp "
+                  f"{format_bytes(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}",
+                  flush=True)
+
+        best, tried = find_max_seq_len(plan_at, budget, log=log, key=key)
+        if best is None:
+            print(f"no max_seq_len >= 1024 fits in {format_bytes(budget)} per device")
+        else:
+            print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
+                  f"within {format_bytes(budget)} per device")
+            print_plan(tried[best], budget, key=key)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"max_seq_len": best, "budget": budget,
+                           "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
+        return 0 if best else 1
+    except SpmdLoraError as e:
+        from ..config.fields import with_flag_names
+        print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
