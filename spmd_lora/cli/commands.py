@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         from .plan import main as plan_main  # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
     if argv[:1] == ["launch"]:
-        from ..runtime.launch import main as launch_main
+        from .launch import main as launch_main
         return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train":

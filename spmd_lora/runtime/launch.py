@@ -20,7 +20,6 @@ NVIDIA host the local GPUs are split across the processes (``JAX_LOCAL_DEVICE_ID
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -31,34 +30,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..cli.parser import OneLineErrorParser
 from .distributed import EXIT_PEER_LOST, peer_timeout as default_peer_timeout
 from ..errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="spmd-lora launch",
-                           description="run a spmd-lora command as several JAX processes on "
-                                       "this machine",
-                           usage="spmd-lora launch --nprocs N [options] -- COMMAND [ARGS ...]")
-    p.add_argument("--nprocs", type=int, required=True, help="number of processes")
-    p.add_argument("--devices-per-process", type=int, default=None,
-                   help="CPU: devices each process gets (default 1); GPU: local GPUs per "
-                        "process (default: all GPUs split evenly)")
-    p.add_argument("--port", type=int, default=0,
-                   help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--grace", type=float, default=3.0,
-                   help="seconds between SIGTERM and SIGKILL when the launcher is stopped "
-                        "(default: %(default)s)")
-    p.add_argument("--peer-timeout", type=float, default=None,
-                   help="seconds without a peer's heartbeat before the others stop "
-                        "($SPMD_LORA_PEER_TIMEOUT, default 60)")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="the spmd-lora command and its flags, after --")
-    return p
 
 
 def _free_port() -> int:
@@ -283,9 +259,3 @@ def _stop_all(ranks: list[_Rank], grace: float) -> None:
     for r in ranks:
         for t in r.pumps:
             t.join(timeout=2.0)
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return run(args.command, args.nprocs, args.devices_per_process, args.port, args.grace,
-               args.peer_timeout)
