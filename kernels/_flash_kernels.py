@@ -13,10 +13,11 @@ h // (H // KV), as in HF), already padded (sequence to the tiles, head dim to a 
 
 What is masked, and which tiles are visited, comes from a ``_masks.Masking`` (the mask
 provider: positions or explicit token indices; see :mod:`._masks`). With indices, the index
-arrays [B, S_pad] int32 are two extra inputs after q, k, v, and the kernels load a tile's
-indices where they would otherwise build an iota of positions; segment ids [B, S_pad] (q
-side, k side) follow. A row masked by indices may see no key at all (out 0, lse MASK_VALUE),
-so masked probabilities are zeroed before they are summed.
+arrays [B, S_pad] int32 are two extra inputs after q, k, v (then the segment ids of both
+sides), and the kernels load a tile's indices where they would otherwise build an iota of
+positions; with positions, one row of segment ids serves both sides. A row masked by indices
+may see no key at all (out 0, lse MASK_VALUE), so masked probabilities are zeroed before
+they are summed.
 
 Segment ids (packed sequences) mask every tile in both. Matmuls accumulate in fp32.
 """
@@ -35,6 +36,8 @@ from ._masks import MASK_VALUE, Masking, visit_tiles
 
 @dataclasses.dataclass(frozen=True)
 class Cfg:
+    """Static config of the kernels: ``BlockSizes`` clamped to the sequence, Triton launch
+    parameters, interpret or compile."""
     causal: bool
     sm_scale: float
     bq: int
@@ -49,24 +52,44 @@ class Cfg:
 
 
 def _split_refs(m: Masking, refs):
-    """(q, k, v[, q_index, k_index][, q_seg, k_seg], *rest) -> one fixed layout
-    (q, k, v, q_index, k_index, q_seg, k_seg, *rest) with None for the absent ones."""
-    head, refs = list(refs[:3]), refs[3:]
-    for present in (m.indexed, m.has_seg):
-        head += list(refs[:2]) if present else [None, None]
-        refs = refs[2:] if present else refs
-    return (*head, *refs)
-
-
-def _positions(m: Masking, idx_ref, start, n):
-    """Positions (or token indices) of the n rows / keys from ``start``."""
+    """The kernel's refs -> one fixed layout (q, k, v, q_index, k_index, q_seg, k_seg, *rest),
+    None for the absent ones. Inputs: (q, k, v, *ids, *rest), ids as in :func:`_id_specs`."""
+    (q, k, v), refs = refs[:3], refs[3:]
+    qi = ki = qs = ks = None
     if m.indexed:
-        return idx_ref[pl.ds(start, n)]
-    return start + lax.broadcasted_iota(jnp.int32, (n,), 0)
+        (qi, ki), refs = refs[:2], refs[2:]
+        if m.has_seg:
+            (qs, ks), refs = refs[:2], refs[2:]
+    elif m.has_seg:  # one sequence: one segment id row for both sides
+        qs = ks = refs[0]
+        refs = refs[1:]
+    return (q, k, v, qi, ki, qs, ks, *refs)
 
 
-def _segments(m: Masking, seg_ref, start, n):
-    return seg_ref[pl.ds(start, n)] if m.has_seg else None
+def _positions(m: Masking, idx_ref, start, n, *, resident=False):
+    """Positions (or token indices) of the n rows / keys from ``start``. ``resident``: the
+    program's own tile (with indices, its index refs hold just that tile)."""
+    if not m.indexed:
+        return start + lax.broadcasted_iota(jnp.int32, (n,), 0)
+    return idx_ref[...] if resident else idx_ref[pl.ds(start, n)]
+
+
+def _segments(m: Masking, seg_ref, start, n, *, resident=False, masked=True):
+    """Segment ids of the n rows / keys from ``start``, or None when the tile is not masked by
+    them (no segment ids, or an unmasked tile of indices: see ``Masking.mask``)."""
+    if not m.has_seg or (m.indexed and not masked):
+        return None
+    return seg_ref[...] if resident and m.indexed else seg_ref[pl.ds(start, n)]
+
+
+def _segments_of(m: Masking, seg_ref, start, n, *, masked):
+    """A loop tile's segment ids (:func:`_segments`) for the backward's mask, as a thunk:
+    with positions loaded here, before the tile's products, with indices only where the
+    mask is built (the orders that need the fewest registers, ``tools/kernel_report.py``)."""
+    if m.indexed:
+        return lambda: _segments(m, seg_ref, start, n, masked=masked)
+    seg = _segments(m, seg_ref, start, n, masked=masked)
+    return lambda: seg
 
 
 def _visit(m: Masking, tile, carry, *, n: int, block: int, idx_ref, visits):
@@ -101,10 +124,11 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _probs(q, k, lse, mask, cfg: Cfg):
+def _probs(q, k, lse, mask_of, cfg: Cfg):
     """Backward: the [bq, bk] softmax probabilities exp(q k^T * scale - lse), recomputed from
-    the saved log-sum-exp and zeroed where masked."""
+    the saved log-sum-exp and zeroed where ``mask_of()`` (the tile's mask or None) hides."""
     p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
+    mask = mask_of()
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
@@ -115,15 +139,16 @@ def _fwd_kernel(*refs, cfg: Cfg, m: Masking):
     bq, bk = cfg.bq, cfg.bk
     q_start = pl.program_id(0) * bq
     q = q_ref[...]
-    q_pos = _positions(m, qi_ref, q_start, bq)
-    q_seg = _segments(m, qs_ref, q_start, bq)
+    q_pos = _positions(m, qi_ref, q_start, bq, resident=True)
+    q_seg = _segments(m, qs_ref, q_start, bq, resident=True)
 
     def tile(k_start, k_pos, carry, masked):
         acc, m_prev, l_prev = carry
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s = _dot_nt(q, k) * cfg.sm_scale
-        mask = m.mask(q_pos, k_pos, q_seg, _segments(m, ks_ref, k_start, bk), masked=masked)
+        mask = m.mask(q_pos, k_pos, q_seg, _segments(m, ks_ref, k_start, bk, masked=masked),
+                      masked=masked)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -156,14 +181,14 @@ def _dq_kernel(*refs, cfg: Cfg, m: Masking):
     q_start = pl.program_id(0) * bq
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    q_pos = _positions(m, qi_ref, q_start, bq)
-    q_seg = _segments(m, qs_ref, q_start, bq)
+    q_pos = _positions(m, qi_ref, q_start, bq, resident=True)
+    q_seg = _segments(m, qs_ref, q_start, bq, resident=True)
 
     def tile(k_start, k_pos, dq, masked):
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        mask = m.mask(q_pos, k_pos, q_seg, _segments(m, ks_ref, k_start, bk), masked=masked)
-        p = _probs(q, k, lse, mask, cfg)
+        k_seg = _segments_of(m, ks_ref, k_start, bk, masked=masked)
+        p = _probs(q, k, lse, lambda: m.mask(q_pos, k_pos, q_seg, k_seg(), masked=masked), cfg)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -179,8 +204,8 @@ def _dkv_kernel(*refs, cfg: Cfg, m: Masking, group: int):
     bq, bk = cfg.bq_bwd, cfg.bk_bwd
     k_start = pl.program_id(0) * bk
     k, v = k_ref[...], v_ref[...]
-    k_pos = _positions(m, ki_ref, k_start, bk)
-    k_seg = _segments(m, ks_ref, k_start, bk)
+    k_pos = _positions(m, ki_ref, k_start, bk, resident=True)
+    k_seg = _segments(m, ks_ref, k_start, bk, resident=True)
 
     def tile(q_start, q_pos, carry, masked, g):
         dk, dv = carry
@@ -188,8 +213,8 @@ def _dkv_kernel(*refs, cfg: Cfg, m: Masking, group: int):
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        mask = m.mask(q_pos, k_pos, _segments(m, qs_ref, q_start, bq), k_seg, masked=masked)
-        p = _probs(q, k, lse, mask, cfg)
+        q_seg = _segments_of(m, qs_ref, q_start, bq, masked=masked)
+        p = _probs(q, k, lse, lambda: m.mask(q_pos, k_pos, q_seg(), k_seg, masked=masked), cfg)
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dk + _dot_tn(ds.astype(q.dtype), q), dv
@@ -213,17 +238,23 @@ def _name(m: Masking, kernel: str) -> str:
     return f"spmd_lora_flash_{'block_' if m.indexed else ''}{kernel}"
 
 
-def _id_specs(ids, sq_pad, sk_pad):
-    """BlockSpecs of the (q side, k side) pairs of index / segment inputs [B, S_pad]: the whole
-    row (the kernels slice their tiles)."""
-    specs = [pl.BlockSpec((None, sq_pad), lambda t, bi, hi: (bi, 0)),
-             pl.BlockSpec((None, sk_pad), lambda t, bi, hi: (bi, 0))]
-    return specs * (len(ids) // 2)
+def _id_specs(m: Masking, sq_pad, sk_pad, tile_q=None, tile_k=None):
+    """BlockSpecs of the index / segment id inputs [B, S_pad] int32 for a grid (tile, B, head):
+    with indices (q_index, k_index[, q_seg, k_seg]) the program's own tile (``tile_q`` or
+    ``tile_k``) of its side and the whole row of the other; with positions one whole row of
+    segment ids (both sides are the same sequence)."""
+    if not m.indexed:
+        return [pl.BlockSpec((None, sq_pad), lambda t, bi, hi: (bi, 0))] if m.has_seg else []
+    q_spec, k_spec = (
+        pl.BlockSpec((None, tile), lambda t, bi, hi: (bi, t)) if tile else
+        pl.BlockSpec((None, full), lambda t, bi, hi: (bi, 0))
+        for tile, full in ((tile_q, sq_pad), (tile_k, sk_pad)))
+    return [q_spec, k_spec] * (2 if m.has_seg else 1)
 
 
 def fwd_call(q, k, v, ids, cfg: Cfg, m: Masking, out_dtype):
     """Padded inputs -> (out [B, Sq_pad, H, D] in out_dtype, lse [B, H, Sq_pad] fp32). ``ids``:
-    the index and segment id inputs of ``m``, in order (q side, k side per pair)."""
+    the index and segment id inputs of ``m``, in the order of :func:`_id_specs`."""
     b, sq_pad, h, d = q.shape
     sk_pad, kvh = k.shape[1], k.shape[2]
     group = h // kvh
@@ -232,7 +263,7 @@ def fwd_call(q, k, v, ids, cfg: Cfg, m: Masking, out_dtype):
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
         pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        *_id_specs(ids, sq_pad, sk_pad),
+        *_id_specs(m, sq_pad, sk_pad, tile_q=bq),
     ]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, m=m),
@@ -263,7 +294,7 @@ def bwd_call(q, k, v, ids, do, lse, delta, cfg: Cfg, m: Masking, out_dtype):
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
         pl.BlockSpec((None, sk_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        *_id_specs(ids, sq_pad, sk_pad),
+        *_id_specs(m, sq_pad, sk_pad, tile_q=bq),
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
         pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
@@ -284,7 +315,7 @@ def bwd_call(q, k, v, ids, do, lse, delta, cfg: Cfg, m: Masking, out_dtype):
         pl.BlockSpec((None, sq_pad, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
         pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
         pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
-        *_id_specs(ids, sq_pad, sk_pad),
+        *_id_specs(m, sq_pad, sk_pad, tile_k=bk),
         pl.BlockSpec((None, sq_pad, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
         pl.BlockSpec((None, group, sq_pad), lambda j, bi, ki: (bi, ki, 0)),
         pl.BlockSpec((None, group, sq_pad), lambda j, bi, ki: (bi, ki, 0)),

@@ -190,7 +190,10 @@ class Masking:
 
     def mask(self, q_pos, k_pos, q_seg, k_seg, *, masked: bool):
         """The [..., bq, bk] mask of a tile, or None. ``masked=False``: the tile is known to
-        need no position (index) mask, only segment ids can mask it."""
+        need no position (index) mask, only segment ids can mask it (with indices such a tile
+        has no segment ids: see :func:`tile_kind`)."""
+        if self.indexed and not masked:
+            return None
         padded = not self.indexed and self.kv_len < self.seq_pad
         return tile_mask(q_pos, k_pos, q_seg, k_seg, causal=masked and self.causal,
                          kv_len=self.kv_len if masked and padded else None)

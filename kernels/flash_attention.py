@@ -120,12 +120,12 @@ def _head_dim_pad(d: int) -> int:
 # ----------------------------------------------------------------------------- flash_attention
 
 def _positions(s: int, seq_pad: int, seg, cfg: Cfg):
-    """Position masking: the Masking and the id inputs (segment ids on both sides, padded
-    with -1) of a sequence of s tokens padded to seq_pad."""
+    """Position masking: the Masking and the id inputs (the segment ids, padded with -1, if
+    any) of a sequence of s tokens padded to seq_pad."""
     m = Masking(indexed=False, has_seg=seg is not None, causal=cfg.causal, kv_len=s,
                 seq_pad=seq_pad)
     segp = pad_ids(seg, seq_pad)
-    return m, () if segp is None else (segp, segp)
+    return m, () if segp is None else (segp,)
 
 
 def _forward(q, k, v, seg, cfg: Cfg):
