@@ -62,7 +62,8 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     cfg = opts.cfg
     hd = cfg.head_dim
     layout = seq.layout
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)                       # [B, R, D]
+    with jax.named_scope("attn_norm"):
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)                   # [B, R, D]
 
     def qkv(hg, rows):                                                      # [B, N, D] gathered
         q = column_linear(hg, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
@@ -78,31 +79,35 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
 
     # Tiles pay under sequence parallelism, where the gathered input is tp x the local q.
     tile = opts.mlp_tile_rows(layout) if layout.sp else None
-    if tile is None:
-        q, k, v = qkv(layout.gather(h), seq.token_index)                    # [B, S, ..]
-    else:   # one tiled scan for all three
-        q, k, v = gather_tiles(
-            lambda hg, start: qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), h,
-            tile, layout)
+    with jax.named_scope("qkv"):
+        if tile is None:
+            q, k, v = qkv(layout.gather(h), seq.token_index)                # [B, S, ..]
+        else:   # one tiled scan for all three
+            q, k, v = gather_tiles(
+                lambda hg, start: qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), h,
+                tile, layout)
     b, s, _ = q.shape
-    cos, sin = rope_tables(seq.positions, cfg, q.dtype)                     # [B, S, 1, hd]
-    q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                       # [B, S, Hl, hd]
-    k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                       # [B, S, KVl, hd]
+    with jax.named_scope("rope"):
+        cos, sin = rope_tables(seq.positions, cfg, q.dtype)                 # [B, S, 1, hd]
+        q = apply_rope(q.reshape(b, s, -1, hd), cos, sin)                   # [B, S, Hl, hd]
+        k = apply_rope(k.reshape(b, s, -1, hd), cos, sin)                   # [B, S, KVl, hd]
     v = v.reshape(b, s, -1, hd)                                             # [B, S, KVl, hd]
-    if opts.cp > 1:
-        kernel = "auto" if opts.attention_impl == "auto" else opts.attention_impl
-        o = ring_attention(q, k, v, axis_name=CP, q_index=seq.token_index,
-                           k_index=seq.token_index, q_segment_ids=seq.segment_ids,
-                           kv_segment_ids=seq.segment_ids, impl=opts.cp_impl, kernel=kernel)
-    else:
-        o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids,
-                      impl=opts.attention_impl)
+    with jax.named_scope("attention"):
+        if opts.cp > 1:
+            kernel = "auto" if opts.attention_impl == "auto" else opts.attention_impl
+            o = ring_attention(q, k, v, axis_name=CP, q_index=seq.token_index,
+                               k_index=seq.token_index, q_segment_ids=seq.segment_ids,
+                               kv_segment_ids=seq.segment_ids, impl=opts.cp_impl, kernel=kernel)
+        else:
+            o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids,
+                          impl=opts.attention_impl)
     o = o.reshape(b, s, -1)
-    if tile is None:
-        return layout.scatter(o_proj(o, seq.token_index))
-    return scatter_tiles(
-        lambda t, start: o_proj(t, _tile_rows(seq.token_index, layout, start, tile)), o, tile,
-        layout)
+    with jax.named_scope("o_proj"):
+        if tile is None:
+            return layout.scatter(o_proj(o, seq.token_index))
+        return scatter_tiles(
+            lambda t, start: o_proj(t, _tile_rows(seq.token_index, layout, start, tile)), o,
+            tile, layout)
 
 
 def _tile_rows(token_index, layout: SeqLayout, start, size: int):
@@ -121,18 +126,20 @@ def mlp_residual(x, p, lora, layout: SeqLayout, opts: ForwardOptions, key=None,
     f = (cfg.intermediate_size, 1)
 
     def mlp(x_tile, start):                                                 # [B, c, D] local
-        h_tile = rms_norm(x_tile, p["mlp_norm"], cfg.rms_norm_eps)
-        hg = layout.gather(h_tile)                                          # [B, g*c, D]
+        with jax.named_scope("mlp_norm"):
+            h_tile = rms_norm(x_tile, p["mlp_norm"], cfg.rms_norm_eps)
         use = seq is not None and key is not None
         rows = _tile_rows(seq.token_index, layout, start, h_tile.shape[1]) if use else None
         drop = lambda index: _drop(key, seq, rows, index) if use else None  # noqa: E731
-        gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
-                             drop(4))                                       # [B, g*c, Fl]
-        up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,
-                           drop(5))                                         # [B, g*c, Fl]
-        y = row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts,
-                       drop(6))
-        return x_tile + layout.scatter(y)
+        with jax.named_scope("mlp"):
+            hg = layout.gather(h_tile)                                      # [B, g*c, D]
+            gate = column_linear(hg, p["gate_proj"], lora.get("gate_proj"), f, opts,
+                                 drop(4))                                   # [B, g*c, Fl]
+            up = column_linear(hg, p["up_proj"], lora.get("up_proj"), f, opts,
+                               drop(5))                                     # [B, g*c, Fl]
+            y = row_linear(jax.nn.silu(gate) * up, p["down_proj"], lora.get("down_proj"), opts,
+                           drop(6))
+            return x_tile + layout.scatter(y)
 
     tile = opts.mlp_tile_rows(layout)
     return tiled(mlp, x, tile) if tile else mlp(x, 0)
@@ -178,17 +185,20 @@ def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOpt
         segment_ids=None if segment_ids is None else layout.pad(segment_ids, -1),
         token_index=layout.pad(token_index, PAD_TOKEN_INDEX),
         batch_rows=global_batch_rows(b) if use_dropout else None)
-    x = embed(layout.pad(tokens), params["embed"], opts, layout)            # [B, R, D]
+    with jax.named_scope("embed"):
+        x = embed(layout.pad(tokens), params["embed"], opts, layout)        # [B, R, D]
     lora_layers = (lora or {}).get("layers", {})
 
     def body(h, xs):
         p, lp, idx = xs
         layer_key = jax.random.fold_in(key, idx) if use_dropout else None
-        return decoder_layer(h, p, lp, seq, opts, layer_key), None
+        with jax.named_scope("layer"):
+            return decoder_layer(h, p, lp, seq, opts, layer_key), None
 
     idx = jnp.arange(opts.cfg.num_layers)
     x, _ = jax.lax.scan(remat(body, opts), x, (params["layers"], lora_layers, idx))
-    return rms_norm(x, params["final_norm"], opts.cfg.rms_norm_eps)
+    with jax.named_scope("final_norm"):
+        return rms_norm(x, params["final_norm"], opts.cfg.rms_norm_eps)
 
 
 def loss_sum(params, lora, batch: dict, opts: ForwardOptions, key=None):

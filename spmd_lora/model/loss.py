@@ -29,9 +29,10 @@ def _head_local(params):
 def local_logits(h, params, opts: ForwardOptions):
     """h [N.., D] -> float32 logits over this device's vocab slice [N.., Vl]; padded vocab
     entries are -inf-like so they never win a max or add to a sum-exp."""
-    head = _head_local(params)
-    logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=F32)
-    return _mask_padded_vocab(logits, opts)
+    with jax.named_scope("lm_head"):
+        head = _head_local(params)
+        logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=F32)
+        return _mask_padded_vocab(logits, opts)
 
 
 def _mask_padded_vocab(logits, opts: ForwardOptions):
@@ -59,8 +60,9 @@ def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
 def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool = False):
     """(weighted loss sum, its gradient w.r.t. h, and w.r.t. the head when ``head_grad``, else
     None) of one chunk; see :func:`_ce_chunk`."""
-    logits = _mask_padded_vocab(
-        jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32), opts)  # [N, Vl]
+    with jax.named_scope("lm_head"):
+        logits = _mask_padded_vocab(
+            jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32), opts)  # [N, Vl]
     vl = logits.shape[-1]
     m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
     e = jnp.exp(logits - m[:, None])
@@ -130,6 +132,7 @@ def next_token_targets(tokens, loss_mask):
     return targets, weights.astype(F32)
 
 
+@jax.named_scope("loss")
 def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
     """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); targets, weights
     [B, S] (the target token and loss weight of each local position, e.g. from
