@@ -117,14 +117,10 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     opt_state = put(jax.eval_shape(optimizer.init, lora_p), rep)
     bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
     cp, tp = mesh.shape["cp"], mesh.shape["tp"]
-    if cp > 1:
-        from ..parallel.zigzag import padded_seq_len
-        seq, fields = padded_seq_len(max_seq_len, cp, tp), ("tokens", "targets", "target_weights",
-                                                            "positions", "token_index")
-    else:
-        seq, fields = max_seq_len, ("tokens", "loss_mask")
+    from ..parallel.zigzag import BATCH_FIELDS, padded_seq_len
+    seq = padded_seq_len(max_seq_len, cp, tp) if cp > 1 else max_seq_len
     batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, seq), jnp.int32, sharding=bs)
-               for k in fields}
+               for k in BATCH_FIELDS}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     return params, lora_p, opt_state, batches, key
 

@@ -22,7 +22,7 @@ from ..parallel.sequence import SeqLayout, gather_tiles, scatter_tiles, tiled
 from .dropout import Dropout
 from .layers import apply_rope, embed, rms_norm, rope_tables
 from .lora_linear import column_linear, row_linear
-from .loss import cross_entropy_sum, next_token_targets
+from .loss import cross_entropy_sum
 from .options import PAD_TOKEN_INDEX, ForwardOptions
 from .remat import LAYER_INPUT, MLP_INPUT, remat, remat_half
 
@@ -205,13 +205,10 @@ def loss_sum(params, lora, batch: dict, opts: ForwardOptions, key=None):
     """Per-device loss of this device's tokens: (sum of token losses, number of target tokens),
     both tp-invariant and local to this device's dp (and cp) shard.
 
-    batch: dict of local [B, S] int32 arrays: ``tokens``, ``positions``, optional
-    ``segment_ids``, and either ``loss_mask`` (whole sequences, cp = 1) or, in zig-zag layout
-    (cp > 1), ``targets``, ``target_weights`` and ``token_index``."""
+    batch: this device's shard of the prepared batch, the same fields at every cp
+    (:func:`spmd_lora.parallel.zigzag.prepare_batch`): local [B, S] int32 ``tokens``,
+    ``targets``, ``target_weights``, ``positions``, ``token_index`` and optional
+    ``segment_ids`` (zig-zag layout with cp > 1)."""
     h = hidden_states(params, lora, batch["tokens"], batch["positions"],
-                      batch.get("segment_ids"), opts, key, batch.get("token_index"))
-    if "targets" in batch:
-        targets, weights = batch["targets"], batch["target_weights"].astype(F32)
-    else:
-        targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-    return cross_entropy_sum(h, targets, weights, params, opts)
+                      batch.get("segment_ids"), opts, key, batch["token_index"])
+    return cross_entropy_sum(h, batch["targets"], batch["target_weights"], params, opts)

@@ -61,8 +61,8 @@ def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool
     """(weighted loss sum, its gradient w.r.t. h, and w.r.t. the head when ``head_grad``, else
     None) of one chunk; see :func:`_ce_chunk`."""
     with jax.named_scope("lm_head"):
-        logits = _mask_padded_vocab(
-            jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32), opts)  # [N, Vl]
+        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
+        logits = _mask_padded_vocab(logits, opts)
     vl = logits.shape[-1]
     m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
     e = jnp.exp(logits - m[:, None])
@@ -121,22 +121,11 @@ def _fused_ce_bwd(opts, res, g):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
 
 
-def next_token_targets(tokens, loss_mask):
-    """(targets, weights) [B, S]: targets[t] = tokens[t + 1], weights[t] = loss_mask[t + 1] as
-    float32 (0 at the last position). loss_mask[t] = 1 when token t is a target (HF labels !=
-    -100). For a whole, unpermuted sequence only (with cp > 1 the batch preparation forms them
-    before the zig-zag permutation)."""
-    b = tokens.shape[0]
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-    return targets, weights.astype(F32)
-
-
 @jax.named_scope("loss")
 def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
     """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); targets, weights
-    [B, S] (the target token and loss weight of each local position, e.g. from
-    :func:`next_token_targets`). Returns (sum of losses, sum of weights), local to this dp
+    [B, S] (the target token and loss weight of each local position: the prepared batch's
+    ``targets`` / ``target_weights``, :mod:`spmd_lora.parallel.zigzag`). Returns (sum of losses, sum of weights), local to this dp
     (and cp) shard.
 
     Runs over chunks of ``ce_chunk_tokens`` tokens with rematerialisation, so the [tokens, Vl]

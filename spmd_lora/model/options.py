@@ -26,8 +26,8 @@ class ForwardOptions:
     """Static (compile-time) settings of the per-device forward.
 
     ``sequence_parallel``: shard the residual stream along the sequence over tp (only matters
-    when tp > 1). ``cp``: context-parallel degree (the batch arrives in zig-zag layout, with
-    ``targets`` / ``target_weights`` / ``token_index``); ``cp_impl``: "ring" | "allgather".
+    when tp > 1). ``cp``: context-parallel degree (the batch, in the one schema of
+    ``zigzag.prepare_batch``, arrives in zig-zag layout); ``cp_impl``: "ring" | "allgather".
     ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole sequence at
     once). ``remat``: none | full | save-dots | offload (the two half-layer inputs in host
     memory, each half recomputed in its own backward).

@@ -4,7 +4,8 @@
   sharding (each process fills only its own devices' shards).
 * :func:`shard_micro_batches` / :func:`place_micro_batches`: THE batch placement of a train
   step. Host ``[A, B, S]`` int arrays (``tokens``, ``loss_mask``, optional ``positions`` /
-  ``segment_ids``) are put in the zig-zag layout when cp > 1 (:mod:`.zigzag`) and placed on
+  ``segment_ids``) become the batch schema of :func:`.zigzag.prepare_batch` (next-token
+  targets, token indices; the zig-zag layout when cp > 1) and are placed on
   ``MICRO_BATCH_SPEC``: B split over dp, S over cp. ``place_micro_batches`` builds on each
   process only the rows of its own devices (:func:`local_rows`, :func:`put_rows`).
 * :func:`replicated_to_host` / :func:`to_host`: numpy copies back, also of arrays that span
@@ -40,8 +41,9 @@ def replicated_to_host(x):
 
 def shard_micro_batches(batches: dict, mesh) -> dict:
     """The batch preparation of a step: host arrays [A, B, S] (``tokens``, ``loss_mask``,
-    optional ``positions`` / ``segment_ids``), with cp > 1 put in the zig-zag layout
-    (:func:`.zigzag.prepare_batch`), placed with B split over dp and S over cp."""
+    optional ``positions`` / ``segment_ids``) in the batch schema of
+    :func:`.zigzag.prepare_batch` (zig-zag with cp > 1), placed with B split over dp and S
+    over cp."""
     batches = prepare_batch(batches, mesh.shape[CP], mesh.shape[TP])
     sharding = NamedSharding(mesh, MICRO_BATCH_SPEC)
     return {k: put_global(np.asarray(v, np.int32), sharding) for k, v in batches.items()}
