@@ -166,9 +166,11 @@ def prepare_batch(batch: dict, cp: int, tp: int = 1) -> dict:
     axes, e.g. micro-batches) -> the fields of the batch schema (module docstring): with cp > 1
     in the zig-zag layout of :func:`zigzag_batch`, with cp = 1 as :func:`whole_batch`. numpy
     on the host, jax.numpy inside a jitted function; a batch that has ``targets`` is prepared
-    already and returned as it is."""
+    already and returned as it is. Without ``loss_mask`` (logits only) no token is a target."""
     if "targets" in batch:
         return batch
+    if batch.get("loss_mask") is None:
+        batch = {**batch, "loss_mask": _xp(batch["tokens"]).zeros_like(batch["tokens"])}
     if cp == 1:
         return whole_batch(batch["tokens"], batch["loss_mask"],
                            segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
