@@ -24,10 +24,17 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config.lora_config import LoraConfig
 from ..model import ForwardOptions
+from ..parallel.mesh import CP, TP, make_mesh
+from ..parallel.placement import MICRO_BATCH_SPEC, replicate
+from ..parallel.zigzag import BATCH_FIELDS, padded_seq_len
+from ..weights.lora import init_lora
+from ..weights.shapes import abstract_params, random_params
 from .step import OptimizerConfig, make_optimizer, make_train_step
 
 #: TrainConfig field -> the ForwardOptions field it sets: the settings that shape the step.
@@ -63,7 +70,6 @@ def forward_options(model_cfg, settings=None, *, lora: LoraConfig | None = None,
 
 def mesh_for(settings=None, **fields):
     """The (dp, cp, tp) mesh over this process's first dp*cp*tp devices (default 1 each)."""
-    from ..parallel.mesh import make_mesh
     values = _values(settings, fields, MESH_FIELDS)
     return make_mesh(values.get("dp", 1), values.get("tp", 1), values.get("cp", 1))
 
@@ -103,8 +109,6 @@ class TrainStep:
     def init_state(self, key=None, lora=None):
         """(LoRA factors, optimizer state), both replicated on the mesh: ``lora`` as given,
         else freshly initialised from ``key`` (default ``jax.random.key(0)``)."""
-        from ..parallel.placement import replicate
-        from ..weights.lora import init_lora
         if lora is None:
             lora = init_lora(self.opts.cfg, self.opts.lora,
                              jax.random.key(0) if key is None else key)
@@ -113,7 +117,6 @@ class TrainStep:
 
     def random_params(self, dtype="float32", base_quant: str = "none", seed: int = 0) -> dict:
         """Random base weights created in their shards on the mesh (benchmarks, traces)."""
-        from ..weights.shapes import random_params
         return random_params(self.opts.cfg, self.mesh, dtype, seed=seed, base_quant=base_quant)
 
     def abstract_args(self, *, max_seq_len: int, batch: int = 1, micro_batches: int = 1,
@@ -121,14 +124,9 @@ class TrainStep:
         """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings,
         to lower the step without weights. ``batch`` is the GLOBAL batch (rows per
         micro-batch, split over dp). With cp > 1 the batch has the zig-zag fields of the batch
-        preparation, S padded to a multiple of 2*cp*tp."""
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        preparation, S padded to a multiple of 2*cp*tp (the one batch schema,
+        :data:`~spmd_lora.parallel.zigzag.BATCH_FIELDS`)."""
 
-        from ..parallel.mesh import CP, TP
-        from ..parallel.placement import MICRO_BATCH_SPEC
-        from ..weights.lora import init_lora
-        from ..weights.shapes import abstract_params
 
         mesh, cfg = self.mesh, self.opts.cfg
         rep = NamedSharding(mesh, P())
@@ -143,14 +141,9 @@ class TrainStep:
         opt_state = put(jax.eval_shape(self.optimizer.init, lora_p), rep)
         bs = NamedSharding(mesh, MICRO_BATCH_SPEC)
         cp, tp = mesh.shape[CP], mesh.shape[TP]
-        if cp > 1:
-            from ..parallel.zigzag import padded_seq_len
-            seq = padded_seq_len(max_seq_len, cp, tp)
-            fields = ("tokens", "targets", "target_weights", "positions", "token_index")
-        else:
-            seq, fields = max_seq_len, ("tokens", "loss_mask")
+        seq = padded_seq_len(max_seq_len, cp, tp) if cp > 1 else max_seq_len
         batches = {k: jax.ShapeDtypeStruct((micro_batches, batch, seq), jnp.int32, sharding=bs)
-                   for k in fields}
+                   for k in BATCH_FIELDS}
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
         return params, lora_p, opt_state, batches, key
 
@@ -165,7 +158,6 @@ def build_train_step(model_cfg, settings=None, *, mesh=None, optimizer=None,
     if mesh is None:
         mesh = mesh_for(settings, **fields)
     else:                               # the step's tp and cp are the mesh's
-        from ..parallel.mesh import CP, TP
         fields = {"tp": mesh.shape[TP], "cp": mesh.shape[CP], **fields}
     opts = forward_options(model_cfg, settings, lora=lora, **fields)
     if opts.lora is None:

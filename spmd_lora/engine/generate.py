@@ -12,10 +12,10 @@ temperature, top_k and top_p values are runtime inputs.
 Per device (inside shard_map, check_vma=True): the KV cache of every layer is
 ``[B_local, Smax, KVl, hd]`` (kv heads over tp exactly as the k/v_proj columns, batch over dp),
 stacked over layers to ``[L, B, Smax, KVe, hd]`` globally, spec ``P(None, dp, None, tp, None)``.
-The layers reuse model.py's embed / rms_norm / rope / column_linear / row_linear (with LoRA) /
-mlp_residual / local_logits. Prefill attention is ``spmd_lora.kernels.attention`` (the model's
-``attention`` impl, O(S) memory for long prompts; padding is segment 0); decode attention is a
-plain masked float32 softmax of the new token over the cache.
+The layers reuse spmd_lora.model's embed / rms_norm / rope / column_linear / row_linear (with
+LoRA) / mlp_residual / local_logits. Prefill attention is ``spmd_lora.kernels.attention``
+(the model's ``attention`` impl, O(S) memory for long prompts; padding is segment 0); decode
+attention is a plain masked float32 softmax of the new token over the cache.
 
 Sampling never gathers the vocabulary: the logits stay vocab-parallel ``[B, Vl]``.
 Greedy is a per-device max + argmax combined with ``pmax`` / ``pmin`` (lowest index on ties, as

@@ -1,4 +1,4 @@
-"""Global entry points: the per-device model of ``model.py`` wrapped in ``jax.shard_map``.
+"""Global entry points: the per-device model of :mod:`spmd_lora.model` wrapped in ``jax.shard_map``.
 
 These take GLOBAL arrays laid out by the sharding plan (``mesh.py``) and are what training,
 evaluation, generation and the tools call. Gradients of these may be taken outside the
@@ -9,37 +9,35 @@ per device and reduces the LoRA gradients once per step.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .. import model
 from ..parallel.mesh import BATCH_SPEC, CP, DP, REPLICATED, TP, lora_specs
+from ..parallel.zigzag import prepare_batch
 from ..weights.shapes import param_specs
 
 
-def batch_extras(batch: dict) -> dict:
-    """The batch with default positions (0..S-1 per row, global arrays [.., S]) when it has
-    none."""
-    if "positions" in batch:
-        return batch
-    tokens = batch["tokens"]
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
-    return {**batch, "positions": positions}
+def prepared_batch(batch: dict, opts: model.ForwardOptions) -> dict:
+    """The global batch in the one batch schema (``zigzag.prepare_batch``): as it is when the
+    host prepared it (``put_batch``, ``shard_micro_batches``), else (``tokens``, ``loss_mask``
+    and optional ``positions`` / ``segment_ids``) prepared here, inside the jitted function."""
+    return prepare_batch(batch, opts.cp, opts.tp)
 
 
 def loss_sum_fn(opts: model.ForwardOptions, mesh):
     """Returns f(params, lora, batch, key) -> (sum of token losses, number of target tokens),
     both scalars summed over the whole global batch. ``batch``: dict of global [B, S] arrays
     split over dp along B and over cp along S (``BATCH_SPEC``), as the batch preparation
-    (``context_parallel.prepare_batch``) leaves them: ``tokens``, ``loss_mask``, optional
-    ``positions`` / ``segment_ids``, or with cp > 1 the zig-zag fields. ``key`` is a PRNG key
-    for LoRA dropout or None."""
+    (``zigzag.prepare_batch``) leaves them: ``tokens``, ``targets``, ``target_weights``,
+    ``positions``, ``token_index``, optional ``segment_ids`` (zig-zag with cp > 1); a raw
+    batch (``tokens``, ``loss_mask``, ...) is prepared inside. ``key`` is a PRNG key for LoRA
+    dropout or None."""
     def per_device(params, lora, batch, key):
         total, count = model.loss_sum(params, lora, batch, opts, key)
         return jax.lax.psum(total, (DP, CP)), jax.lax.psum(count, (DP, CP))
 
     def f(params, lora, batch, key=None):
-        batch = batch_extras(batch)
+        batch = prepared_batch(batch, opts)
         mapped = jax.shard_map(
             per_device, mesh=mesh,
             in_specs=(param_specs(params), lora_specs(lora), {k: BATCH_SPEC for k in batch},
@@ -52,21 +50,21 @@ def loss_sum_fn(opts: model.ForwardOptions, mesh):
 
 def logits_fn(opts: model.ForwardOptions, mesh):
     """Returns f(params, lora, batch) -> [B, S, V] float32 logits, gathered, in the batch's
-    layout (zig-zag with cp > 1: see ``context_parallel.from_zigzag``); for inspection and
+    layout (zig-zag with cp > 1: see ``zigzag.from_zigzag``); for inspection and
     tests, training never materialises them. ``batch`` as for :func:`loss_sum_fn`."""
 
     def per_device(params, lora, batch):
         tokens = batch["tokens"]
         h = model.hidden_states(params, lora, tokens, batch["positions"],
                                 batch.get("segment_ids"), opts,
-                                token_index=batch.get("token_index"))
+                                token_index=batch["token_index"])
         layout = opts.layout(tokens.shape[1])
         if layout.sp:                                   # gather the sequence back: [B, S, D]
             h = layout.gather(h)[:, :tokens.shape[1]]
         return model.local_logits(h, params, opts)                            # [B, S, Vl]
 
     def f(params, lora, batch):
-        batch = {k: v for k, v in batch_extras(batch).items()
+        batch = {k: v for k, v in prepared_batch(batch, opts).items()
                  if k in ("tokens", "positions", "segment_ids", "token_index")}
         mapped = jax.shard_map(
             per_device, mesh=mesh,

@@ -58,11 +58,11 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
     """Returns jitted step(params, lora, opt_state, batches, key) -> (lora, opt_state, metrics).
 
     ``batches``: dict of int32 arrays [A, B, S] (A micro-batches of B rows, B split over dp, S
-    over cp) as :func:`shard_micro_batches` lays them out: ``tokens``, ``loss_mask`` and
-    optionally ``positions``, ``segment_ids`` (or, with cp > 1, the zig-zag fields of
-    ``context_parallel.zigzag_batch``). ``key``: PRNG key
-    for LoRA dropout. ``lora`` and ``opt_state`` are donated. metrics: loss (token mean),
-    grad_norm (before clipping), tokens (target tokens in the step).
+    over cp) as :func:`shard_micro_batches` lays them out, the fields of the batch schema
+    (``zigzag.prepare_batch``, zig-zag with cp > 1; raw ``tokens`` / ``loss_mask`` batches are
+    prepared inside). ``key``: PRNG key for LoRA dropout. ``lora`` and ``opt_state`` are
+    donated. metrics: loss (token mean), grad_norm (before clipping), tokens (target tokens in
+    the step).
 
     Gradients are taken per device inside the shard_map, w.r.t. a copy of the LoRA factors cast
     to varying over (dp, cp, tp): the backward then emits no LoRA-gradient collective at all, the
@@ -96,7 +96,7 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
                 jax.lax.psum(count, (DP, CP)))
 
     def step(params, lora, opt_state, batches, key):
-        batches = sharded.batch_extras(batches)
+        batches = sharded.prepared_batch(batches, opts)
         per_device = jax.shard_map(
             accumulate, mesh=mesh,
             in_specs=(param_specs(params), lora_specs(lora),

@@ -4,7 +4,8 @@
   sharding (each process fills only its own devices' shards).
 * :func:`shard_micro_batches` / :func:`place_micro_batches`: THE batch placement of a train
   step. Host ``[A, B, S]`` int arrays (``tokens``, ``loss_mask``, optional ``positions`` /
-  ``segment_ids``) are put in the zig-zag layout when cp > 1 (:mod:`.zigzag`) and placed on
+  ``segment_ids``) become the batch schema of :func:`.zigzag.prepare_batch` (next-token
+  targets, token indices; the zig-zag layout when cp > 1) and are placed on
   ``MICRO_BATCH_SPEC``: B split over dp, S over cp. ``place_micro_batches`` builds on each
   process only the rows of its own devices (:func:`local_rows`, :func:`put_rows`).
   :func:`shard_batch` does the same for one ``[B, S]`` batch of a forward (``api.Model``).
@@ -41,8 +42,9 @@ def replicated_to_host(x):
 
 def shard_micro_batches(batches: dict, mesh) -> dict:
     """The batch preparation of a step: host arrays [A, B, S] (``tokens``, ``loss_mask``,
-    optional ``positions`` / ``segment_ids``), with cp > 1 put in the zig-zag layout
-    (:func:`.zigzag.prepare_batch`), placed with B split over dp and S over cp."""
+    optional ``positions`` / ``segment_ids``) in the batch schema of
+    :func:`.zigzag.prepare_batch` (zig-zag with cp > 1), placed with B split over dp and S
+    over cp."""
     return _shard(batches, mesh, MICRO_BATCH_SPEC)
 
 

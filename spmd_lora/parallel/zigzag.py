@@ -23,6 +23,12 @@ of the unpadded batch.
 Next-token targets must be formed *before* permuting (the target of token t is token t + 1,
 which may land on another rank): :func:`next_token_targets`, and :func:`zigzag_batch` which
 does all of it.
+
+The batch schema (:func:`prepare_batch`, the same at every cp): ``tokens``, ``targets``,
+``target_weights``, ``positions``, ``token_index`` (:data:`BATCH_FIELDS`) and, for packed rows,
+``segment_ids``, all int [..., B, S]. With cp > 1 they are padded and in zig-zag layout; with
+cp = 1 they are the whole sequences in their order, unpadded (``token_index`` = 0..S-1). The
+model reads only these fields.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD_SEGMENT_ID = -1
+# The fields of a prepared batch at every cp (:func:`prepare_batch`); and ``segment_ids``
+# when packed.
+BATCH_FIELDS = ("tokens", "targets", "target_weights", "positions", "token_index")
 
 
 def _xp(x):
@@ -96,12 +105,12 @@ def zigzag_token_index(batch: int, seq_len: int, cp: int, tp: int = 1) -> np.nda
 
 
 def next_token_targets(tokens, loss_mask):
-    """(targets, weights) [B, S]: targets[t] = tokens[t + 1], weights[t] = loss_mask[t + 1]
+    """(targets, weights) [..., S]: targets[t] = tokens[t + 1], weights[t] = loss_mask[t + 1]
     (0 at the last position): the loss of position t, aligned with the input token t."""
     xp = _xp(tokens)
     tokens, loss_mask = xp.asarray(tokens), xp.asarray(loss_mask)
-    targets = xp.concatenate([tokens[:, 1:], xp.zeros_like(tokens[:, :1])], axis=1)
-    weights = xp.concatenate([loss_mask[:, 1:], xp.zeros_like(loss_mask[:, :1])], axis=1)
+    targets = xp.concatenate([tokens[..., 1:], xp.zeros_like(tokens[..., :1])], axis=-1)
+    weights = xp.concatenate([loss_mask[..., 1:], xp.zeros_like(loss_mask[..., :1])], axis=-1)
     return targets, weights
 
 
@@ -133,16 +142,42 @@ def zigzag_batch(tokens, loss_mask, cp: int, *, segment_ids=None, positions=None
     return out
 
 
+def whole_batch(tokens, loss_mask, *, segment_ids=None, positions=None) -> dict:
+    """The fields of :func:`zigzag_batch` for cp = 1: whole sequences in their order, unpadded.
+
+    tokens, loss_mask [..., S]; segment_ids, positions optional [..., S] (positions default to
+    arange(S)). Returns [..., S] arrays: tokens, targets, target_weights, positions,
+    token_index (0..S-1) and, when given, segment_ids. No reshape, so inside a jitted function
+    the arrays keep their sharding."""
+    xp = _xp(tokens)
+    tokens = xp.asarray(tokens)
+    index = xp.broadcast_to(xp.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
+    targets, weights = next_token_targets(tokens, loss_mask)
+    out = {"tokens": tokens, "targets": targets, "target_weights": weights,
+           "positions": index if positions is None else positions, "token_index": index}
+    if segment_ids is not None:
+        out["segment_ids"] = segment_ids
+    return out
+
+
 def prepare_batch(batch: dict, cp: int, tp: int = 1) -> dict:
-    """The batch preparation of a train or eval step: with cp > 1, every [..., B, S] array of
+    """The batch preparation of a train or eval step, at every cp: every [..., B, S] array of
     ``batch`` (``tokens``, ``loss_mask``, optional ``positions`` / ``segment_ids``; any leading
-    axes, e.g. micro-batches) goes to the zig-zag layout of :func:`zigzag_batch`; with cp = 1
-    the batch is returned as it is."""
-    if cp == 1:
+    axes, e.g. micro-batches) -> the fields of the batch schema (module docstring): with cp > 1
+    in the zig-zag layout of :func:`zigzag_batch`, with cp = 1 as :func:`whole_batch`. numpy
+    on the host, jax.numpy inside a jitted function; a batch that has ``targets`` is prepared
+    already and returned as it is. Without ``loss_mask`` (logits only) no token is a target."""
+    if "targets" in batch:
         return batch
-    tokens = np.asarray(batch["tokens"])
+    if batch.get("loss_mask") is None:
+        batch = {**batch, "loss_mask": _xp(batch["tokens"]).zeros_like(batch["tokens"])}
+    if cp == 1:
+        return whole_batch(batch["tokens"], batch["loss_mask"],
+                           segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    xp = _xp(batch["tokens"])
+    tokens = xp.asarray(batch["tokens"])
     lead, s = tokens.shape[:-1], tokens.shape[-1]
-    flat = lambda k: None if k not in batch else np.asarray(batch[k]).reshape(-1, s)  # noqa: E731
+    flat = lambda k: None if batch.get(k) is None else xp.asarray(batch[k]).reshape(-1, s)  # noqa: E731
     out = zigzag_batch(flat("tokens"), flat("loss_mask"), cp, segment_ids=flat("segment_ids"),
                        positions=flat("positions"), tp=tp)
-    return {k: np.asarray(v).reshape(*lead, -1) for k, v in out.items()}
+    return {k: xp.asarray(v).reshape(*lead, -1) for k, v in out.items()}

@@ -1,0 +1,162 @@
+"""The LM head and the vocab-parallel, fused linear cross-entropy (per device).
+
+The head's columns are split over tp ([D, Vl] local; the tied embedding's rows transposed).
+The loss never gathers the full logits: the max and the sum-exp are reduced over tp
+(``pmax``, ``psum``), as is the target's logit. It runs over chunks of ``ce_chunk_tokens``
+tokens, and its forward also computes the gradient w.r.t. the hidden rows, so the backward
+keeps only an [N, D] per chunk, never logits.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..kernels import _vma
+from ..parallel.mesh import TP
+from .lora_linear import like_vma
+from .options import ForwardOptions
+
+F32 = jnp.float32
+
+
+def _head_local(params):
+    """[D, Vl]: the lm_head's local columns, or the tied embedding's local rows transposed."""
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
+def local_logits(h, params, opts: ForwardOptions):
+    """h [N.., D] -> float32 logits over this device's vocab slice [N.., Vl]; padded vocab
+    entries are -inf-like so they never win a max or add to a sum-exp."""
+    with jax.named_scope("lm_head"):
+        head = _head_local(params)
+        logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=F32)
+        return _mask_padded_vocab(logits, opts)
+
+
+def _mask_padded_vocab(logits, opts: ForwardOptions):
+    """Padded vocab columns (global id >= vocab_size) -> -inf-like. Without padding (tp
+    divides V) this is the identity: no pass over the [N, Vl] logits."""
+    if opts.cfg.padded_vocab(opts.tp) == opts.cfg.vocab_size:
+        return logits
+    vl = logits.shape[-1]
+    col = jax.lax.axis_index(TP) * vl + jnp.arange(vl)
+    return jnp.where(col < opts.cfg.vocab_size, logits, jnp.finfo(F32).min)
+
+
+def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
+    """Vocab-parallel cross-entropy of one chunk. h [N, D] (the same rows on every tp device);
+    targets, weights [N]. Returns the weighted sum of per-token losses (replicated over tp).
+
+    Fused linear cross-entropy: the forward also computes the gradient w.r.t. h,
+    ``(weights * (softmax - onehot)) @ head^T``, and keeps only that [N, D] for the backward,
+    which scales it by the incoming cotangent. So neither the [N, Vl] logits nor anything of
+    their size is saved, and a chunked loss recomputes nothing (before, each chunk's logits
+    were rematerialised in the backward)."""
+    return _fused_ce(h, _head_local(params), targets, weights, opts)
+
+
+def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool = False):
+    """(weighted loss sum, its gradient w.r.t. h, and w.r.t. the head when ``head_grad``, else
+    None) of one chunk; see :func:`_ce_chunk`."""
+    with jax.named_scope("lm_head"):
+        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
+        logits = _mask_padded_vocab(logits, opts)
+    vl = logits.shape[-1]
+    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
+    e = jnp.exp(logits - m[:, None])
+    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
+    local_t = targets - jax.lax.axis_index(TP) * vl                          # out of range: not here
+    here = (local_t >= 0) & (local_t < vl)                                   # [N]
+    t_col = jnp.clip(local_t, 0, vl - 1)
+    # The target's logit and head column by gather (O(N)), not by a one-hot pass over [N, Vl].
+    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
+    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
+    loss = jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
+    # dL/dlogits = e * scale - onehot * w (rows scaled: scale = w / sum_exp), so
+    # dL/dh = (e @ head^T) * scale - w * head[:, target]^T: no [N, Vl] pass besides the matmul.
+    scale = weights / sum_exp
+    w_here = jnp.where(here, weights, 0.0)
+    head_t = jnp.take(head, t_col, axis=1).T.astype(F32)                     # [N, D]
+    dh = (jnp.einsum("nv,dv->nd", e.astype(head.dtype), head, preferred_element_type=F32)
+          * scale[:, None] - w_here[:, None] * head_t)
+    dh = like_vma(dh, h)             # summed over tp when h is the same on every tp device
+    dhead = None
+    if head_grad:   # only when the base itself is differentiated (tests, full fine-tuning)
+        onehot = jnp.arange(vl, dtype=t_col.dtype)[None, :] == t_col[:, None]  # [N, Vl]
+        dlogits = e * scale[:, None] - jnp.where(onehot, w_here[:, None], 0.0)
+        dhead = jnp.einsum("nd,nv->dv", h.astype(F32), dlogits).astype(head.dtype)
+    return loss, dh.astype(h.dtype), dhead
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce(h, head, targets, weights, opts: ForwardOptions):
+    return _ce_forward(h, head, targets, weights, opts)[0]
+
+
+def _fused_ce_fwd(h, head, targets, weights, opts):
+    # symbolic_zeros: primals arrive as CustomVJPPrimal(value, perturbed); the head's gradient
+    # is computed only when it is differentiated (never for LoRA: the base is frozen).
+    loss, dh, dhead = _ce_forward(h.value, head.value, targets.value, weights.value, opts,
+                                  head_grad=head.perturbed)
+    return loss, (dh, dhead)
+
+
+def _fused_ce_bwd(opts, res, g):
+    dh, dhead = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    dh = dh * g.astype(dh.dtype)
+    if dhead is not None:
+        # The head (lm_head, or the tied embedding) varies over tp only (its sharding): sum
+        # the per-device gradients over the other axes, as autodiff's transposes would.
+        dhead = dhead * g.astype(dhead.dtype)
+        extra = tuple(sorted(_vma.varying_axes(dhead) - {TP}))
+        if extra:
+            dhead = jax.lax.psum(dhead, extra)
+    return dh, dhead, None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)
+
+
+@jax.named_scope("loss")
+def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
+    """Next-token loss. h [B, R, D] local residual rows (``opts.layout``); targets, weights
+    [B, S] (the target token and loss weight of each local position: the prepared batch's
+    ``targets`` / ``target_weights``, :mod:`spmd_lora.parallel.zigzag`). Returns (sum of losses, sum of weights), local to this dp
+    (and cp) shard.
+
+    Runs over chunks of ``ce_chunk_tokens`` tokens with rematerialisation, so the [tokens, Vl]
+    logits of only one chunk are ever live. Under sequence parallelism a chunk is gathered from
+    every tp device's rows (all_gather; reduce-scatter of its gradient), so each token's loss is
+    computed once and the LM head is never gathered."""
+    b, s = targets.shape
+    layout = opts.layout(s)
+    rows, d = h.shape[1], h.shape[2]
+    targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
+    count = jnp.sum(weights)
+    n = b * rows                                                              # local rows
+    g = layout.gather_factor
+    chunk = opts.ce_chunk_rows(layout, n)
+    n_chunks = -(-n // chunk)
+    hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
+
+    def chunk_loss(h_chunk, j):
+        """Loss of local flat rows [j*chunk, (j+1)*chunk), gathered over tp when SP."""
+        flat = j * chunk + jnp.arange(chunk, dtype=jnp.int32)                # [c]
+        bi, local = flat // rows, flat % rows
+        seq_idx = (jnp.arange(g, dtype=jnp.int32)[:, None] * rows + local[None, :]).reshape(-1)
+        bi = jnp.tile(jnp.minimum(bi, b - 1), g)                             # [g*c]
+        valid = jnp.tile(flat < n, g)
+        t = targets[bi, seq_idx]
+        w = jnp.where(valid, weights[bi, seq_idx], 0.0)
+        hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
+        return _ce_chunk(hg, t, w, params, opts)
+
+    if n_chunks == 1:
+        return chunk_loss(hf, 0), count
+    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs),
+                            (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
+    return jnp.sum(per_chunk), count
