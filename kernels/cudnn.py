@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 MAX_SEGMENTS = 64            # static segment slots per row for cuDNN's packed layout
 DENSE_MASK_MAX_LEN = 4096    # longest S for which a dense [B, 1, S, S] mask is acceptable

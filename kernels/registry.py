@@ -30,8 +30,7 @@ import json
 import os
 import tempfile
 
-from . import cudnn as _cudnn
-from . import tokamax_attention as _tokamax
+from . import cudnn as _cudnn, tokamax_attention as _tokamax
 from .flash_attention import BlockSizes
 from .target import program_device
 

@@ -66,7 +66,7 @@ from jax import lax
 from . import _vma, registry
 from .blockwise import (MASK_VALUE, backward_accumulate, backward_result, backward_state,
                         forward_accumulate, forward_result, forward_state)
-from .flash_attention import BlockSizes
+from .flash_attention import BlockSizes, flash_block_bwd, flash_block_fwd
 
 CP_IMPLS = ("ring", "allgather")
 BLOCK_KERNELS = ("auto", "blockwise", "pallas")
@@ -99,7 +99,6 @@ def _fwd_step(cfg: _RingCfg, state, q, k, v, q_index, k_index, q_seg, k_seg):
     """The running state after one more K/V block's keys."""
     bs = cfg.block_sizes
     if cfg.kernel == "pallas":
-        from .flash_attention import flash_block_fwd
         o_b, lse_b = flash_block_fwd(q, k, v, q_index=q_index, k_index=k_index,
                                      q_segment_ids=q_seg, kv_segment_ids=k_seg, block_sizes=bs,
                                      sm_scale=cfg.sm_scale)
@@ -124,7 +123,6 @@ def _bwd_step(cfg: _RingCfg, dq, q, k, v, q_index, k_index, q_seg, k_seg, do, ls
     """(dq accumulator with this K/V block's share added, the block's dk, dv), fp32."""
     bs = cfg.block_sizes
     if cfg.kernel == "pallas":
-        from .flash_attention import flash_block_bwd
         dq_b, dk, dv = flash_block_bwd(q, k, v, do, lse, delta, q_index=q_index,
                                        k_index=k_index, q_segment_ids=q_seg,
                                        kv_segment_ids=k_seg, block_sizes=bs,

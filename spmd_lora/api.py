@@ -16,6 +16,7 @@ from .parallel.mesh import CP, TP
 from .parallel.placement import shard_batch
 from .config.train_config import DEFAULT_MLP_CHUNK_TOKENS
 from .model import ForwardOptions
+from .weights.peft import load_adapter
 
 
 @dataclasses.dataclass
@@ -99,7 +100,6 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
                   sequence_parallel=sequence_parallel, mlp_chunk_tokens=mlp_chunk_tokens,
                   cp_impl=cp_impl)
     if adapter is not None:
-        from .weights.peft import load_adapter
         model.lora, model.lora_config = load_adapter(adapter, config, mesh=mesh,
                                                      allow_pickle=allow_pickle)
     return model

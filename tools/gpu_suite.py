@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """One command that validates, tunes and benchmarks the engine on whatever GPU it finds.
 
+One script of ~850 lines, on purpose: a lent GPU is reached with one prepared command and
+one file to carry, so every section (a-f below) and its worker processes live here.
+
     python tools/gpu_suite.py [--out gpu_suite_out] [--table PATH] [--budget-s 540]
     python tools/gpu_suite.py --dry-run          # CPU, tiny shapes, Pallas interpreted
 
@@ -25,8 +28,8 @@ d. LoRA train step, llama2-7b / llama3-8b shapes (random bf16 weights, r=16 on a
    bf16 matmul peak measured here (8192^3 matmuls), and peak device memory against
    ``spmd-lora plan``'s prediction (the same step compiled on abstract shapes). Useful FLOPs
    per step: 4*T*(linear weights) (forward + input gradients; the base is frozen) + 6*T*(LoRA
-   weights) + 3.5 * causal attention forward FLOPs (``spmd_lora.analysis.flops``); rematerialisation is
-   not useful work: it is in the "hardware FLOP" utilisation next to it.
+   weights) + 3.5 * causal attention forward FLOPs (``spmd_lora.analysis.flops``); rematerialisation
+   is not useful work: it is in the "hardware FLOP" utilisation next to it.
 e. the same steps with HF transformers + PEFT (SDPA attention, with and without gradient
    checkpointing; when torch with CUDA is present): tokens/s and our speed-up.
 

@@ -22,6 +22,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from ..kernels import attention, ring_attention
+from .gpu_targets import target_devices
 
 OUR_PREFIX = "spmd_lora_"
 
@@ -227,8 +229,6 @@ def compile_attention(target: str, *, seq_len: int, heads: int, kv_heads: int, h
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from .gpu_targets import target_devices
-    from ..kernels import attention, ring_attention
 
     n = 2 if ring else 1
     axis = "cp" if ring else "x"

@@ -1,4 +1,9 @@
-"""Collective census of a compiled XLA program (``compiled.as_text()``).
+"""Collective census of a compiled XLA program (``compiled.as_text()``), and what it should be.
+
+One module of ~870 lines, on purpose: its five sections (parsing, loops, replica groups ->
+mesh axes, the census, the expectations derived from the projection table) share one
+instruction model, and every census line is read against an expected count (callers and
+tests use both through ``hlo``). Each section is headed by a ``# ---`` line.
 
 ``collective_census(compiled, mesh)`` lists every collective the program runs per call (one
 training step): kind, the mesh axis it reduces/gathers over, result shape and bytes, where it
@@ -36,6 +41,7 @@ import re
 import numpy as np
 
 from ..config.projections import BLOCKS, projection_dims
+from ..kernels import cp_bytes_per_device
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -757,7 +763,6 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     one device sends over cp per step (K/V in ``dtype_bytes``, dK/dV of ring in fp32, of
     allgather in ``dtype_bytes``; indices int32). ``logical_wire_bytes`` is the same without
     XLA's merges (``cp_bytes_per_device`` per call)."""
-    from ..kernels import cp_bytes_per_device
     out = {"permute_operands": 0, "all_gather_operands": 0, "reduce_scatter_operands": 0,
            "wire_bytes": 0, "logical_wire_bytes": 0}
     if cp == 1:

@@ -1,6 +1,6 @@
 """Per-device memory plan of a LoRA train step, without weights: ``spmd-lora plan``.
 
-The real train step (``step.make_train_step``) is lowered on abstract shapes
+The real train step (built by :mod:`spmd_lora.engine.factory`) is lowered on abstract shapes
 (``jax.ShapeDtypeStruct`` with the sharding plan's shardings) and compiled; XLA's
 ``compiled.memory_analysis()`` then gives the per-device argument, output, alias (donated) and
 temporary sizes (and, for remat ``offload``, the pinned host temporaries). The argument part is
@@ -27,7 +27,7 @@ matmuls to f32 and LICM would hoist an f32 copy of every layer's weights out of 
 ``cpu_upcast_allowance`` and subtracted in ``peak_gpu_estimate``. Verdicts use ``peak``
 (conservative) unless ``--gpu-estimate``. A CPU compile also differs from a GPU one in fusion
 and in the attention kernel ("blockwise" is the CPU stand-in of the fused kernel): docs/
-benchmarks.md ("Compiled for GPUs") sets the two side by side.
+benchmarks.md ("GPU compile") sets the two side by side.
 """
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ import os
 import re
 import sys
 import time
+from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS
+from ..engine.factory import build_train_step, forward_options
+from ..errors import ConfigError
+from ..parallel.mesh import mesh_over
+from ..parallel.zigzag import padded_seq_len
+from ..weights.quant import is_quantised
+from ..weights.shapes import resolve_dtype
+from .gpu_targets import target_devices
+from .hlo import expected_cp_collectives
 
 GiB = 1024 ** 3
 
@@ -69,10 +78,8 @@ def plan_devices(n: int, target: str | None = None, hosts: int = 1):
     """n devices to compile for: compile-only GPUs of ``target`` over ``hosts`` hosts, else the
     default backend's, else fake CPU devices."""
     import jax
-    from ..errors import ConfigError
 
     if target is not None:
-        from .gpu_targets import target_devices
         return target_devices(target, n, hosts=hosts)
 
     devices = jax.devices()
@@ -89,7 +96,6 @@ def plan_devices(n: int, target: str | None = None, hosts: int = 1):
 
 
 def plan_mesh(dp: int, tp: int, cp: int = 1, target: str | None = None, hosts: int = 1):
-    from ..parallel.mesh import mesh_over
     return mesh_over(plan_devices(dp * cp * tp, target, hosts), dp, tp, cp)
 
 
@@ -101,7 +107,6 @@ def abstract_train_args(cfg, mesh, *, max_seq_len: int, batch: int = 1, lora=Non
     """(params, lora, opt_state, batches, key) as ShapeDtypeStructs with their shardings
     (:meth:`spmd_lora.engine.factory.TrainStep.abstract_args`). ``batch`` is the GLOBAL batch
     (rows per micro-batch, split over dp)."""
-    from ..engine.factory import build_train_step
     return build_train_step(cfg, mesh=mesh, lora=lora, optimizer=optimizer).abstract_args(
         max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches, dtype=dtype,
         base_quant=base_quant)
@@ -114,7 +119,6 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      base_quant="none", cp: int = 1, cp_impl: str = "ring"):
     """Lower the real train step (:func:`spmd_lora.engine.factory.build_train_step`) on
     abstract inputs on a (dp, cp, tp) mesh. Returns (lowered, mesh, args)."""
-    from ..engine.factory import build_train_step
 
     cfg.check_tp(tp)
     mesh = mesh or plan_mesh(dp, tp, cp)
@@ -162,7 +166,6 @@ def cpu_upcast_allowance(params, dtype, compiled_text: str | None = None) -> int
     import jax
     import numpy as np
 
-    from ..weights.quant import is_quantised
     if np.dtype(jax.numpy.dtype(dtype) if isinstance(dtype, str) else dtype).itemsize >= 4:
         return 0
     if compiled_text is not None and not upcasts_matmuls(compiled_text):
@@ -200,9 +203,6 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     share of the (padded) sequence."""
     import numpy as np
 
-    from ..parallel.zigzag import padded_seq_len
-    from ..engine.factory import forward_options
-    from ..weights.shapes import resolve_dtype
     local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
     layout = forward_options(cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
     per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
@@ -217,7 +217,6 @@ def quant_weight_bytes(params) -> dict:
     (global). Empty for a dense base."""
     import numpy as np
 
-    from ..weights.quant import is_quantised
     linears = [w for w in params["layers"].values() if is_quantised(w)]
     if not linears:
         return {}
@@ -239,7 +238,6 @@ def gpu_compiler_options(autotune_results: str | None = None) -> dict:
     if not autotune_results:
         return {}
     if not os.path.isfile(autotune_results):
-        from ..errors import ConfigError
         raise ConfigError(f"--autotune-results: no file {autotune_results!r} (tools/gpu_suite.py "
                           f"writes one on a GPU: OUT/autotune_results.textproto)")
     return {"xla_gpu_load_autotune_results_from": os.path.abspath(autotune_results)}
@@ -282,7 +280,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``hlo.expected_cp_collectives``).
     """
     if mlp_chunk_tokens is None:
-        from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS as mlp_chunk_tokens
+        mlp_chunk_tokens = DEFAULT_MLP_CHUNK_TOKENS
     t0 = time.perf_counter()
     mesh = plan_mesh(dp, tp, cp, target, hosts)
     device = mesh.devices.flat[0]
@@ -301,7 +299,6 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
             base_quant=base_quant, cp=cp, cp_impl=cp_impl)
     except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
         if autotune_results and "autotune" in str(e).lower():
-            from ..errors import ConfigError
             raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
                               f"({str(e).splitlines()[0]})") from None
         raise
@@ -341,9 +338,6 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         out["host_offload_source"] = "compiled" if compiled_host else "formula"
     out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp * cp)
     if cp > 1:
-        from ..parallel.zigzag import padded_seq_len
-        from .hlo import expected_cp_collectives
-        from ..weights.shapes import resolve_dtype
         import numpy as np
         by_impl = {impl: expected_cp_collectives(
             cfg, tp, cp, cp_impl=impl, remat=remat, micro_batches=micro_batches,

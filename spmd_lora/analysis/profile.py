@@ -38,6 +38,17 @@ import json
 import statistics
 import sys
 import time
+from . import gpu_kernels, hlo, plan
+from ..config.fields import with_flag_names
+from ..config.lora_config import LoraConfig
+from ..config.model_config import resolve_model_config
+from ..engine.factory import build_train_step, forward_options
+from ..errors import SpmdLoraError
+from ..parallel.placement import shard_micro_batches
+from ..parallel.zigzag import padded_seq_len
+from .gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings, require_cuda_plugin,
+                          resolve_target)
+from .hlo import DTYPE_BYTES
 
 
 def _fmt_bytes(n):
@@ -73,7 +84,6 @@ def print_census(census, out=sys.stdout):
 
 def print_kernels(kernels, out=sys.stdout):
     """Our Pallas kernels row by row; XLA's Triton fusions and other kernels summed up."""
-    from . import gpu_kernels
     summary = gpu_kernels.summarize(kernels)
     print("\nGPU kernels (ptxas: registers, spill bytes, stack; thunk sequence: shared memory "
           "per block, threads, launches per program):", file=out)
@@ -122,7 +132,6 @@ def time_collectives(census, mesh, iters=5, max_bytes=2 ** 30):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from .hlo import DTYPE_BYTES
 
     jdt = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32, "s32": jnp.int32,
            "f64": jnp.float64, "u32": jnp.uint32, "pred": jnp.bool_}
@@ -178,8 +187,6 @@ def trace_steps(args, cfg, lora_cfg, mesh, trace_dir, steps):
     import jax
     import numpy as np
 
-    from ..engine.factory import build_train_step
-    from ..parallel.placement import shard_micro_batches
 
     step = build_train_step(cfg, args, mesh=mesh, lora=lora_cfg)
     params = step.random_params(args.dtype, base_quant=args.base_quant)
@@ -212,18 +219,12 @@ def _jsonable(expected: dict) -> dict:
 def run(args) -> int:
     """The census (and timings, trace) of the step ``args`` (tools/profile.py's parsed
     arguments) describe, printed; 0, or 2 on a usage/config error (one ``error:`` line)."""
-    from . import plan  # imports no jax at module level
     if args.target is None:
         plan.ensure_host_devices(args.tp * args.dp * args.cp)
     else:
-        from .gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
         ensure_plugin_can_start()
         quiet_xla_warnings()
 
-    from . import hlo
-    from ..config.model_config import resolve_model_config
-    from ..errors import SpmdLoraError
-    from ..config.lora_config import LoraConfig
 
     try:
         cfg = resolve_model_config(args.model)
@@ -231,7 +232,6 @@ def run(args) -> int:
         if args.target is None and (args.hosts != 1 or args.autotune_results):
             raise SpmdLoraError("--hosts and --autotune-results need --target (e.g. --target h100)")
         if args.target is not None:
-            from .gpu_targets import require_cuda_plugin, resolve_target
             resolve_target(args.target)
             require_cuda_plugin()
         t0 = time.perf_counter()
@@ -244,20 +244,16 @@ def run(args) -> int:
             base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl, mesh=mesh)
         kernels = None
         if args.target is not None:
-            from . import gpu_kernels
             compiled, kernels = gpu_kernels.compile_with_kernels(
                 lowered, plan.gpu_compiler_options(args.autotune_results))
         else:
             compiled = lowered.compile()
     except SpmdLoraError as e:
-        from ..config.fields import with_flag_names
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
     compile_s = time.perf_counter() - t0
     census = hlo.collective_census(compiled, mesh, lowered)
     summary = hlo.summarize(census)
-    from ..engine.factory import forward_options
-    from ..parallel.zigzag import padded_seq_len
     local_batch = args.batch // args.dp
     # the sequence one cp rank holds (zig-zag chunks, padded to a multiple of 2*cp*tp)
     s_pad = padded_seq_len(args.max_seq_len, args.cp, args.tp) if args.cp > 1 else args.max_seq_len
@@ -370,7 +366,6 @@ def run(args) -> int:
               "backend": mesh.devices.flat[0].platform}
     if kernels is not None:
         import dataclasses
-        from . import gpu_kernels
         result["kernels"] = [dataclasses.asdict(k) for k in kernels]
         result["kernel_summary"] = gpu_kernels.summarize(kernels)
     if args.time:

@@ -16,6 +16,22 @@ import sys
 from .. import data
 from .parser import OneLineErrorParser, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
+from ..api import load_model
+from ..config.fields import CHOICES, FIELD_HELP, with_flag_names
+from ..config.files import ConfigFileError, read_config_file
+from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS, TrainConfig
+from ..dashboard.server import serve
+from ..engine.generate import generate_text
+from ..evaluate import evaluate
+from ..export import export_merged
+from ..plots import write_loss_plot
+from ..reporting import read_metrics
+from ..runtime.distributed import await_watchdog, finish, initialize_distributed
+from ..tiny import asset_path, build_tiny_llama
+from ..tokenizer import load_tokenizer
+from ..train import train
+from .launch import main as launch_main
+from .plan import main as plan_main
 
 DEMO_DIR = "spmd_lora_demo"
 
@@ -30,7 +46,6 @@ def _ensure_host_devices(n: int) -> None:
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
     """One flag per TrainConfig field, its help and choices from the field table."""
-    from ..config.train_config import TrainConfig
     for field in dataclasses.fields(TrainConfig):
         if field.name not in skip:
             add_field_flag(parser, field.name)
@@ -39,7 +54,6 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
 def _train_config(args, file_values=None, given=None, **overrides):
     """TrainConfig from the flags; with a config file, its values under the flags ``given``
     on the command line (defaults of the flags not given do not override the file)."""
-    from ..config.train_config import TrainConfig
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if hasattr(args, f.name)}
     if file_values is not None:
@@ -64,8 +78,6 @@ def _given_flags(argv) -> set[str]:
 
 
 def cmd_train(args) -> int:
-    from ..config.files import read_config_file
-    from ..train import train
     file_values = read_config_file(args.config) if args.config else None
     result = train(_train_config(args, file_values, getattr(args, "given", set())))
     _print_main(json.dumps(result))
@@ -78,8 +90,6 @@ def cmd_demo(args) -> int:
     import shutil
     from pathlib import Path
 
-    from ..tiny import asset_path, build_tiny_llama
-    from ..train import train
 
     out = Path(args.output)
     model_dir = out / "tiny_llama"
@@ -95,7 +105,6 @@ def cmd_demo(args) -> int:
         build_tiny_llama(model_dir)
     result = train(cfg)
     print(json.dumps(result))
-    from ..reporting import read_metrics
     before = [m["eval_loss"] for m in read_metrics(run) if m.get("step") == 0 and "eval_loss" in m]
     if before and "eval_loss" in result:
         print(f"eval loss {before[0]:.3f} -> {result['eval_loss']:.3f} (held-out "
@@ -108,7 +117,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ..plots import write_loss_plot
     for run_dir in args.run_dir:
         path = write_loss_plot(run_dir, args.output if len(args.run_dir) == 1 else None)
         if path is not None:
@@ -117,14 +125,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from ..dashboard.server import serve
     return serve(args.run_dir, host=args.host, port=args.port, new_runs_dir=args.new_runs_dir)
 
 
 def cmd_eval(args) -> int:
-    from ..api import load_model
-    from ..evaluate import evaluate
-    from ..tokenizer import load_tokenizer
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        sequence_parallel=args.sequence_parallel,
                        mlp_chunk_tokens=args.mlp_chunk_tokens,
@@ -138,7 +142,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..export import export_merged
     path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite,
                          base_quant=args.base_quant)
     into = "" if args.base_quant == "none" else f" (merged into the {args.base_quant}-dequantised base)"
@@ -147,9 +150,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ..api import load_model
-    from ..engine.generate import generate_text
-    from ..tokenizer import load_tokenizer
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        base_quant=args.base_quant)
     tokenizer = load_tokenizer(args.model)
@@ -170,8 +170,6 @@ def _print_main(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS
-    from ..config.fields import CHOICES, FIELD_HELP
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -190,8 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
                    eval_fraction=0.1, eval_every=10)
 
     def model_flags(p, adapter=True):
-        from ..config.fields import CHOICES, FIELD_HELP
-        p.add_argument("--model", required=True, help=FIELD_HELP["model"])
         if adapter:
             p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
         p.add_argument("--tp", type=int, default=1, help=FIELD_HELP["tp"] + " (default: 1)")
@@ -276,17 +272,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
-        from .plan import main as plan_main  # asks for its own dp*cp*tp host devices
         return _guard(lambda: plan_main(argv[1:]))
     if argv[:1] == ["launch"]:
-        from .launch import main as launch_main
         return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train":
         args.given = _given_flags(argv[1:])
     if args.command in ("train", "eval", "generate"):
-        from ..runtime.distributed import finish
-        from ..runtime.distributed import initialize_distributed
         multi = _guard(initialize_distributed)
         if multi not in (True, False):               # the environment was wrong: exit status
             return multi
@@ -302,7 +294,6 @@ def _guard_multi(fn) -> tuple[int, str]:
     printed here, since the failed process then exits without unwinding (see finish)."""
     import traceback
 
-    from ..runtime.distributed import await_watchdog
     errors = []
     try:
         status = _guard(fn, errors.append)
@@ -317,8 +308,6 @@ def _guard(fn, on_error=None) -> int:
     try:
         return fn()
     except SpmdLoraError as e:
-        from ..config.files import ConfigFileError
-        from ..config.fields import with_flag_names
         text = str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e))
         print(f"error: {text}", file=sys.stderr)
         if on_error is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from ..config.fields import CHOICES, FIELD_HELP, flag
+from ..config.train_config import TrainConfig
 
 _FIELD_DEFAULT = object()
 
@@ -22,8 +24,6 @@ def add_field_flag(parser: argparse.ArgumentParser, name: str, *, default=_FIELD
     """The flag of the ``TrainConfig`` field ``name`` (``--kebab-case``): its type from the
     field, its help and choices from ``spmd_lora.config.fields``, its default the field's
     unless ``default`` is given; ``dest`` renames the attribute it sets."""
-    from ..config.fields import CHOICES, FIELD_HELP, flag
-    from ..config.train_config import TrainConfig
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     hint = typing.get_type_hints(TrainConfig)[name]
     required = field.default is dataclasses.MISSING

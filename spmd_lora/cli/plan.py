@@ -15,10 +15,15 @@ from ..analysis.plan import *  # noqa: F401,F403 - the planning API, under the c
 from ..analysis.plan import (ensure_host_devices, find_max_seq_len, format_bytes, parse_bytes,
                              plan_memory, print_plan)
 from .parser import OneLineErrorParser, add_field_flag
+from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
+                                    require_cuda_plugin, resolve_target, target_names)
+from ..config.fields import with_flag_names
+from ..config.lora_config import LoraConfig
+from ..config.model_config import resolve_model_config
+from ..errors import SpmdLoraError
 
 
 def _target_names() -> list[str]:
-    from ..analysis.gpu_targets import target_names
     return target_names()
 
 
@@ -82,14 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is None:
         ensure_host_devices(args.tp * args.dp * args.cp)
     else:
-        from ..analysis.gpu_targets import ensure_plugin_can_start, quiet_xla_warnings
         ensure_plugin_can_start()
         quiet_xla_warnings()
     import json
 
-    from ..config.model_config import resolve_model_config
-    from ..errors import SpmdLoraError
-    from ..config.lora_config import LoraConfig
 
     try:
         cfg = resolve_model_config(args.model)
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SpmdLoraError(f"--cp must be >= 1, got {args.cp}")
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets)
         if args.target is not None:
-            from ..analysis.gpu_targets import require_cuda_plugin, resolve_target
             gpu = resolve_target(args.target)
             require_cuda_plugin()
             if args.device_memory is None:
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:
-        from ..config.fields import with_flag_names
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
 

@@ -39,10 +39,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .. import model as M
 from ..errors import ConfigError, DataError
 from ..kernels import attention
-from ..parallel.placement import to_host
+from ..parallel.placement import put_global, to_host
 from ..parallel.mesh import CP, DP, TP, lora_specs
 from ..weights.shapes import param_specs
-from ..parallel.placement import put_global
+from ..data import encode_prompt
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
@@ -343,7 +343,6 @@ def generate_text(model, tokenizer, prompts: list, template: str | None = None,
     ids = []
     for i, p in enumerate(prompts):
         if template is not None:
-            from ..data import encode_prompt
             if isinstance(p, str):
                 p = {"alpaca": {"instruction": p}, "rag": {"question": p, "contexts": []},
                      "chat": {"messages": [{"role": "user", "content": p}]}}.get(

@@ -13,6 +13,7 @@ from ..config.lora_config import LoraConfig
 from ..config.model_config import ModelConfig
 from ..kernels import CP_IMPLS
 from ..parallel.sequence import SeqLayout
+from ..errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "save-dots", "offload")
 # Attention impls that have a context-parallel block kernel (ring attention needs the lse).
@@ -45,7 +46,6 @@ class ForwardOptions:
     cp_impl: str = "ring"
 
     def __post_init__(self):
-        from ..errors import ConfigError
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
         if self.mlp_chunk_tokens < 0:

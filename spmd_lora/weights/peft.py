@@ -31,6 +31,7 @@ from ..errors import CheckpointError
 from ..config.projections import HF_MODULES, PROJECTIONS, TARGETS, projection_dims
 from ..config.lora_config import LoraConfig
 from ..parallel.placement import put_global, replicated_to_host
+from .safetensors import SAFETENSORS_DTYPES, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -217,7 +218,6 @@ def read_adapter_config(adapter_dir) -> tuple[dict, LoraConfig]:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a (small) safetensors file as float32 numpy arrays (bf16/f16 included)."""
-    from .safetensors import SAFETENSORS_DTYPES, read_safetensors_header
     base, header = read_safetensors_header(path)
     out = {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
