@@ -146,7 +146,9 @@ def test_plan_argument_bytes_by_hand():
     ins_outs = [(D, H * hd), (D, KV * hd), (D, KV * hd), (H * hd, D), (D, F), (D, F), (F, D)]
     lora = 4 * L * sum(r * (i + o) for i, o in ins_outs)          # fp32, replicated
     adam = 2 * lora + 4                                            # mu, nu, step count (int32)
-    batch = 2 * 4 * s                                              # tokens + loss mask, int32
+    # the one batch schema (parallel/zigzag.BATCH_FIELDS), int32: tokens, targets, target
+    # weights, positions; token_index is unused at cp=1 and jit drops unused arguments
+    batch = 4 * 4 * s
     assert p["weights"] == weights and p["lora"] == lora
     assert p["arguments"] == weights + lora + adam + batch + 4    # + the PRNG key (2 x u32)
     assert p["compiled_for"]["deviceless"] and not p["estimate"]
