@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    eval_fraction=0.1, eval_every=10)
 
     def model_flags(p, adapter=True):
+        p.add_argument("--model", required=True, help=FIELD_HELP["model"])
         if adapter:
             p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
         p.add_argument("--tp", type=int, default=1, help=FIELD_HELP["tp"] + " (default: 1)")
