@@ -92,14 +92,6 @@ class TrainStep:
     optimizer: optax.GradientTransformation
     step: Callable
 
-    @property
-    def model_config(self):
-        return self.opts.cfg
-
-    @property
-    def lora_config(self) -> LoraConfig:
-        return self.opts.lora
-
     def __call__(self, params, lora, opt_state, batches, key):
         return self.step(params, lora, opt_state, batches, key)
 
