@@ -36,6 +36,7 @@ from .engine.factory import build_train_step, mesh_for, optimizer_config
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
 from .engine.step import lr_schedule
+from .analysis.run_budget import resolve_run_memory
 from .api import Model
 from .evaluate import evaluate
 from .plots import write_loss_plot
@@ -104,6 +105,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
     mesh = mesh_for(cfg)
+    notes = []
+    cfg = resolve_run_memory(cfg, model_cfg, mesh, say=notes.append)
     batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                                  pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
     steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum_steps
@@ -152,6 +155,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                      f"{total_steps} steps, mesh dp={cfg.dp} tp={cfg.tp}"
                      + (f" cp={cfg.cp} ({cfg.cp_impl})" if cfg.cp > 1 else "")
                      + (f", resumed at step {start_step}" if start_step else ""))
+    for note in notes:
+        progress.message(note)
     if cfg.resume and not found:
         progress.message(f"no checkpoint in {ckpt_root}; starting from step 0")
 

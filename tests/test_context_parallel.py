@@ -74,11 +74,12 @@ def _packed():
             "segment_ids": seg}
 
 
-@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "offload"])
-def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat):
+@pytest.mark.parametrize("remat,offload_layers", [pytest.param("none", None, marks=pytest.mark.slow),
+                                                   ("offload", None), ("offload-input", 1)])
+def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat, offload_layers):
     """Packed segments crossing chunk boundaries, GQA with tp > kv heads (gqa4: 2 kv heads,
-    tp=4 at cp=2), ring and allgather, remat none and offload: loss and every LoRA gradient
-    equal the dp = cp = tp = 1 run."""
+    tp=4 at cp=2), ring and allgather, remat none, offload and offload-input on the first of
+    the two layers: loss and every LoRA gradient equal the dp = cp = tp = 1 run."""
     path, hf = hf_models("gqa4")
     make_peft_adapter(hf, tmp_path / "adapter")
     batch = _packed()
@@ -87,6 +88,7 @@ def test_cp_packing_equals_unsharded(hf_models, tmp_path, remat):
                              (2, 2, 2, "allgather")):
         model = spmd_lora.load_model(path, tp=tp, dp=dp, cp=cp, adapter=tmp_path / "adapter")
         loss, grads = _grads(model, _options(model, cp_impl=impl, remat=remat,
+                                             offload_layers=offload_layers,
                                              mlp_chunk_tokens=4), batch)
         if base is None:
             base = loss, grads
@@ -147,7 +149,9 @@ CENSUS_CASES = [  # cp, tp, cp_impl, remat, packed segments
     (2, 2, "ring", "full", False), (2, 1, "ring", "none", True), (4, 1, "ring", "none", True),
     (4, 2, "ring", "full", True), (2, 2, "allgather", "full", False),
     (2, 2, "allgather", "none", True), (4, 1, "ring", "offload", True),
-    (2, 2, "ring", "offload", False), (2, 2, "allgather", "offload", True)]
+    (2, 2, "ring", "offload", False), (2, 2, "allgather", "offload", True),
+    (4, 1, "ring", "offload-input", True), (2, 2, "ring", "offload-input", False),
+    (2, 2, "allgather", "offload-input", True)]
 
 
 @pytest.mark.parametrize("cp,tp,impl,remat,segments", CENSUS_CASES)

@@ -39,6 +39,9 @@ def _program_flops(remat, ce_chunk_tokens, targets, rank=4, rows=1):
     ("full", 32, ("q_proj", "v_proj"), 1),
     ("save-dots", 4096, ("o_proj", "down_proj"), 1),
     ("offload", 4096, "all", 1),
+    ("offload", 4096, ("v_proj",), 1),
+    ("offload-input", 4096, "all", 1),
+    ("offload-input", 32, ("q_proj", "down_proj"), 2),
 ])
 def test_hardware_flops_match_the_program(remat, ce_chunk_tokens, targets, rows):
     counted, lc = _program_flops(remat, ce_chunk_tokens, targets, rows=rows)

@@ -83,31 +83,46 @@ def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
         assert max(errs) <= 1e-5, (k, max(errs))
 
 
-@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
-def test_offload_equals_full(hf_models, tmp_path, tp, sp):
+# (remat, offload_layers): both offload policies, every layer on the host or only the first
+# (the tiny models have 2 layers, so the layer scan splits in two), or none of them
+OFFLOAD_POLICIES = [("offload", None), ("offload-input", None), ("offload", 1),
+                    ("offload-input", 1), ("offload-input", 0)]
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), pytest.param(2, False, marks=pytest.mark.slow),
+                                   (2, True)])
+def test_offload_policies_equal_full(hf_models, tmp_path, tp, sp):
     """remat offload (the two half-layer inputs in pinned_host memory, each half recomputed in
-    its own backward) == remat full (the whole layer recomputed from its input) to float
-    rounding: same loss and LoRA gradients. The jaxpr places the saved residuals in host
-    memory."""
+    its own backward), offload-input (only the layer input on the host) and partial offload
+    (offload_layers: the first K layers on the host, the rest on the device) == remat full
+    (the whole layer recomputed from its input) to float rounding: same loss and LoRA
+    gradients; at tp=1 also transformers + PEFT. The jaxpr places the saved residuals in host
+    memory exactly when some layer offloads."""
     path, hf = hf_models("mha")
-    make_peft_adapter(hf, tmp_path / "adapter")
     tokens = _tokens("mha")
     mask = np.ones_like(tokens)
+    _, ref_loss, ref_grads = peft_reference(hf, tmp_path / "adapter", tokens, mask)
     model = spmd_lora.load_model(path, tp=tp, adapter=tmp_path / "adapter")
-    out = {}
-    for remat in ("full", "offload"):
-        opts = ForwardOptions(model.config, tp, model.lora_config, remat=remat,
-                              mlp_chunk_tokens=8, sequence_parallel=sp)
-        out[remat] = _our_grads(model, opts, tokens, mask)
-    assert rel_err(out["offload"][0], out["full"][0]) <= 1e-6
-    errs = jax.tree.leaves(jax.tree.map(rel_err, out["offload"][1], out["full"][1]))
-    assert max(errs) <= 1e-5
-    opts = ForwardOptions(model.config, tp, model.lora_config, remat="offload",
-                          sequence_parallel=sp)
-    fn = sharded.loss_sum_fn(opts, model.mesh)
-    batch = model.put_batch({"tokens": tokens, "loss_mask": mask})
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora))
-    assert "<host>" in jaxpr                          # residuals typed as host memory
+
+    def opts(remat, k=None):
+        return ForwardOptions(model.config, tp, model.lora_config, remat=remat,
+                              offload_layers=k, mlp_chunk_tokens=8, sequence_parallel=sp)
+
+    full = _our_grads(model, opts("full"), tokens, mask)
+    for remat, k in OFFLOAD_POLICIES:
+        loss, grads = _our_grads(model, opts(remat, k), tokens, mask)
+        assert rel_err(loss, full[0]) <= 1e-6, (remat, k)
+        errs = jax.tree.leaves(jax.tree.map(rel_err, grads, full[1]))
+        assert max(errs) <= 1e-5, (remat, k, max(errs))
+        if tp == 1:
+            assert abs(float(loss) - ref_loss) <= TOL * ref_loss
+            for (proj, factor), ref in ref_grads.items():
+                assert rel_err(grads["layers"][proj][factor], ref) <= TOL, (remat, k, proj)
+        fn = sharded.loss_sum_fn(opts(remat, k), model.mesh)
+        batch = model.put_batch({"tokens": tokens, "loss_mask": mask})
+        jaxpr = str(jax.make_jaxpr(jax.grad(
+            lambda lp: fn(model.params, lp, batch, None)[0]))(model.lora))
+        assert ("<host>" in jaxpr) == (k != 0), (remat, k)   # residuals typed as host memory
 
 
 def test_lora_dropout_is_layout_independent(hf_models, tmp_path):

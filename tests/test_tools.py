@@ -49,6 +49,8 @@ def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None, sp=Fal
 def test_census_matches_formula(remat, targets):
     census, meas, exp = _census(tp=2, dp=1, remat=remat, targets=targets)
     assert meas["tp_activation_reductions"] == exp["tp_activation_reductions"]
+    offload_input = _census(tp=2, dp=1, remat="offload-input", targets=targets)
+    assert offload_input[1]["tp_activation_reductions"] == offload_input[2]["all_reduce"]
     # only all-reduces: no weight is ever all-gathered, nothing else is emitted
     assert {r["kind"] for r in census} == {"all-reduce"}
     assert meas["non_all_reduce_ops"] == 0
@@ -69,7 +71,8 @@ def test_census_matches_formula(remat, targets):
 
 SP_CASES = [  # remat, MLP tile tokens, CE chunk tokens, sequence length
     ("full", 0, 4096, S), ("offload", 0, 4096, S), ("none", 0, 4096, S),
-    ("full", 16, 16, S), ("save-dots", 16, 4096, 39), ("offload", 16, 4096, S)]
+    ("full", 16, 16, S), ("save-dots", 16, 4096, 39), ("offload", 16, 4096, S),
+    ("offload-input", 16, 4096, S)]
 
 
 @pytest.mark.parametrize("remat,mlp_chunk,ce_chunk,seq", SP_CASES)

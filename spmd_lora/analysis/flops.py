@@ -22,7 +22,11 @@ so ``useful / step time / matmul ceiling`` compares frameworks fairly.
 * remat ``full`` / ``offload``: the layers' forward runs again in the backward (frozen
   linears, LoRA forward, attention forward), all but the layer's last matmul (down_proj and
   LoRA's second factor on it), whose output no derivative needs (with ``offload`` each
-  half-layer is its own checkpoint, so o_proj's output is skipped as well);
+  half-layer is its own checkpoint, so o_proj's output is skipped as well, and with ``xla``
+  attention and no LoRA on o_proj, attention's P V too);
+* remat ``offload-input``: as ``offload``, plus the attention block's whole forward once more
+  (frozen linears, LoRA, attention): the MLP's input is rebuilt from the offloaded layer input
+  before the MLP half's backward;
 * remat ``save-dots``: matmuls without batch dimensions are saved, so only attention's
   forward (batched einsums) is recomputed;
 * (nothing for the cross-entropy: it computes its input gradient in its forward, so no
@@ -37,7 +41,10 @@ from __future__ import annotations
 import dataclasses
 
 from ..config.model_config import ModelConfig
-from ..config.projections import ROW_PARALLEL, TARGETS as PROJECTIONS, projection_dims
+from ..config.projections import (BLOCKS, PROJECTIONS as PROJECTION_TABLE, ROW_PARALLEL,
+                                  TARGETS as PROJECTIONS, projection_dims)
+
+PROJECTION_BLOCK = {name: p.block for name, p in PROJECTION_TABLE.items()}
 
 
 def causal_tiles(seq_len: int, block_q: int, block_k: int) -> int:
@@ -98,7 +105,7 @@ def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int 
         attn_bwd_hw = 2.5 * attn_fwd_hw                                   # 5 matmuls per tile
     else:
         raise ValueError(f"attention {attention!r}: one of causal, xla, blockwise")
-    if remat in ("full", "offload"):
+    if remat in ("full", "offload", "offload-input"):
         # The layer's last matmul (the last block's row-parallel projection, down_proj, and
         # LoRA's r x out factor on it) feeds only the residual sum, which no derivative of the
         # layer needs: it is not recomputed. With offload each block (half-layer) is its own
@@ -109,6 +116,20 @@ def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int 
             f_in, f_out = projection_dims(cfg, name)
             last += f_in * f_out + (lora_rank * f_out if name in lora_targets else 0)
         remat_fl = L * (2.0 * t * (w + lora_w - last) + attn_fwd_hw)
+        attn_out = next(n for n in ROW_PARALLEL if PROJECTION_BLOCK[n] == "attention")
+        if remat != "full" and attention == "xla" and attn_out not in lora_targets:
+            # the half-layer recompute skips o_proj; without LoRA on it nothing in the
+            # backward needs attention's output, and autodiff drops its P V matmul (the
+            # fused kernels compute their output whole)
+            remat_fl -= L * attn_fwd_hw / 2
+        if remat == "offload-input":
+            # the blocks before the last once more, whole: their output is the next block's
+            # offloaded-by-nobody input, rebuilt from the layer input
+            again = [n for n in PROJECTIONS if PROJECTION_BLOCK[n] != BLOCKS[-1]]
+            w_again = sum(i * o for i, o in (projection_dims(cfg, n) for n in again))
+            lora_again = sum(lora_rank * sum(projection_dims(cfg, n))
+                             for n in again if n in lora_targets)
+            remat_fl += L * (2.0 * t * (w_again + lora_again) + attn_fwd_hw)
     elif remat == "save-dots":
         remat_fl = L * attn_fwd_hw
     elif remat == "none":

@@ -617,10 +617,12 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
 
     Remat (the layer's forward again in its backward) adds, per block: the reduction again,
     except for the last block's, which feeds only the carried residual (for remat full /
-    save-dots; none and offload, which keeps each block's input on the host, re-reduce
-    nothing); and under SP the gathers again (remat != none), or, tiled, each tile's own
-    re-gather (checkpointed tiles, always) plus one more for the non-last blocks under full and
-    offload (save-dots keeps the q/k/v products). Outside the layers: the embedding's rows
+    save-dots / offload-input; none and offload, which keeps each block's input on the host,
+    re-reduce nothing); and under SP the gathers again (remat != none), or, tiled, each tile's
+    own re-gather (checkpointed tiles, always) plus one more for the non-last blocks under full
+    and the offload policies (save-dots keeps the q/k/v products). offload-input recomputes
+    the non-last blocks once more (the MLP's input from the offloaded layer input, then the
+    block in its own backward): one more gather of their input under SP. Outside the layers: the embedding's rows
     (all-reduce; SP: reduce-scatter, per tile), and per cross-entropy chunk (C = ``ce_chunks``)
     3 [N] all-reduces (max, sum-exp, target logit) plus the [N, D] input gradient (an
     all-reduce; SP: the chunk all-gathered once and its gradient reduce-scattered). The
@@ -648,8 +650,12 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     r = lora.rank if lora is not None else 0
     AR, AG, RS = "all-reduce", "all-gather", "reduce-scatter"
     rematted = remat != "none"
-    re_reduce = remat in ("full", "save-dots")       # the recompute re-runs the reductions
-    re_gather = remat in ("full", "offload")         # a tiled recompute re-gathers q/k/v
+    # the recompute re-runs the reductions; a tiled recompute re-gathers q/k/v
+    re_reduce = remat in ("full", "save-dots", "offload-input")
+    re_gather = remat in ("full", "offload", "offload-input")
+    # offload-input runs the non-last blocks' forward once more (the MLP's input from the
+    # offloaded layer input), each with its own gathers
+    once_more = remat == "offload-input"
     # Bytes of one op's RESULT on one device, from the local token counts (0 without tokens).
     tok = tokens or 0
     full = padded_tokens or tok                      # S_pad-based token count under SP
@@ -669,7 +675,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
                 out += [(AR, "forward", k * L, act), (AR, "backward", k * L, act),
                         (AR, "remat", re_reduce * not_last * k * L, act)]
                 continue
-            regather = rematted if k == 1 else 1 + re_gather * not_last
+            regather = (rematted if k == 1 else 1 + re_gather * not_last) + once_more * not_last
             out += [(AG, "forward", k * L, act), (RS, "forward", k * L, act / tp),
                     (AG, "remat", regather * k * L, act),
                     (RS, "remat", re_reduce * not_last * k * L, act / tp),
@@ -735,13 +741,16 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     * ring: forward (cp-1) m permutes; backward (cp-1) m (K/V again) + 2 cp (dK, dV: fp32);
     * allgather: forward m all-gathers; backward 2 reduce-scatters (dK, dV).
 
-    A rematerialised layer (t = 1 for remat full | save-dots | offload) runs the forward's
-    again in the backward pass. XLA then removes two kinds of repeats, and the counts below are
-    what the compiled step keeps (checked against the census of tiny models):
+    A rematerialised layer (t = 1 for remat full | save-dots | offload | offload-input) runs
+    the forward's again in the backward pass; offload-input once more (e = 1: the attention
+    forward that rebuilds the MLP's input). XLA then removes some repeats, and the counts below
+    are what the compiled step keeps (checked against the census of tiny models, with every
+    layer offloaded: a partial ``offload_layers`` splits the layer scan, and XLA may merge a
+    few index sends more):
 
     * the index and segment-id blocks are the same in every layer, so the *forward's* sends of
       them are hoisted out of the layer scan: (cp-1)(m-2) per micro-batch for ring, (m-2)
-      all-gathers for allgather, instead of per layer (not under remat ``offload``, whose
+      all-gathers for allgather, instead of per layer (not under the offload policies, whose
       half-layer checkpoints keep them in the layer: h = 0 below, else 1);
     * at cp = 2 the ring's single step has no loop, and its backward resend of K/V and indices
       is the same op as the recompute's (t = 1) or, for the indices, the hoisted forward's
@@ -750,8 +759,9 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     =========================  ====================================  =========================
     per layer, micro-batch     ring                                  allgather
     =========================  ====================================  =========================
-    K/V arrays (k, v)          2(cp-1) (1 + t) + 2(cp-1) r + 2 cp    AG 2 (1 + t), RS 2
-    index arrays (m-2)         (m-2)(cp-1) (t + r' + 1 - h)          AG (m-2) (t + 1 - h)
+    K/V arrays (k, v)          2(cp-1) (1 + t + e) + 2(cp-1) r       AG 2 (1 + t + e), RS 2
+                               + 2 cp
+    index arrays (m-2)         (m-2)(cp-1) (t + e r' + r' + 1 - h)   AG (m-2) (t + 1 - h)
     per micro-batch            (m-2)(cp-1) h                         AG (m-2) h
     =========================  ====================================  =========================
 
@@ -770,20 +780,22 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     L, A = cfg.num_layers, micro_batches
     k = 2 if segments else 1                        # index arrays per K/V block
     t = 0 if remat == "none" else 1
-    h = 0 if remat == "offload" else 1              # forward index sends hoisted
+    e = 1 if remat == "offload-input" else 0        # the attention forward once more
+    h = 0 if remat in ("offload", "offload-input") else 1   # forward index sends hoisted
     local = local_batch * (seq_len // cp)           # tokens of one K/V block
     kv = local * cfg.kv_heads_per_device(tp) * cfg.head_dim     # elements of k (or v)
     if cp_impl == "ring":
         r = 0 if (cp == 2 and t) else 1
         r_idx = 0 if cp == 2 else 1
-        kv_fwd = 2 * (cp - 1) * (1 + t) + 2 * (cp - 1) * r          # K/V sends per layer
+        kv_fwd = 2 * (cp - 1) * (1 + t + e) + 2 * (cp - 1) * r      # K/V sends per layer
         kv_grad = 2 * cp                                            # dK/dV sends per layer
-        idx_layer, idx_micro = k * (cp - 1) * (t + r_idx + 1 - h), k * (cp - 1) * h
+        idx_layer = k * (cp - 1) * (t + e * r_idx + r_idx + 1 - h)
+        idx_micro = k * (cp - 1) * h
         out["permute_operands"] = A * (L * (kv_fwd + kv_grad + idx_layer) + idx_micro)
         sent = A * (L * (kv_fwd * kv * dtype_bytes + kv_grad * kv * 4 + idx_layer * local * 4)
                     + idx_micro * local * 4)
     else:
-        ag_layer, idx_layer, idx_micro = 2 * (1 + t), k * (t + 1 - h), k * h
+        ag_layer, idx_layer, idx_micro = 2 * (1 + t + e), k * (t + 1 - h), k * h
         out["all_gather_operands"] = A * (L * (ag_layer + idx_layer) + idx_micro)
         out["reduce_scatter_operands"] = A * L * 2
         # an all-gather sends (cp-1) local pieces, a reduce-scatter (cp-1) local results
@@ -795,8 +807,8 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
                   kv_itemsize=dtype_bytes, segments=segments)
         out["wire_bytes"] = int(sent)
         out["logical_wire_bytes"] = A * L * (cp_bytes_per_device(cp_impl, **kw)
-                                             + t * cp_bytes_per_device(cp_impl, backward=False,
-                                                                       **kw))
+                                             + (t + e) * cp_bytes_per_device(
+                                                 cp_impl, backward=False, **kw))
     return out
 
 

@@ -32,27 +32,30 @@ benchmarks.md ("GPU compile") sets the two side by side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 import time
+from ..config.sizes import GiB, format_size, parse_size
 from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS
-from ..engine.factory import build_train_step, forward_options
+from ..engine.factory import build_train_step
 from ..errors import ConfigError
 from ..parallel.mesh import mesh_over
 from ..parallel.zigzag import padded_seq_len
 from ..weights.quant import is_quantised
 from ..weights.shapes import resolve_dtype
+from .budgets import offloaded_bytes
 from .gpu_targets import target_devices
 from .hlo import expected_cp_collectives
 
-GiB = 1024 ** 3
 
 __all__ = ["GiB", "ensure_host_devices", "plan_devices", "plan_mesh", "abstract_train_args",
            "lower_train_step", "CPU_PLAN_OPTIONS", "compile_train_step", "upcasts_matmuls",
            "cpu_upcast_allowance", "offloaded_bytes", "quant_weight_bytes",
            "gpu_compiler_options", "plan_memory", "parse_bytes", "format_bytes", "compiled_for",
-           "compiled_for_line", "print_plan", "find_max_seq_len"]
+           "compiled_for_line", "print_plan", "find_max_seq_len", "REMAT_BY_COST", "Budgets",
+           "fit_offload_layers", "choose_remat", "remat_label"]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -116,7 +119,8 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      dtype="bfloat16", remat="full", attention="blockwise", micro_batches=1,
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                      mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
-                     base_quant="none", cp: int = 1, cp_impl: str = "ring"):
+                     base_quant="none", cp: int = 1, cp_impl: str = "ring",
+                     offload_layers: int | None = None):
     """Lower the real train step (:func:`spmd_lora.engine.factory.build_train_step`) on
     abstract inputs on a (dp, cp, tp) mesh. Returns (lowered, mesh, args)."""
 
@@ -125,7 +129,7 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
     step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
                             cp_impl=cp_impl, attention=attention, remat=remat,
                             ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-                            mlp_chunk_tokens=mlp_chunk_tokens)
+                            mlp_chunk_tokens=mlp_chunk_tokens, offload_layers=offload_layers)
     args = step.abstract_args(max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches,
                               dtype=dtype, base_quant=base_quant)
     return step.lower(*args), mesh, args
@@ -195,21 +199,6 @@ def _local_bytes(tree) -> int:
     return total
 
 
-def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
-                    sequence_parallel: bool, cp: int = 1) -> int:
-    """Host bytes per device that remat ``offload`` keeps per step (computed, not compiled): the
-    two half-layer inputs [B/dp, R, D] of every layer (the layer input and the residual after
-    attention), R = S_cp/tp under sequence parallelism or S_cp, where S_cp is the cp rank's
-    share of the (padded) sequence."""
-    import numpy as np
-
-    local_seq = padded_seq_len(max_seq_len, cp, tp) // cp if cp > 1 else max_seq_len
-    layout = forward_options(cfg, tp=tp, sequence_parallel=sequence_parallel).layout(local_seq)
-    per_layer = (batch // dp) * layout.local_rows * cfg.hidden_size
-    itemsize = np.dtype(resolve_dtype(dtype)).itemsize
-    return cfg.num_layers * per_layer * itemsize * 2
-
-
 def quant_weight_bytes(params) -> dict:
     """Per-device bytes of a quantised base, split into packed weights (int8 values / NF4 codes),
     quantisation constants (scales; NF4 absmax codes + double-quant group scale and offset) and
@@ -249,7 +238,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
                 mlp_chunk_tokens: int | None = None, devices_per_host: int = 8,
                 base_quant: str = "none", cp: int = 1, cp_impl: str = "ring",
                 target: str | None = None, hosts: int = 1,
-                autotune_results: str | None = None) -> dict:
+                autotune_results: str | None = None, offload_layers: int | None = None) -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -266,9 +255,9 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     absent on GPU and when the compiled program shows native 16-bit matmuls) and
     peak_gpu_estimate = peak - cpu_upcast_allowance. ``peak`` is the conservative figure.
 
-    remat ``offload``: ``host_offload`` is what the saved layer inputs need in pinned host
-    memory per device, ``host_offload_formula`` the same computed from the shapes
-    (:func:`offloaded_bytes`), ``host_offload_per_host`` for the devices of one host
+    remat ``offload`` / ``offload-input`` (with ``offload_layers``: only the first K layers'):
+    ``host_offload`` is what the saved layer inputs need in pinned host memory per device,
+    ``host_offload_formula`` the same computed from the shapes (:func:`offloaded_bytes`), ``host_offload_per_host`` for the devices of one host
     (``devices_per_host``, or the target's devices per host). A GPU compile reports its
     pinned host temporaries itself (``host_offload_source`` "compiled"); a CPU compile keeps
     them in its one memory, inside ``temporaries``, so there ``peak`` is the compiled peak
@@ -296,7 +285,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
             remat=remat, attention=attention, micro_batches=micro_batches,
             ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
             mlp_chunk_tokens=mlp_chunk_tokens, mesh=mesh, compiler_options=options or None,
-            base_quant=base_quant, cp=cp, cp_impl=cp_impl)
+            base_quant=base_quant, cp=cp, cp_impl=cp_impl, offload_layers=offload_layers)
     except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
         if autotune_results and "autotune" in str(e).lower():
             raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
@@ -306,7 +295,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ma = compiled.memory_analysis()
     out = {
         "tp": tp, "dp": dp, "cp": cp, "cp_impl": cp_impl, "max_seq_len": max_seq_len, "batch": batch, "dtype": str(dtype),
-        "remat": remat, "attention": attention, "micro_batches": micro_batches,
+        "remat": remat, "offload_layers": offload_layers, "attention": attention, "micro_batches": micro_batches,
         "sequence_parallel": bool(sequence_parallel and tp > 1),
         "mlp_chunk_tokens": mlp_chunk_tokens, "ce_chunk_tokens": ce_chunk_tokens,
         "lora_rank": (lora.rank if lora else None),
@@ -328,14 +317,12 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     # an estimate of copies inside the temporaries: never more than the temporaries themselves
     out["cpu_upcast_allowance"] = (min(cpu_upcast_allowance(params, dtype, compiled.as_text()),
                                        out["temporaries"]) if on_cpu else 0)
-    out["host_offload"] = out["host_offload_formula"] = 0
-    if remat == "offload":
-        out["host_offload_formula"] = offloaded_bytes(
-            cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, dtype=dtype,
-            sequence_parallel=sequence_parallel, cp=cp)
-        compiled_host = not on_cpu and out["host_temporaries"] > 0
-        out["host_offload"] = out["host_temporaries"] if compiled_host else out["host_offload_formula"]
-        out["host_offload_source"] = "compiled" if compiled_host else "formula"
+    out["host_offload_formula"] = offloaded_bytes(
+        cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, dtype=dtype, remat=remat,
+        offload_layers=offload_layers, sequence_parallel=sequence_parallel, cp=cp)
+    compiled_host = not on_cpu and out["host_temporaries"] > 0
+    out["host_offload"] = out["host_temporaries"] if compiled_host else out["host_offload_formula"]
+    out["host_offload_source"] = "compiled" if compiled_host else "formula"
     out["host_offload_per_host"] = out["host_offload"] * min(devices_per_host, tp * dp * cp)
     if cp > 1:
         import numpy as np
@@ -353,20 +340,94 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     return out
 
 
+# ----------------------------------------------------------------------------- budgets, remat auto
+
+#: The remat policies by recomputed FLOPs, cheapest first (analysis/flops.py): none, save-dots
+#: (attention forward again), full and offload (the layer forward again, offload one half at a
+#: time), offload-input (and the attention forward once more). Each keeps on the device no more
+#: than the one before it, except that the offload policies move saved values to the host.
+REMAT_BY_COST = ("none", "save-dots", "full", "offload", "offload-input")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """What a plan must fit: ``device`` bytes per device (judged by ``plan[key]``) and
+    ``host`` bytes of pinned host memory per host (None: no host limit)."""
+
+    device: int
+    host: int | None = None
+    key: str = "peak"
+
+    def device_fits(self, p: dict) -> bool:
+        return p[self.key] <= self.device
+
+    def host_fits(self, p: dict) -> bool:
+        return self.host is None or p["host_offload_per_host"] <= self.host
+
+    def fits(self, p: dict) -> bool:
+        return self.device_fits(p) and self.host_fits(p)
+
+
+def fit_offload_layers(plan_at, policy: str, num_layers: int, budgets: Budgets, max_tries=4):
+    """The plan of ``policy`` (offload or offload-input) with the fewest layers offloaded
+    (``offload_layers`` K) that fits both budgets, or the plan with all L layers offloaded
+    when none does. Compiles K = L first (the least device memory); its device slack, divided
+    by what one layer's saved inputs take on the device, gives the first K to try; K then grows
+    until the compiled plan fits (XLA's own rematerialisation makes the device peak only
+    roughly linear in K). ``plan_at(remat, offload_layers) -> plan``."""
+    full = plan_at(policy, num_layers)
+    if not budgets.device_fits(full):
+        return full
+    per_layer = full["host_offload_formula"] // num_layers       # saved values of one layer
+    k = num_layers
+    if per_layer > 0:
+        k = max(0, num_layers - (budgets.device - full[budgets.key]) // per_layer)
+    for _ in range(max_tries):
+        if k >= num_layers:
+            break
+        p = plan_at(policy, int(k))
+        if budgets.fits(p):
+            return p
+        if budgets.device_fits(p):   # the host is short: more layers on it would not help
+            return p
+        k += max(1, (num_layers - k) // 4)
+    return full
+
+
+def choose_remat(plan_at, num_layers: int, budgets: Budgets, log=None):
+    """remat ``auto``: the plan of the cheapest policy (:data:`REMAT_BY_COST`; for the offload
+    policies the fewest offloaded layers, :func:`fit_offload_layers`) that fits ``budgets``,
+    or None when none does. ``plan_at(remat, offload_layers) -> plan``; ``log(plan)`` sees
+    every plan compiled."""
+    def at(remat, k=None):
+        p = plan_at(remat, k)
+        if log:
+            log(p)
+        return p
+
+    for policy in REMAT_BY_COST:
+        if policy in ("offload", "offload-input"):
+            p = fit_offload_layers(at, policy, num_layers, budgets)
+        else:
+            p = at(policy)
+        if budgets.fits(p):
+            return p
+    return None
+
+
 # ----------------------------------------------------------------------------- report
 
 def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '80G', '81920MB', '8.5e10' -> bytes (GB = GiB = 2**30, as GPU specs
-    quote 80 GB for 80 GiB-class cards' 79.x GiB usable; use MB/GiB explicitly if it matters)."""
-    m = re.fullmatch(r"\s*([\d.eE+]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GB, 40GiB, 24000MB)")
-    mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+    """A size flag's value ('80GB', '1.9TB', '512MiB'; binary units): bytes, or the
+    argparse error of a bad one (:func:`spmd_lora.config.sizes.parse_size`)."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
 def format_bytes(n: int) -> str:
-    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 1024 ** 2:9.1f} MiB"
+    return format_size(n)
 
 
 def compiled_for(mesh, target: str | None = None, hosts: int = 1,
@@ -393,7 +454,15 @@ def compiled_for_line(c: dict) -> str:
             f"(XLA:CPU buffers; --target h100|h200|... compiles for the GPU itself)")
 
 
-def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> None:
+def remat_label(p: dict) -> str:
+    """The plan's remat policy as flags would give it: ``offload-input`` or ``offload-input
+    --offload-layers 20``."""
+    k = p.get("offload_layers")
+    return p["remat"] + (f" --offload-layers {k}" if k is not None else "")
+
+
+def print_plan(p: dict, budget: int | None, file=None, key: str = "peak",
+               host_budget: int | None = None) -> None:
     file = file or sys.stdout
     rows = [("base weights (per device)", p["weights"])]
     if p.get("weights_packed") is not None:
@@ -418,7 +487,7 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
                  (f"pinned host memory per host ({how})", p["host_offload_per_host"])]
     cp = f"cp={p['cp']} ({p['cp_impl']}) " if p.get("cp", 1) > 1 else ""
     print(f"tp={p['tp']} dp={p['dp']} {cp}max_seq_len={p['max_seq_len']} batch={p['batch']} "
-          f"dtype={p['dtype']} remat={p['remat']} attention={p['attention']} "
+          f"dtype={p['dtype']} remat={remat_label(p)} attention={p['attention']} "
           f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
           f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])}", file=file)
@@ -437,23 +506,30 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak") -> Non
         verdict = "fits" if p[key] <= budget else "does NOT fit"
         print(f"  usable device memory               {format_bytes(budget)}  -> {verdict} (by {key})",
               file=file)
+    if host_budget is not None:
+        need = p.get("host_offload_per_host", 0)
+        verdict = "fits" if need <= host_budget else "does NOT fit"
+        print(f"  host memory budget per host        {format_bytes(host_budget)}  -> {verdict} "
+              f"(needs {format_bytes(need).strip()})", file=file)
 
 
-def find_max_seq_len(plan_at, budget: int, start: int = 1024, limit: int = 1 << 25,
+def find_max_seq_len(plan_at, budget, start: int = 1024, limit: int = 1 << 25,
                      step: int = 1024, rel_tol: float = 0.01, log=None, key: str = "peak"):
     """Largest multiple of ``step`` whose plan fits ``budget``, to within ``rel_tol`` (the
     answer is at most 1 % + one step below the true limit by default): double from ``start``
     until it does not fit (or ``limit``, 32M tokens), then bisect between the last fit and the
-    first miss on multiples of ``step`` until they are that close. ``plan_at(S) -> plan dict``.
-    Returns (S or None, {S: plan})."""
+    first miss on multiples of ``step`` until they are that close. ``plan_at(S) -> plan dict``;
+    ``budget``: device bytes (compared with ``plan[key]``) or a predicate ``plan -> bool``
+    (e.g. :meth:`Budgets.fits`). Returns (S or None, {S: plan})."""
     tried = {}
+    within = budget if callable(budget) else (lambda p: p[key] <= budget)
 
     def fits(s):
         if s not in tried:
             tried[s] = plan_at(s)
             if log:
                 log(s, tried[s])
-        return tried[s][key] <= budget
+        return within(tried[s])
 
     if not fits(start):
         lo, hi = 0, start

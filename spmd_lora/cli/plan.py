@@ -12,8 +12,9 @@ import argparse
 import sys
 
 from ..analysis.plan import *  # noqa: F401,F403 - the planning API, under the command's name
-from ..analysis.plan import (ensure_host_devices, find_max_seq_len, format_bytes, parse_bytes,
-                             plan_memory, print_plan)
+from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_max_seq_len,
+                             fit_offload_layers, format_bytes, parse_bytes, plan_memory,
+                             print_plan, remat_label)
 from .parser import OneLineErrorParser, add_field_flag
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("lora_rank", "lora_alpha"):
         add_field_flag(ap, name)
     add_field_flag(ap, "lora_targets", dest="targets")
-    for name in ("dtype", "remat", "sequence_parallel", "mlp_chunk_tokens"):
+    for name in ("dtype", "remat", "offload_layers", "sequence_parallel", "mlp_chunk_tokens"):
         add_field_flag(ap, name)
     ap.add_argument("--devices-per-host", type=int, default=8,
                     help="devices sharing one host's memory, for the offload host total")
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device-memory", type=parse_bytes, default=None,
                     help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict "
                          "(default with --target: that GPU's memory)")
+    ap.add_argument("--host-memory", type=parse_bytes, default=None, metavar="SIZE",
+                    help="pinned host memory per host, e.g. 1.9TB (binary units): the plan "
+                         "must fit it too (remat offload / offload-input keep the saved layer "
+                         "inputs there); default: no host limit")
     ap.add_argument("--usable-fraction", type=float, default=0.9,
                     help="fraction of --device-memory the step may use (the rest: CUDA "
                          "context, allocator fragmentation, NCCL buffers); default 0.9")
@@ -106,15 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.hosts != 1 or args.autotune_results:
             raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
                                 "compile for, e.g. --target h100)")
-        if args.find_max_seq_len and not args.device_memory:
-            raise SpmdLoraError("--find-max-seq-len needs --device-memory (e.g. 80GB) or "
-                                "--target")
+        if (args.find_max_seq_len or args.remat == "auto") and not args.device_memory:
+            raise SpmdLoraError(f"{'--find-max-seq-len' if args.find_max_seq_len else '--remat auto'}"
+                                f" needs --device-memory (e.g. 80GB) or --target")
+        if args.offload_layers is not None:
+            if not args.remat.startswith("offload"):
+                raise SpmdLoraError(f"--offload-layers applies to --remat offload or "
+                                    f"offload-input, not {args.remat!r}")
+            if not 0 <= args.offload_layers <= cfg.num_layers:
+                raise SpmdLoraError(f"--offload-layers must be in 0..{cfg.num_layers} (the "
+                                    f"model's layers), got {args.offload_layers}")
         budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
         key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
+        budgets = Budgets(device=budget, host=args.host_memory, key=key) if budget else None
 
-        def plan_at(s):
+        def plan_at(s, remat=args.remat, offload_layers=args.offload_layers):
             return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
-                               dtype=args.dtype, remat=args.remat, attention=args.attention,
+                               dtype=args.dtype, remat=remat, attention=args.attention,
                                micro_batches=args.micro_batches,
                                ce_chunk_tokens=args.ce_chunk_tokens,
                                sequence_parallel=args.sequence_parallel,
@@ -122,7 +135,23 @@ def main(argv: list[str] | None = None) -> int:
                                devices_per_host=args.devices_per_host,
                                base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
                                target=args.target, hosts=args.hosts,
-                               autotune_results=args.autotune_results)
+                               autotune_results=args.autotune_results,
+                               offload_layers=offload_layers)
+
+        def line(p):
+            mark = "fits" if budgets.fits(p) else "too big"
+            host = (f", host {format_bytes(p['host_offload_per_host']).strip()} per host"
+                    if p.get("host_offload") else "")
+            est = (f"GPU estimate {format_bytes(p['peak_gpu_estimate'])}, "
+                   if p["cpu_upcast_allowance"] else "")
+            return (f"S={p['max_seq_len']:8d} {remat_label(p):32s}: peak "
+                    f"{format_bytes(p['peak'])} ({est}activations+temp "
+                    f"{format_bytes(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}")
+
+        def chosen_at(s):
+            """remat auto at length s: the cheapest policy that fits, or None."""
+            return choose_remat(lambda remat, k: plan_at(s, remat, k), cfg.num_layers, budgets,
+                                log=lambda p: print(f"  {line(p)}", flush=True))
 
         print(f"model {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}")
@@ -131,43 +160,57 @@ def main(argv: list[str] | None = None) -> int:
               f"{','.join(lora.targets)} --batch-size {args.batch} --grad-accum-steps "
               f"{args.micro_batches} --attention {args.attention}"
               + (f" --target {args.target}" + (f" --hosts {args.hosts}" if args.hosts > 1 else "")
-                 if args.target else ""))
+                 if args.target else "")
+              + (f" --host-memory {format_bytes(args.host_memory).strip()}"
+                 if args.host_memory is not None else ""))
+        host_budget = args.host_memory
         if not args.find_max_seq_len:
-            p = plan_at(args.max_seq_len)
-            print_plan(p, budget, key=key)
+            if args.remat == "auto":
+                p = chosen_at(args.max_seq_len)
+                if p is None:
+                    print(f"remat auto: no policy fits max_seq_len={args.max_seq_len}")
+                    return 1
+                print(f"remat auto chose: --remat {remat_label(p)} (the fewest recomputed "
+                      f"FLOPs that fit)")
+            else:
+                p = plan_at(args.max_seq_len)
+            print_plan(p, budget, key=key, host_budget=host_budget)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(p, f, indent=1)
-            return 0 if budget is None or p[key] <= budget else 1
+            return 0 if budgets is None or budgets.fits(p) else 1
 
-        def log(s, p):
-            mark = "fits" if p[key] <= budget else "too big"
-            host = f", host {format_bytes(p['host_offload'])}" if p.get("host_offload") else ""
-            est = (f"GPU estimate {format_bytes(p['peak_gpu_estimate'])}, " if p["cpu_upcast_allowance"]
-                   else "")
-            print(f"  S={s:8d}: peak {format_bytes(p['peak'])} ({est}activations+temp "
-                  f"{format_bytes(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}",
-                  flush=True)
-
-        best, tried = find_max_seq_len(plan_at, budget, log=log, key=key)
-        if best is None:
-            print(f"no max_seq_len >= 1024 fits in {format_bytes(budget)} per device")
+        if args.remat == "auto":   # the longest length any policy fits: the leanest one's
+            search_at = lambda s: fit_offload_layers(  # noqa: E731
+                lambda remat, k: plan_at(s, remat, k), "offload-input", cfg.num_layers, budgets)
         else:
+            search_at = plan_at
+        best, tried = find_max_seq_len(search_at, budgets.fits,
+                                       log=lambda s, p: print(f"  {line(p)}", flush=True))
+        if best is None:
+            print(f"no max_seq_len >= 1024 fits in {format_bytes(budget)} per device"
+                  + (f" and {format_bytes(host_budget).strip()} of host memory per host"
+                     if host_budget is not None else ""))
+        else:
+            result = tried[best]
+            if args.remat == "auto":
+                print(f"remat auto at {best}: the cheapest policy that fits")
+                result = chosen_at(best) or result
             print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
-                  f"within {format_bytes(budget)} per device")
-            print_plan(tried[best], budget, key=key)
+                  f"within {format_bytes(budget)} per device"
+                  + (f" and {format_bytes(host_budget).strip()} of host memory per host"
+                     if host_budget is not None else "")
+                  + f", remat {remat_label(result)}")
+            print_plan(result, budget, key=key, host_budget=host_budget)
+            tried[best] = result
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"max_seq_len": best, "budget": budget,
+                json.dump({"max_seq_len": best, "budget": budget, "host_budget": host_budget,
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:
         print(f"error: {with_flag_names(str(e))}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 if __name__ == "__main__":

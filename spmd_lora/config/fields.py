@@ -17,7 +17,7 @@ from .projections import TARGETS
 CHOICES: dict[str, tuple[str, ...]] = {
     "template": ("auto", "alpaca", "rag", "text", "chat"),
     "dtype": ("float32", "bfloat16", "float16"),
-    "remat": ("none", "full", "save-dots", "offload"),
+    "remat": ("none", "full", "save-dots", "offload", "offload-input", "auto"),
     "attention": ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax"),
     "report_to": ("none", "tensorboard"),
     "base_quant": ("none", "int8", "nf4"),
@@ -59,8 +59,17 @@ FIELD_HELP: dict[str, str] = {
     "dtype": "base weights and compute dtype (LoRA factors and optimizer state stay float32)",
     "base_quant": "quantise the frozen base linears while loading (QLoRA): none, int8 "
                   "(per-channel absmax) or nf4 (blocks of 64, double-quantised absmax)",
-    "remat": "activation recomputation per layer: none, full (least memory), save-dots, or "
-             "offload (full, with the saved layer inputs in pinned host memory)",
+    "remat": "activation recomputation per layer: none, full (least device memory without "
+             "host memory), save-dots, offload (the two half-layer inputs in pinned host "
+             "memory, each half recomputed on its own), offload-input (only the layer input in "
+             "host memory: half of offload's, one more attention forward per layer), or auto "
+             "(the cheapest that fits the device and --host-memory, chosen by compiling each)",
+    "offload_layers": "with remat offload / offload-input: send the saved inputs of only the "
+                      "first K layers to the host and keep the rest on the device (default: "
+                      "all layers)",
+    "host_memory": "pinned host memory budget per host (e.g. 1.9TB, 512GiB; binary units) for "
+                   "remat offload; checked before compiling, together with this machine's "
+                   "available RAM (default: the RAM only)",
     "attention": "attention kernel: auto (fastest measured on the GPU, else Pallas on GPU, "
                  "blockwise elsewhere), pallas, blockwise, xla, cudnn or tokamax",
     "pack": "pack several examples per sequence (attention never crosses examples)",

@@ -6,6 +6,7 @@ import dataclasses
 from ..errors import ConfigError
 from .fields import CHOICES, check_choice
 from .lora_config import LoraConfig
+from .sizes import parse_size
 
 DEFAULT_MLP_CHUNK_TOKENS = 8192
 
@@ -39,7 +40,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"                 # base weights / compute: float32 | bfloat16
     base_quant: str = "none"               # none | int8 | nf4: quantised frozen base (QLoRA)
-    remat: str = "none"                    # none | full | save-dots | offload
+    remat: str = "none"                    # none | full | save-dots | offload | offload-input | auto
+    offload_layers: int | None = None      # with an offload remat: layers whose saved inputs go to the host (None: all)
+    host_memory: str | None = None         # pinned host memory budget per host, e.g. "1.9TB" (None: this machine's RAM)
     attention: str = "auto"                # auto | pallas | blockwise | xla | cudnn
     pack: bool = False
     train_on_inputs: bool = False
@@ -75,6 +78,14 @@ class TrainConfig:
         if self.mlp_chunk_tokens < 0:
             raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = never tile), got "
                               f"{self.mlp_chunk_tokens}")
+        if self.offload_layers is not None:
+            if self.offload_layers < 0:
+                raise ConfigError(f"offload_layers must be >= 0, got {self.offload_layers}")
+            if not self.remat.startswith("offload"):
+                raise ConfigError(f"offload_layers applies to remat offload or offload-input "
+                                  f"(remat auto chooses it itself), not remat {self.remat!r}")
+        if self.host_memory is not None:
+            parse_size(self.host_memory, "host_memory")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size % self.dp:
@@ -86,6 +97,11 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        """``host_memory`` in bytes (None: not given)."""
+        return None if self.host_memory is None else parse_size(self.host_memory, "host_memory")
 
     @property
     def lora_config(self) -> LoraConfig:

@@ -41,7 +41,7 @@ from .step import OptimizerConfig, make_optimizer, make_train_step
 FORWARD_FIELDS = {"tp": "tp", "cp": "cp", "cp_impl": "cp_impl", "attention": "attention_impl",
                   "remat": "remat", "ce_chunk_tokens": "ce_chunk_tokens",
                   "sequence_parallel": "sequence_parallel",
-                  "mlp_chunk_tokens": "mlp_chunk_tokens"}
+                  "mlp_chunk_tokens": "mlp_chunk_tokens", "offload_layers": "offload_layers"}
 MESH_FIELDS = ("dp", "cp", "tp")
 
 

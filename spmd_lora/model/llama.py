@@ -24,7 +24,7 @@ from .layers import apply_rope, embed, rms_norm, rope_tables
 from .lora_linear import column_linear, row_linear
 from .loss import cross_entropy_sum
 from .options import PAD_TOKEN_INDEX, ForwardOptions
-from .remat import LAYER_INPUT, MLP_INPUT, remat, remat_half
+from .remat import LAYER_INPUT, MLP_INPUT, layer_segments, remat, remat_half
 
 F32 = jnp.float32
 
@@ -195,10 +195,33 @@ def hidden_states(params, lora, tokens, positions, segment_ids, opts: ForwardOpt
         with jax.named_scope("layer"):
             return decoder_layer(h, p, lp, seq, opts, layer_key), None
 
-    idx = jnp.arange(opts.cfg.num_layers)
-    x, _ = jax.lax.scan(remat(body, opts), x, (params["layers"], lora_layers, idx))
+    x = scan_layers(body, x, params["layers"], lora_layers, opts)
     with jax.named_scope("final_norm"):
         return rms_norm(x, params["final_norm"], opts.cfg.rms_norm_eps)
+
+
+def scan_layers(body, x, layers, lora_layers, opts: ForwardOptions):
+    """Run ``body(h, (layer params, layer LoRA, layer index))`` over the stacked layers
+    (``lax.scan``), under the remat policy, one scan per :func:`~.remat.layer_segments`
+    segment. A segment short of all layers reads its frozen weights by index from the whole
+    stack (closed over, not sliced: a slice would copy them); the small LoRA factors are
+    sliced."""
+    segments = layer_segments(opts)
+    if len(segments) == 1:
+        (_, n, to_host), = segments
+        idx = jnp.arange(n)
+        return jax.lax.scan(remat(body, opts, to_host), x, (layers, lora_layers, idx))[0]
+
+    def indexed(h, xs):
+        lp, idx = xs
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, idx, keepdims=False), layers)
+        return body(h, (p, lp, idx))
+
+    for start, stop, to_host in segments:
+        lora_part = jax.tree.map(lambda a: a[start:stop], lora_layers)
+        x = jax.lax.scan(remat(indexed, opts, to_host), x,
+                         (lora_part, jnp.arange(start, stop)))[0]
+    return x
 
 
 def loss_sum(params, lora, batch: dict, opts: ForwardOptions, key=None):

@@ -15,7 +15,7 @@ from ..kernels import CP_IMPLS
 from ..parallel.sequence import SeqLayout
 from ..errors import ConfigError
 
-REMAT_POLICIES = ("none", "full", "save-dots", "offload")
+REMAT_POLICIES = ("none", "full", "save-dots", "offload", "offload-input")
 # Attention impls that have a context-parallel block kernel (ring attention needs the lse).
 CP_ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
 # token_index of padded positions: later than every real token, so no real query sees them.
@@ -31,7 +31,9 @@ class ForwardOptions:
     ``zigzag.prepare_batch``, arrives in zig-zag layout); ``cp_impl``: "ring" | "allgather".
     ``mlp_chunk_tokens``: run the MLP over tiles of this many tokens (0 = whole sequence at
     once). ``remat``: none | full | save-dots | offload (the two half-layer inputs in host
-    memory, each half recomputed in its own backward).
+    memory, each half recomputed in its own backward) | offload-input (only the layer input in
+    host memory); ``offload_layers``: with an offload policy, how many layers (the first ones)
+    send their saved inputs to the host, the rest keeping them on the device (None: all).
     """
 
     cfg: ModelConfig
@@ -44,10 +46,18 @@ class ForwardOptions:
     mlp_chunk_tokens: int = 0
     cp: int = 1
     cp_impl: str = "ring"
+    offload_layers: int | None = None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
+        if self.offload_layers is not None:
+            if not self.remat.startswith("offload"):
+                raise ConfigError(f"offload_layers applies to remat offload or offload-input, "
+                                  f"not {self.remat!r}")
+            if not 0 <= self.offload_layers <= self.cfg.num_layers:
+                raise ConfigError(f"offload_layers must be in 0..{self.cfg.num_layers} (the "
+                                  f"model's layers), got {self.offload_layers}")
         if self.mlp_chunk_tokens < 0:
             raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = off), got {self.mlp_chunk_tokens}")
         if self.ce_chunk_tokens < 1:

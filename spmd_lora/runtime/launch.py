@@ -3,7 +3,8 @@
 ``spmd-lora launch --nprocs 2 [--devices-per-process 4] -- train --model ... --tp 4 --dp 2``
 starts ``python -m spmd_lora train ...`` N times with ``JAX_COORDINATOR_ADDRESS`` (a free
 loopback port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, the same variables a multi-host
-run sets by hand (see the README). On CPU each process gets ``--devices-per-process`` devices
+run sets by hand (see the README), and ``SPMD_LORA_LOCAL_PROCESSES`` (N: they share this
+host's memory, which the host budget check counts). On CPU each process gets ``--devices-per-process`` devices
 (``JAX_NUM_CPU_DEVICES`` and ``XLA_FLAGS=--xla_force_host_platform_device_count``); on an
 NVIDIA host the local GPUs are split across the processes (``JAX_LOCAL_DEVICE_IDS``).
 
@@ -70,7 +71,7 @@ def child_envs(nprocs: int, devices_per_process: int | None, port: int,
     for rank in range(nprocs):
         env = {**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": str(nprocs), "JAX_PROCESS_ID": str(rank),
-               "PYTHONUNBUFFERED": "1"}
+               "SPMD_LORA_LOCAL_PROCESSES": str(nprocs), "PYTHONUNBUFFERED": "1"}
         if peer_timeout is not None:
             env["SPMD_LORA_PEER_TIMEOUT"] = str(peer_timeout)
         if gpus:
