@@ -85,9 +85,8 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
     ``cp_impl`` "ring" | "allgather"); generation needs cp = 1.
     ``adapter``: a PEFT LoRA adapter directory to apply (see spmd_lora.weights.peft).
     ``sequence_parallel``: with tp > 1, keep activations sharded along the sequence over tp
-    (the same function, less memory). ``mlp_chunk_tokens``: run the MLP (and, with sequence
-    parallelism, the attention projections) over tiles of this many tokens when the sequence
-    is longer (0 = never).
+    (the same function, less memory). ``mlp_chunk_tokens``: run the MLP and the attention
+    projections over tiles of this many tokens when the sequence is longer (0 = never).
     ``base_quant``: "none" | "int8" | "nf4": quantise the seven decoder linears while loading
     (QLoRA; see spmd_lora/quant.py); ``dtype`` is then the compute dtype.
     """

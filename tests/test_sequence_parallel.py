@@ -59,7 +59,8 @@ def test_sp_logits_and_lora_grads_match_peft(hf_models, tmp_path, name, dp, tp, 
 
 def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
     """Packed rows (segment ids, restarted positions), GQA with tp > kv heads: SP (tiled and
-    not) and the replicated layout at tp=4 equal the tp=1 run in loss and every LoRA gradient."""
+    not) and the replicated layout at tp=1 tiled and tp=4 (tiled and not) equal the untiled tp=1
+    run in loss and every LoRA gradient."""
     path, hf = hf_models("gqa4")
     make_peft_adapter(hf, tmp_path / "adapter")
     tokens = _tokens("gqa4", seq=22, seed=3)
@@ -67,7 +68,8 @@ def test_sp_equals_replicated_and_tp1_with_packing(hf_models, tmp_path):
     pos = np.array([list(range(9)) + list(range(13)), list(range(15)) + list(range(5)) + [0, 0]])
     mask = (seg > 0).astype(np.int32)
     results = {}
-    for tp, sp, chunk in ((1, False, 0), (4, False, 0), (4, True, 0), (4, True, 4)):
+    for tp, sp, chunk in ((1, False, 0), (4, False, 0), (4, True, 0), (4, True, 4), (1, False, 4),
+                          (4, False, 4)):
         model = spmd_lora.load_model(path, tp=tp, adapter=tmp_path / "adapter")
         opts = ForwardOptions(model.config, tp, model.lora_config, sequence_parallel=sp,
                               mlp_chunk_tokens=chunk)
@@ -134,7 +136,8 @@ def test_lora_dropout_is_layout_independent(hf_models, tmp_path):
     mask = np.ones_like(tokens)
     key = jax.random.key(7)
     runs = {}
-    for dp, tp, sp, chunk in ((1, 1, False, 0), (1, 4, False, 0), (2, 2, True, 4)):
+    for dp, tp, sp, chunk in ((1, 1, False, 0), (1, 4, False, 0), (2, 2, True, 4),
+                              (1, 2, False, 4)):
         model = spmd_lora.load_model(path, tp=tp, dp=dp, adapter=tmp_path / "adapter")
         assert model.lora_config.dropout == 0.3
         opts = ForwardOptions(model.config, tp, model.lora_config, sequence_parallel=sp,

@@ -49,8 +49,9 @@ def _census(tp, dp, remat="full", targets="all", micro=MICRO, batch=None, sp=Fal
 def test_census_matches_formula(remat, targets):
     census, meas, exp = _census(tp=2, dp=1, remat=remat, targets=targets)
     assert meas["tp_activation_reductions"] == exp["tp_activation_reductions"]
-    offload_input = _census(tp=2, dp=1, remat="offload-input", targets=targets)
-    assert offload_input[1]["tp_activation_reductions"] == offload_input[2]["all_reduce"]
+    for kw in ({"remat": "offload-input"}, {"remat": remat, "mlp_chunk": 16}):  # tiles too
+        _, other, other_exp = _census(tp=2, dp=1, targets=targets, **kw)
+        assert other["tp_activation_reductions"] == other_exp["all_reduce"], kw
     # only all-reduces: no weight is ever all-gathered, nothing else is emitted
     assert {r["kind"] for r in census} == {"all-reduce"}
     assert meas["non_all_reduce_ops"] == 0

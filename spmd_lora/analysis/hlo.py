@@ -607,8 +607,8 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     The layer's collectives come from THE projection table (config/projections.py): each block
     (``BLOCKS``: attention, mlp) reads its input in its column-parallel projections and ends
     with its row-parallel one, whose partial sums are reduced over tp. Per block, layer and
-    micro-batch, with k tiles of the block (``mlp_tiles`` n tiles the MLP; under sequence
-    parallelism both blocks; k = 1 otherwise), each of an activation [B, S, D] / k:
+    micro-batch, with k tiles of the block (``mlp_tiles`` n tiles both blocks, in either
+    layout), each of an activation [B, S, D] / k:
 
     * replicated layout (Megatron TP): forward k all-reduces after the row projection,
       backward k (the block's input gradient; Megatron's f);
@@ -669,7 +669,7 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
             return []
         out = []
         for i, block in enumerate(BLOCKS):
-            k = n if (sp or block == "mlp") else 1   # tiles of this block
+            k = n                                    # tiles of this block: both are tiled
             act, not_last = whole / k, i < len(BLOCKS) - 1
             if not sp:
                 out += [(AR, "forward", k * L, act), (AR, "backward", k * L, act),

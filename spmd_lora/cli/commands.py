@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="shard activations along the sequence over tp (default on)")
     p.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
-                   help="tile the MLP (and, with sequence parallelism, the attention "
-                        "projections) above this many tokens; 0 = never (default %(default)s)")
+                   help="tile the MLP and the attention projections above this many "
+                        "tokens; 0 = never (default %(default)s)")
     p.add_argument("--chat-template", default=None,
                    help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
     p.add_argument("--cp", type=int, default=1, help=FIELD_HELP["cp"] + " (default: 1)")

@@ -88,9 +88,8 @@ FIELD_HELP: dict[str, str] = {
               "per-device memory (the step compiles once either way)",
     "sequence_parallel": "with tp > 1, shard the activations along the sequence over tp "
                          "(Megatron-SP: the same function, tp x less activation memory)",
-    "mlp_chunk_tokens": "run the MLP (and, with sequence parallelism, the attention "
-                        "projections) over tiles of this many tokens when the sequence is "
-                        "longer (0 = never)",
+    "mlp_chunk_tokens": "run the MLP and the attention projections over tiles of this many "
+                        "tokens when the sequence is longer (0 = never)",
     "chat_template": "chat template for template=chat (or rag as a chat): llama2, llama3, "
                      "chatml or a Jinja file; default: the tokenizer's",
     "data_cache_dir": "tokenized-data cache directory (default: $SPMD_LORA_CACHE or "

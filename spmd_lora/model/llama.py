@@ -62,8 +62,10 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     cfg = opts.cfg
     hd = cfg.head_dim
     layout = seq.layout
-    with jax.named_scope("attn_norm"):
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)                   # [B, R, D]
+
+    def norm(t):
+        with jax.named_scope("attn_norm"):
+            return rms_norm(t, p["attn_norm"], cfg.rms_norm_eps)            # [B, R|c, D]
 
     def qkv(hg, rows):                                                      # [B, N, D] gathered
         q = column_linear(hg, p["q_proj"], lora.get("q_proj"), (cfg.num_heads, hd), opts,
@@ -77,15 +79,17 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
     def o_proj(o, rows):                                                    # [B, N, Hl*hd]
         return row_linear(o, p["o_proj"], lora.get("o_proj"), opts, _drop(key, seq, rows, 3))
 
-    # Tiles pay under sequence parallelism, where the gathered input is tp x the local q.
-    tile = opts.mlp_tile_rows(layout) if layout.sp else None
+    # Tiles pay in every layout: untiled, the backward of the q/k/v projections sums six
+    # [B, S, D] partial input gradients (3 base + 3 LoRA) that XLA:GPU keeps all live at once
+    # (one fused add), the largest buffers of a long-context step; tiled, they are [B, c, D].
+    tile = opts.mlp_tile_rows(layout)
     with jax.named_scope("qkv"):
         if tile is None:
-            q, k, v = qkv(layout.gather(h), seq.token_index)                # [B, S, ..]
-        else:   # one tiled scan for all three
+            q, k, v = qkv(layout.gather(norm(x)), seq.token_index)          # [B, S, ..]
+        else:   # one tiled scan for all three, the norm inside (no [B, R, D] normed copy)
             q, k, v = gather_tiles(
-                lambda hg, start: qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), h,
-                tile, layout)
+                lambda hg, start: qkv(hg, _tile_rows(seq.token_index, layout, start, tile)), x,
+                tile, layout, pre=norm)
     b, s, _ = q.shape
     with jax.named_scope("rope"):
         cos, sin = rope_tables(seq.positions, cfg, q.dtype)                 # [B, S, 1, hd]
