@@ -155,11 +155,19 @@ def test_plan_argument_bytes_by_hand():
     assert p["compiled_for"]["device_kind"] == H100.device_kind
 
 
-def test_plan_offload_host_bytes_come_from_the_compile():
+@pytest.mark.parametrize("remat,offload_layers", [("offload", None), ("offload-input", None),
+                                                   ("offload", 1)])
+def test_plan_offload_host_bytes_come_from_the_compile(remat, offload_layers):
+    """XLA:GPU's pinned host temporaries equal the formula (analysis/budgets.py) for every
+    offload policy, also with only the first layer offloaded."""
     p = plan.plan_memory(SMALL, 1, 1, 8192, lora=LoraConfig(rank=16, alpha=16, targets="all"),
-                         dtype="bfloat16", remat="offload", target="h100")
+                         dtype="bfloat16", remat=remat, target="h100",
+                         offload_layers=offload_layers)
     assert p["host_offload_source"] == "compiled"
     assert p["host_offload"] == p["host_temporaries"] == p["host_offload_formula"]
+    one = 8192 * SMALL.hidden_size * 2                  # one saved [S, D] bf16 value
+    assert p["host_offload"] == {"offload": 2, "offload-input": 1}[remat] * one * (
+        offload_layers or SMALL.num_layers)
     assert "compiled_peak" not in p      # a GPU compile keeps the offloaded bytes on the host
 
 

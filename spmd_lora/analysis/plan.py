@@ -371,11 +371,11 @@ class Budgets:
 def fit_offload_layers(plan_at, policy: str, num_layers: int, budgets: Budgets, max_tries=4):
     """The plan of ``policy`` (offload or offload-input) with the fewest layers offloaded
     (``offload_layers`` K) that fits both budgets, or the plan with all L layers offloaded
-    when none does. Compiles K = L first (the least device memory); its device slack, divided
+    when none does. Compiles K = L first (``offload_layers`` None: the least device memory); its device slack, divided
     by what one layer's saved inputs take on the device, gives the first K to try; K then grows
     until the compiled plan fits (XLA's own rematerialisation makes the device peak only
     roughly linear in K). ``plan_at(remat, offload_layers) -> plan``."""
-    full = plan_at(policy, num_layers)
+    full = plan_at(policy, None)                                  # every layer offloaded
     if not budgets.device_fits(full):
         return full
     per_layer = full["host_offload_formula"] // num_layers       # saved values of one layer
