@@ -186,3 +186,9 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_launch_tells_each_process_how_many_share_the_host():
+    from spmd_lora.runtime.launch import child_envs
+    envs = child_envs(3, 2, 12345, base={"JAX_PLATFORMS": "cpu"})
+    assert [e["SPMD_LORA_LOCAL_PROCESSES"] for e in envs] == ["3", "3", "3"]
