@@ -100,6 +100,7 @@ def test_choose_remat_order_and_offload_layers():
     assert plan.choose_remat(_fake_plan_at([]), 4, plan.Budgets(device=500))["remat"] == "none"
 
 
+@pytest.mark.slow   # 70 s; fast: the same logic on modelled peaks, and train --remat auto
 def test_choose_remat_equals_brute_force_on_compiled_plans():
     """On CPU-compiled plans of a tiny model: the choice is the first policy, in order of
     recomputed FLOPs and then offloaded layers, whose compiled plan fits (every candidate
