@@ -21,7 +21,7 @@ if not gpu_targets.cuda_plugin_installed():
     pytest.skip("JAX's CUDA plugin is not installed (pip install -e \".[cuda12]\"): no "
                 "deviceless GPU compiles here", allow_module_level=True)
 
-from spmd_lora.analysis import gpu_kernels, plan  # noqa: E402
+from spmd_lora.analysis import buffers, gpu_kernels, plan  # noqa: E402
 from spmd_lora.config.model_config import ModelConfig  # noqa: E402
 from spmd_lora.config.lora_config import LoraConfig  # noqa: E402
 
@@ -171,6 +171,38 @@ def test_plan_offload_host_bytes_come_from_the_compile(remat, offload_layers):
     assert "compiled_peak" not in p      # a GPU compile keeps the offloaded bytes on the host
 
 
+def test_buffers_at_the_peak_are_xla_gpus_device_temporaries(tmp_path):
+    """The device temporaries' peak read off XLA:GPU's buffer assignment (remat offload at
+    8192 tokens on one H100): the temporaries' allocation is memory_analysis' temp size, the
+    bytes in use at the peak are at most that (the rest: holes XLA's heap leaves there, 12 KiB
+    here), the rows live at the peak add up to it, the largest are the loss's LM-head logits
+    chunk, and the pinned host buffers of the offload are not among them."""
+    lora = LoraConfig(rank=16, alpha=16, targets="all")
+    mesh = plan.plan_mesh(1, 1, 1, "h100")
+    lowered, _, _ = plan.lower_train_step(SMALL, 1, 1, max_seq_len=8192, lora=lora,
+                                          dtype="bfloat16", remat="offload", attention="auto",
+                                          mesh=mesh)
+    compiled = lowered.compile(buffers.dump_options(str(tmp_path)))
+    peak = buffers.read_peak(str(tmp_path))
+    ma = compiled.memory_analysis()
+    assert peak.platform == "gpu" and peak.unranged == 0
+    assert peak.temp_bytes == ma.temp_size_in_bytes
+    assert 0 <= peak.temp_bytes - peak.peak_bytes <= peak.temp_bytes // 10_000
+    assert sum(b.size for b in peak.buffers) == peak.peak_bytes
+    assert sum(b.size for b in peak.top(5)) <= peak.peak_bytes
+    first, second = peak.buffers[:2]
+    assert first.shape == "f32[4096,32000]" and first.scope == "fwd loss/lm_head/dot_general"
+    assert "loss" in second.scope and peak.scope.startswith("fwd loss")
+    assert all(b.live[0] <= peak.position <= b.live[1] for b in peak.buffers)
+    # offload's saved inputs live in pinned host memory (color 5): reported apart, not counted
+    prefix = buffers.find_dump(str(tmp_path))
+    with open(prefix + "-buffer-assignment.txt") as f:
+        allocs = buffers.parse_buffer_assignment(f.read())
+    host = {v.name for a in allocs if a.color != 0 for v in a.values}
+    assert host and peak.host_bytes == ma.host_temp_size_in_bytes > 0
+    assert not host & {n for b in peak.buffers for n in (b.name, *b.aliases)}
+
+
 def test_autotune_results_file(tmp_path):
     """A results file loads (XLA reads one per process: the first a process loads wins, so
     the bad file is tried in a fresh process, through the CLI)."""
@@ -219,6 +251,34 @@ def test_plan_cli_target_header_and_find_max(tmp_path):
     assert plans[min(s for s in plans if s > best)]["peak"] > budget
     assert all(not p["estimate"] for p in plans.values())
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_cli_buffers(tmp_path):
+    """``plan --buffers N``: after the plan, the N largest device buffers at the peak, their
+    sum against the temporaries; the JSON has them; with --find-max-seq-len, one error line."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMALL.to_hf_dict()))
+    out = tmp_path / "plan.json"
+    proc = _run(["-m", "spmd_lora", "plan", "--model", str(model), "--tp", "1", "--target",
+                 "h100", "--dtype", "bfloat16", "--remat", "offload", "--lora-targets", "all",
+                 "--max-seq-len", "8192", "--buffers", "4", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    title = "device buffers live at the peak (XLA:GPU buffer assignment)"
+    (head,) = [i for i, ln in enumerate(lines) if ln.startswith(title)]
+    rows = lines[head + 2:head + 6]
+    assert "f32[4096,32000]" in rows[0] and "loss/lm_head" in rows[0], rows
+    assert lines[head + 6].startswith("  the 4 largest of ") and "temporaries" in lines[head + 6]
+    p = json.loads(out.read_text())
+    assert p["buffers"]["buffers_listed"] == 4
+    assert p["buffers"]["temp_bytes"] == p["temporaries"]
+    assert sum(b["size"] for b in p["buffers"]["buffers"]) <= p["buffers"]["peak_bytes"]
+    proc = _run(["-m", "spmd_lora", "plan", "--model", str(model), "--tp", "1", "--target",
+                 "h100", "--find-max-seq-len", "--buffers", "4"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "--buffers" in line and "--find-max-seq-len" in line
 
 
 def test_profile_cli_target_census_and_kernel_table(tmp_path):

@@ -46,6 +46,7 @@ from ..parallel.zigzag import padded_seq_len
 from ..weights.quant import is_quantised
 from ..weights.shapes import resolve_dtype
 from .budgets import offloaded_bytes
+from .buffers import dump_options, maybe_dump, read_peak
 from .gpu_targets import target_devices
 from .hlo import expected_cp_collectives
 
@@ -238,7 +239,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
                 mlp_chunk_tokens: int | None = None, devices_per_host: int = 8,
                 base_quant: str = "none", cp: int = 1, cp_impl: str = "ring",
                 target: str | None = None, hosts: int = 1,
-                autotune_results: str | None = None, offload_layers: int | None = None) -> dict:
+                autotune_results: str | None = None, offload_layers: int | None = None,
+                buffers: int = 0) -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -267,6 +269,10 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``cp_wire_bytes`` is what one device sends over cp per step for the chosen impl and
     ``cp_wire_bytes_by_impl`` for both, so the cheaper one shows (formula:
     ``hlo.expected_cp_collectives``).
+
+    ``buffers`` N > 0: the compile also dumps XLA's buffer assignment (into a temporary
+    folder) and ``buffers`` holds the device temporaries' peak and the N largest buffers live
+    at it (:meth:`spmd_lora.analysis.buffers.Peak.to_dict`).
     """
     if mlp_chunk_tokens is None:
         mlp_chunk_tokens = DEFAULT_MLP_CHUNK_TOKENS
@@ -279,18 +285,22 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         devices_per_host = (tp * dp * cp) // hosts
     else:
         options = CPU_PLAN_OPTIONS if on_cpu else None
-    try:
-        compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
-            cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype,
-            remat=remat, attention=attention, micro_batches=micro_batches,
-            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-            mlp_chunk_tokens=mlp_chunk_tokens, mesh=mesh, compiler_options=options or None,
-            base_quant=base_quant, cp=cp, cp_impl=cp_impl, offload_layers=offload_layers)
-    except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
-        if autotune_results and "autotune" in str(e).lower():
-            raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
-                              f"({str(e).splitlines()[0]})") from None
-        raise
+    with maybe_dump(buffers > 0) as dump:
+        if dump:
+            options = {**(options or {}), **dump_options(dump)}
+        try:
+            compiled, mesh, (params, lora_p, opt_state, batches, key) = compile_train_step(
+                cfg, tp, dp, max_seq_len=max_seq_len, batch=batch, lora=lora, dtype=dtype,
+                remat=remat, attention=attention, micro_batches=micro_batches,
+                ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+                mlp_chunk_tokens=mlp_chunk_tokens, mesh=mesh, compiler_options=options or None,
+                base_quant=base_quant, cp=cp, cp_impl=cp_impl, offload_layers=offload_layers)
+        except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
+            if autotune_results and "autotune" in str(e).lower():
+                raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
+                                  f"({str(e).splitlines()[0]})") from None
+            raise
+        peak = read_peak(dump) if dump else None
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     out = {
@@ -313,6 +323,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         **quant_weight_bytes(params),
     }
     out["activations"] = out["temporaries"]
+    if peak is not None:
+        out["buffers"] = peak.to_dict(top=buffers)
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
     # an estimate of copies inside the temporaries: never more than the temporaries themselves
     out["cpu_upcast_allowance"] = (min(cpu_upcast_allowance(params, dtype, compiled.as_text()),

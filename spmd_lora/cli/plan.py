@@ -16,6 +16,7 @@ from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_ma
                              fit_offload_layers, format_bytes, parse_bytes, plan_memory,
                              print_plan, remat_label)
 from .parser import OneLineErrorParser, add_field_flag
+from ..analysis.buffers import format_peak
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
 from ..config.fields import with_flag_names
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="search the longest --max-seq-len that fits (powers of two up to "
                          "32M, then bisection on multiples of 1024 to within 1 %%); needs "
                          "--device-memory")
+    ap.add_argument("--buffers", type=int, default=0, metavar="N",
+                    help="after the plan, the N largest device buffers live at the "
+                         "temporaries' peak, from XLA's buffer assignment (size, shape, live "
+                         "range in the schedule, named scope); with one --max-seq-len, not "
+                         "--find-max-seq-len")
     ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
     return ap
 
@@ -111,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.hosts != 1 or args.autotune_results:
             raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
                                 "compile for, e.g. --target h100)")
+        if args.buffers < 0:
+            raise SpmdLoraError(f"--buffers N: the rows to list, N >= 1; got {args.buffers}")
+        if args.buffers and args.find_max_seq_len:
+            raise SpmdLoraError("--buffers lists the buffers of one plan: give --max-seq-len "
+                                "instead of --find-max-seq-len")
         if (args.find_max_seq_len or args.remat == "auto") and not args.device_memory:
             raise SpmdLoraError(f"{'--find-max-seq-len' if args.find_max_seq_len else '--remat auto'}"
                                 f" needs --device-memory (e.g. 80GB) or --target")
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
                                target=args.target, hosts=args.hosts,
                                autotune_results=args.autotune_results,
-                               offload_layers=offload_layers)
+                               offload_layers=offload_layers, buffers=args.buffers)
 
         def line(p):
             mark = "fits" if budgets.fits(p) else "too big"
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 p = plan_at(args.max_seq_len)
             print_plan(p, budget, key=key, host_budget=host_budget)
+            if p.get("buffers"):
+                print("\n".join(format_peak(p["buffers"])))
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(p, f, indent=1)
