@@ -729,6 +729,13 @@ def expected_collectives(cfg, tp: int, dp: int = 1, *, sequence_parallel: bool =
     return out
 
 
+def _merges_index_resends() -> bool:
+    """Whether this jaxlib's XLA merges repeated index sends outside a ring loop (CSE): 0.10
+    does, 0.12 does not (measured on the census of tiny models, offload-input at cp = 2)."""
+    import jaxlib
+    return tuple(int(x) for x in jaxlib.__version__.split(".")[:2]) < (0, 12)
+
+
 def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
                             segments: bool = False, remat: str = "full", micro_batches: int = 1,
                             local_batch: int = 1, seq_len: int = 0, dtype_bytes: int = 2) -> dict:
@@ -761,11 +768,13 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     =========================  ====================================  =========================
     K/V arrays (k, v)          2(cp-1) (1 + t + e) + 2(cp-1) r       AG 2 (1 + t + e), RS 2
                                + 2 cp
-    index arrays (m-2)         (m-2)(cp-1) (t + e r' + r' + 1 - h)   AG (m-2) (t + 1 - h)
+    index arrays (m-2)         (m-2)(cp-1) (t + e' + r' + 1 - h)     AG (m-2) (t + e' + 1 - h)
     per micro-batch            (m-2)(cp-1) h                         AG (m-2) h
     =========================  ====================================  =========================
 
-    with r = 0 when cp = 2 and t = 1 (else 1) and r' = 0 when cp = 2 (else 1). Nothing else
+    with r = 0 when cp = 2 and t = 1 (else 1) and r' = 0 when cp = 2 (else 1); e' = e, except
+    that the XLA of jaxlib < 0.12 merges the extra forward's index sends with the recompute's
+    where there is no ring loop (allgather, and ring at cp = 2): e' = 0 there. Nothing else
     crosses cp but the step's one LoRA-gradient all-reduce over the whole mesh and the loss /
     token-count scalars: no weight collective, no all-gather of full-S K/V for ``ring``.
 
@@ -781,6 +790,8 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
     k = 2 if segments else 1                        # index arrays per K/V block
     t = 0 if remat == "none" else 1
     e = 1 if remat == "offload-input" else 0        # the attention forward once more
+    # its index sends, where XLA merges them with the recompute's (jaxlib < 0.12, below)
+    e_idx = 0 if e and _merges_index_resends() else e
     h = 0 if remat in ("offload", "offload-input") else 1   # forward index sends hoisted
     local = local_batch * (seq_len // cp)           # tokens of one K/V block
     kv = local * cfg.kv_heads_per_device(tp) * cfg.head_dim     # elements of k (or v)
@@ -789,13 +800,13 @@ def expected_cp_collectives(cfg, tp: int, cp: int, *, cp_impl: str = "ring",
         r_idx = 0 if cp == 2 else 1
         kv_fwd = 2 * (cp - 1) * (1 + t + e) + 2 * (cp - 1) * r      # K/V sends per layer
         kv_grad = 2 * cp                                            # dK/dV sends per layer
-        idx_layer = k * (cp - 1) * (t + e * r_idx + r_idx + 1 - h)
+        idx_layer = k * (cp - 1) * (t + (e if r_idx else e_idx) + r_idx + 1 - h)
         idx_micro = k * (cp - 1) * h
         out["permute_operands"] = A * (L * (kv_fwd + kv_grad + idx_layer) + idx_micro)
         sent = A * (L * (kv_fwd * kv * dtype_bytes + kv_grad * kv * 4 + idx_layer * local * 4)
                     + idx_micro * local * 4)
     else:
-        ag_layer, idx_layer, idx_micro = 2 * (1 + t + e), k * (t + 1 - h), k * h
+        ag_layer, idx_layer, idx_micro = 2 * (1 + t + e), k * (t + e_idx + 1 - h), k * h
         out["all_gather_operands"] = A * (L * (ag_layer + idx_layer) + idx_micro)
         out["reduce_scatter_operands"] = A * L * 2
         # an all-gather sends (cp-1) local pieces, a reduce-scatter (cp-1) local results
