@@ -128,9 +128,11 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
 
     start_step = 0
     ckpt_root = out / "checkpoints"
-    found = checkpoints.agreed_checkpoints(ckpt_root) if cfg.resume else []
+    checkpoints.remove_stale_temporaries(ckpt_root)
+    found = (checkpoints.resume_checkpoint(ckpt_root, lora, opt_state, say=notes.append)
+             if cfg.resume else None)
     if found:
-        lora, opt_state, state = checkpoints.load_checkpoint(found[-1], lora, opt_state)
+        _, lora, opt_state, state = found
         check_resume_config(state.get("config", {}), cfg, state.get("data_digest"),
                             data_meta["data_digest"])
         start_step = state["step"]
