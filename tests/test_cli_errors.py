@@ -317,3 +317,25 @@ def test_report_to_tensorboard_without_tensorboardx_is_one_line(tiny, tmp_path, 
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "--report-to tensorboard needs tensorboardX" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (["--learning-rate", "-1e-3"], "--learning-rate must be > 0, got -0.001"),
+    (["--eval-every", "-5"], "--eval-every must be >= 0"),
+])
+def test_value_ranges_and_negative_numbers(tiny, tmp_path, capsys, flags, text):
+    """Out-of-range values are refused before anything is written; a negative number (also
+    with an exponent) is read as the flag's value, not as another flag."""
+    rc = cli.main(_train_args(tiny, tmp_path / "out", *flags))
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and text in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_dashboard_port_out_of_range(capsys, port):
+    rc = cli.main(["dashboard", "--port", port])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "--port must be in 1..65535" in line, line

@@ -69,7 +69,7 @@ def _train_config(args, file_values=None, given=None, **overrides):
 
 def _given_flags(argv) -> set[str]:
     """The TrainConfig fields set by flags on a ``train`` command line."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = OneLineErrorParser(add_help=False)
     _add_train_flags(p)
     p.add_argument("--config")
     for action in p._actions:
@@ -125,6 +125,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535 (0 picks a free one), got {args.port}")
     return serve(args.run_dir, host=args.host, port=args.port, new_runs_dir=args.new_runs_dir)
 
 

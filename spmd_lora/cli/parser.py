@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from ..config.fields import CHOICES, FIELD_HELP, flag
 from ..config.train_config import TrainConfig
@@ -14,6 +15,12 @@ _FIELD_DEFAULT = object()
 class OneLineErrorParser(argparse.ArgumentParser):
     """A usage mistake (unknown flag, bad choice, missing value) prints one ``error:`` line
     naming the command and pointing at ``--help``, instead of the whole usage block; exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-1e-3" is a value, not a flag: argparse's own pattern misses exponents, and a value
+        # it takes for a flag ends in "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

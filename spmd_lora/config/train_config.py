@@ -86,6 +86,13 @@ class TrainConfig:
                                   f"(remat auto chooses it itself), not remat {self.remat!r}")
         if self.host_memory is not None:
             parse_size(self.host_memory, "host_memory")
+        for name in ("save_every", "eval_every", "warmup_steps", "data_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = {'never' if name == 'data_workers' else 'off'}"
+                                  f"), got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1 (the newest checkpoint is always "
+                              f"kept), got {self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size % self.dp:
