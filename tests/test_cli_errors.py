@@ -339,3 +339,19 @@ def test_dashboard_port_out_of_range(capsys, port):
     rc = cli.main(["dashboard", "--port", port])
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "--port must be in 1..65535" in line, line
+
+
+def test_unsupported_data_format_and_config_mode(tiny, tmp_path, capsys):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("instruction,output\na,b\n")
+    rc = cli.main(["train", "--model", str(tiny), "--data", str(csv), "--output-dir",
+                   str(tmp_path / "out"), "--template", "alpaca"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and ".csv files are not a supported data format" in line, line
+    from spmd_lora.config.files import write_resolved_config
+    old = os.umask(0o022)
+    try:
+        path = write_resolved_config(tmp_path, TrainConfig(model="m", data="d", output_dir="o"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -135,6 +135,9 @@ def write_resolved_config(out_dir, cfg) -> Path:
             yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # as the run's other files (mkstemp makes it 0600)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -43,7 +43,14 @@ def iter_records(path) -> Iterator[Record]:
                         "file, or a datasets save_to_disk directory")
     if p.suffix.lower() in columnar.SUFFIXES:
         return columnar.iter_table_file(p)
+    if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
+        raise DataError(f"{p}: {p.suffix} files are not a supported data format; convert it to "
+                        f".jsonl (one JSON object per line), .json, .parquet or .arrow")
     return iter_json_records(p)
+
+
+#: Table and document formats people try first; anything else is read as JSON / JSONL.
+UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls", ".pdf", ".docx", ".pkl", ".pickle")
 
 
 def iter_json_records(p: Path) -> Iterator[Record]:
