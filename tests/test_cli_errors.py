@@ -355,3 +355,11 @@ def test_unsupported_data_format_and_config_mode(tiny, tmp_path, capsys):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_data_warning_is_one_plain_line(tiny, tmp_path):
+    r = _run_cli(*_train_args(tiny, tmp_path / "out", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "skipped" in x and "max_seq_len" in x]
+    assert lines and lines[0].startswith("warning: skipped"), r.stderr
+    assert "DataWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr

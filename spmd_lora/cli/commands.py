@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from .. import data
 from .parser import OneLineErrorParser, add_field_flag
@@ -270,9 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_data_warnings_plainly() -> None:
+    """A DataWarning (skipped or shortened rows: the user's data) prints as one ``warning:``
+    line, without the internal source line Python's default format quotes."""
+    shown = warnings.showwarning
+    if getattr(shown, "plain_data_warnings", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, data.DataWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+            return
+        shown(message, category, filename, lineno, file, line)
+    show.plain_data_warnings = True
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     # transformers' import-time "PyTorch was not found" advice is noise here: JAX does the work.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _show_data_warnings_plainly()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
         return _guard(lambda: plan_main(argv[1:]))
