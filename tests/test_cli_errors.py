@@ -363,3 +363,11 @@ def test_data_warning_is_one_plain_line(tiny, tmp_path):
     lines = [x for x in r.stderr.splitlines() if "skipped" in x and "max_seq_len" in x]
     assert lines and lines[0].startswith("warning: skipped"), r.stderr
     assert "DataWarning" not in r.stderr and ".py:" not in r.stderr, r.stderr
+
+
+def test_dashboard_run_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("{}\n")
+    rc = cli.main(["dashboard", str(f), "--port", "0"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "is a file, not a run directory" in line, line

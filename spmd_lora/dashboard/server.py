@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import sys
 import threading
@@ -190,6 +191,12 @@ def make_handler(dash: Dashboard):
 
 def make_server(run_dirs, host: str = "127.0.0.1", port: int = 0,
                 new_runs_dir="spmd_lora_runs") -> tuple[ThreadingHTTPServer, Dashboard]:
+    for d in map(Path, run_dirs):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"RUN_DIR {d} is a file, not a run directory (give the "
+                              f"--output-dir of a spmd-lora train run)")
+        if d.is_dir() and not os.access(d, os.R_OK | os.X_OK):
+            raise ConfigError(f"RUN_DIR {d} cannot be read (permission denied)")
     dash = Dashboard(run_dirs, new_runs_dir, allow_launch=is_loopback(host))
     try:
         server = ThreadingHTTPServer((host, port), make_handler(dash))
