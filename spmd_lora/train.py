@@ -16,6 +16,7 @@ are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
 
     last = {}
     guard = DivergenceGuard()
-    with open(metrics_path, "a") as metrics_file:
+    with _no_empty_file(metrics_path), open(metrics_path, "a") as metrics_file:
         reporter = reporting.MetricsReporter(metrics_file, out, cfg.report_to if is_main else "none")
         log = reporter.log
         if eval_ex and start_step == 0:
@@ -239,6 +240,18 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     if is_main:
         write_loss_plot(out, note=progress.message)
     return last
+
+
+@contextlib.contextmanager
+def _no_empty_file(path: Path):
+    """Remove ``path`` when the block fails before anything was written to it (a run stopped
+    at its first step leaves no empty metrics.jsonl)."""
+    try:
+        yield
+    except BaseException:
+        if path != Path(os.devnull) and path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+        raise
 
 
 def _eval(model, examples, cfg: TrainConfig) -> dict:

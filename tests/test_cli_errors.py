@@ -157,6 +157,7 @@ def test_absurd_learning_rate_stops_with_a_training_error(tiny, tmp_path, capsys
     assert re.search(r"error: (LoRA factors blew up at step 1 \(norm (inf|nan|[\d.e+]+)|loss became)", line), line
     assert "lower --learning-rate" in line
     assert not (out / "adapter").exists()
+    assert not (out / "metrics.jsonl").exists()        # stopped at step 1: no empty file
 
 
 def test_divergence_guard_zero_gradients_and_norms():
