@@ -27,8 +27,7 @@ def test_offloaded_bytes_by_hand():
     assert budgets.offloaded_bytes(cfg, tp, 1, remat="offload-input", **kw) == 32 * one
     assert budgets.offloaded_bytes(cfg, tp, 1, remat="offload-input", offload_layers=8,
                                    **kw) == 8 * one
-    assert budgets.device_saved_bytes(cfg, tp, 1, remat="offload", offload_layers=8,
-                                      **kw) == 2 * 24 * one
+    assert budgets.offload_split(cfg, "offload", 8) == (2 * 8, 2 * 24)   # host, device
     assert budgets.offloaded_bytes(cfg, tp, 1, remat="full", **kw) == 0
     # 512 KiB per token for llama3-8b under offload, over the devices (the figure)
     assert budgets.offloaded_bytes(cfg, 1, 1, remat="offload", max_seq_len=1, batch=1,

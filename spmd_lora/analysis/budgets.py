@@ -21,8 +21,8 @@ from ..model.remat import OFFLOAD_POLICIES, saved_names
 from ..parallel.zigzag import padded_seq_len
 from ..weights.shapes import resolve_dtype
 
-__all__ = ["saved_value_bytes", "offload_split", "offloaded_bytes", "device_saved_bytes",
-           "machine_ram", "local_processes", "host_need", "check_host_budget"]
+__all__ = ["saved_value_bytes", "offload_split", "offloaded_bytes", "machine_ram",
+           "local_processes", "host_need", "check_host_budget"]
 
 
 def saved_value_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
@@ -52,16 +52,6 @@ def offloaded_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtyp
     host, _ = offload_split(cfg, remat, offload_layers)
     return host * saved_value_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
                                     dtype=dtype, sequence_parallel=sequence_parallel, cp=cp)
-
-
-def device_saved_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
-                       sequence_parallel: bool, cp: int = 1, remat: str = "offload",
-                       offload_layers: int | None = None) -> int:
-    """Device bytes per device of the saved values an offload policy keeps on the device (the
-    layers past ``offload_layers``)."""
-    _, device = offload_split(cfg, remat, offload_layers)
-    return device * saved_value_bytes(cfg, tp, dp, max_seq_len=max_seq_len, batch=batch,
-                                      dtype=dtype, sequence_parallel=sequence_parallel, cp=cp)
 
 
 def machine_ram() -> dict:
