@@ -229,13 +229,19 @@ def _run(args, **kw):
                           cwd=ROOT, timeout=600, **kw)
 
 
+def _small_model_dir(tmp_path):
+    """A model directory with SMALL's config.json only (a plan needs no weights)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMALL.to_hf_dict()))
+    return model
+
+
 def test_plan_cli_target_header_and_find_max(tmp_path):
     """The CLI as a user runs it (no JAX_PLATFORMS, no XLA_FLAGS): a length search against
     XLA:GPU's peak on 8 H100s, whose answer fits and whose next length tried does not (a
     small budget keeps the search to a few compiles of ~7 s each)."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(SMALL.to_hf_dict()))
+    model = _small_model_dir(tmp_path)
     out = tmp_path / "plan.json"
     proc = _run(["-m", "spmd_lora", "plan", "--model", str(model), "--tp", "8", "--target",
                  "h100", "--dtype", "bfloat16", "--remat", "full", "--lora-targets", "all",
@@ -256,9 +262,7 @@ def test_plan_cli_target_header_and_find_max(tmp_path):
 def test_plan_cli_buffers(tmp_path):
     """``plan --buffers N``: after the plan, the N largest device buffers at the peak, their
     sum against the temporaries; the JSON has them; with --find-max-seq-len, one error line."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(SMALL.to_hf_dict()))
+    model = _small_model_dir(tmp_path)
     out = tmp_path / "plan.json"
     proc = _run(["-m", "spmd_lora", "plan", "--model", str(model), "--tp", "1", "--target",
                  "h100", "--dtype", "bfloat16", "--remat", "offload", "--lora-targets", "all",

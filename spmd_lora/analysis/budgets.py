@@ -22,7 +22,7 @@ from ..parallel.zigzag import padded_seq_len
 from ..weights.shapes import resolve_dtype
 
 __all__ = ["saved_value_bytes", "offload_split", "offloaded_bytes", "machine_ram",
-           "local_processes", "host_need", "check_host_budget"]
+           "local_processes", "host_need", "host_budget", "check_host_budget"]
 
 
 def saved_value_bytes(cfg, tp: int, dp: int, *, max_seq_len: int, batch: int, dtype,
@@ -83,6 +83,16 @@ def host_need(per_device: int, devices_per_process: int, processes: int = 1) -> 
     return per_device * devices_per_process * processes
 
 
+def host_budget(host_memory: int | None = None, ram: dict | None = None) -> tuple[int, str]:
+    """(bytes, where they come from) of a host's budget: ``host_memory`` (the
+    ``--host-memory`` flag) or the machine's available RAM (``ram``, default
+    :func:`machine_ram`), whichever is smaller."""
+    ram = machine_ram() if ram is None else ram
+    if host_memory is not None and host_memory < ram["available"]:
+        return host_memory, "--host-memory"
+    return ram["available"], "this machine's available RAM"
+
+
 def check_host_budget(per_device: int, *, remat: str, devices_per_process: int,
                       processes: int = 1, host_memory: int | None = None,
                       ram: dict | None = None) -> dict:
@@ -90,11 +100,8 @@ def check_host_budget(per_device: int, *, remat: str, devices_per_process: int,
     (the ``--host-memory`` flag) and the machine's available RAM (``ram``, default
     :func:`machine_ram`), whichever is smaller. Returns {"need", "budget", "budget_from"};
     ConfigError saying which budget is short and by how much when it does not fit."""
-    ram = machine_ram() if ram is None else ram
     need = host_need(per_device, devices_per_process, processes)
-    budget, source = ram["available"], "this machine's available RAM"
-    if host_memory is not None and host_memory < budget:
-        budget, source = host_memory, "--host-memory"
+    budget, source = host_budget(host_memory, ram)
     out = {"need": need, "budget": budget, "budget_from": source}
     if need > budget:
         hint = ("--remat offload-input (half the host bytes), " if remat == "offload" else "")

@@ -17,7 +17,8 @@ import jax
 
 from ..config.sizes import format_size
 from ..errors import ConfigError
-from .budgets import check_host_budget, local_processes, machine_ram, offloaded_bytes
+from .budgets import (check_host_budget, host_budget, local_processes, machine_ram,
+                      offloaded_bytes)
 from .plan import Budgets, choose_remat, plan_memory, remat_label
 
 __all__ = ["device_memory_limit", "host_offload_per_device", "resolve_run_memory"]
@@ -48,11 +49,11 @@ def resolve_run_memory(cfg, model_cfg, mesh, say=None):
     processes = local_processes()
     host_memory = cfg.host_memory_bytes
     ram = machine_ram()
-    host_budget = min(ram["available"], host_memory if host_memory is not None else ram["available"])
+    host_bytes, _ = host_budget(host_memory, ram)
     if cfg.remat == "auto":
         device_budget = device_memory_limit(local[0])
         # the plan's host bytes are this process's (its devices); the host is shared
-        budgets = Budgets(device=device_budget, host=host_budget // processes)
+        budgets = Budgets(device=device_budget, host=host_bytes // processes)
 
         def plan_at(remat, k):
             return plan_memory(model_cfg, cfg.tp, cfg.dp, cfg.max_seq_len,
@@ -70,7 +71,7 @@ def resolve_run_memory(cfg, model_cfg, mesh, say=None):
             raise ConfigError(
                 f"remat auto: no policy fits max_seq_len={cfg.max_seq_len} in "
                 f"{format_size(device_budget).strip()} per device and "
-                f"{format_size(host_budget).strip()} of host memory (even offload-input with "
+                f"{format_size(host_bytes).strip()} of host memory (even offload-input with "
                 f"every layer on the host); use more devices (tp, cp) or a shorter "
                 f"--max-seq-len (spmd-lora plan --find-max-seq-len finds the longest)")
         cfg = dataclasses.replace(cfg, remat=chosen["remat"],
