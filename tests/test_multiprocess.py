@@ -154,6 +154,32 @@ def test_launcher_environment_and_usage_errors(capsys, monkeypatch):
         assert err.startswith("error:") and msg in err and "Traceback" not in err
 
 
+def test_launcher_quotes_error_lines_and_folds_gloo_notes():
+    """The failed process's error line is its last ``error:`` line or the exception line that
+    ends a traceback (the last one of a chain), never a progress line; Gloo's connection notes
+    fold into one line per process, a short-handed one stays."""
+    def rank_after(lines):
+        r = launch._Rank(0, None)
+        shown = [s for line in lines if (r.saw(line), s := r.shown(line))[1] is not None]
+        return r, shown
+
+    r, _ = rank_after(["step 3/24 loss 2.1", "step 4/24 loss 2.0"])
+    assert r.last_error == ""
+    r, _ = rank_after(["error: --model nope: no such directory", "step 1/2"])
+    assert r.last_error == "error: --model nope: no such directory"
+    r, _ = rank_after(["step 1/24", "Traceback (most recent call last):",
+                       '  File "x.py", line 3, in f', "    raise KeyError(1)", "    ^^^^^^",
+                       "KeyError: 1", "", "During handling of the above exception, another "
+                       "exception occurred:", "", "Traceback (most recent call last):",
+                       '  File "y.py", line 9, in g', "ValueError: bad shape (3, 4)"])
+    assert r.last_error == "ValueError: bad shape (3, 4)"
+    note = "[Gloo] Rank {} is connected to {} peer ranks. Expected number of connected peer ranks is : {}"
+    _, shown = rank_after([note.format(0, 1, 1), note.format(1, 1, 1), "step 1/2",
+                           note.format(0, 1, 1), note.format(0, 0, 1)])
+    assert shown == ["gloo: connected to its peers (further notes of this kind hidden)",
+                     "step 1/2", note.format(0, 0, 1)]
+
+
 def test_bad_peer_timeout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SPMD_LORA_PEER_TIMEOUT", "soon")
     with pytest.raises(Exception, match="SPMD_LORA_PEER_TIMEOUT='soon' must be a positive"):
@@ -193,6 +219,10 @@ def test_two_processes_dp_across_processes_equal_one_process(runs):
     results = [l for l in runs["out"].splitlines() if '"step"' in l]
     assert len(results) == 1 and results[0].startswith('[rank 0] {"step": 24')
     assert "[rank 1]" in runs["err"] and "[rank 0] step 24/24" in runs["err"]
+    # Gloo's per-communicator notes are folded into one line per process
+    assert "[Gloo]" not in runs["err"], runs["err"]
+    for rank in (0, 1):
+        assert runs["err"].count(f"[rank {rank}] gloo: connected to its peers") == 1, runs["err"]
 
 
 def test_cp_ring_spanning_two_processes_equals_one_process(tiny_model, tmp_path):
@@ -237,7 +267,8 @@ def test_sigkill_of_a_process_stops_the_launch_and_resume_finishes(runs, tiny_mo
     stopped = time.perf_counter() - t0
     assert not (out / "adapter").exists(), "killed too late to test resume"
     assert proc.returncode == 128 + signal.SIGKILL
-    assert re.search(r"error: process 1 \(pid \d+\) failed: killed by SIGKILL", rest), rest
+    assert re.search(r"error: process 1 \(pid \d+\) failed: killed by SIGKILL; it printed no "
+                     r"error line", rest), rest
     assert stopped < 120 and not any(_alive(p) for p in pids.values())
     print(f"launcher stopped {stopped:.1f} s after the SIGKILL")
 

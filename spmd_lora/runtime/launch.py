@@ -9,10 +9,15 @@ host's memory, which the host budget check counts). On CPU each process gets ``-
 NVIDIA host the local GPUs are split across the processes (``JAX_LOCAL_DEVICE_IDS``).
 
 * Output: every line a process prints is prefixed with ``[rank K]`` (stdout to stdout, stderr
-  to stderr); ``launch: rank K pid P`` is printed for each process at the start.
+  to stderr); ``launch: rank K pid P`` is printed for each process at the start. Gloo's
+  "Rank R is connected to N peer ranks" notes (one per communicator, on CPU) are folded into
+  one ``gloo: connected to its peers`` line per process; a note with fewer peers than
+  expected is shown as is.
 * First failure: when a process exits non-zero, the others are stopped (SIGKILL: a run that
-  lost a process cannot go on, and checkpoints are written atomically) and the launcher prints ``error: process K ...`` with its exit
-  status and its last error line, and exits with that status (128 + signal for a signal).
+  lost a process cannot go on, and checkpoints are written atomically) and the launcher prints
+  ``error: process K ...`` with its exit status and its last error line (the last line that
+  starts with ``error:``, else the exception line that ends a traceback; never a progress
+  line), and exits with that status (128 + signal for a signal).
   Processes that only stopped because of that one (the watchdog's status 3, or JAX's abort
   when process 0 died) are not the one reported.
 * SIGTERM / SIGINT / SIGHUP to the launcher stop every process (SIGTERM, then SIGKILL after
@@ -35,6 +40,8 @@ from .distributed import EXIT_PEER_LOST, peer_timeout as default_peer_timeout
 from ..errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
+_GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                             r"Expected number of connected peer ranks is : (\d+)")
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
@@ -98,21 +105,46 @@ class _Rank:
 
     def __init__(self, rank: int, proc: subprocess.Popen):
         self.rank, self.proc = rank, proc
-        self.last_error = ""           # the last line starting with "error:"
+        self.last_error = ""           # the last "error:" line or a traceback's exception line
         self.last_line = ""            # the last non-empty stderr line
         self.peer_abort = False        # JAX's runtime aborted it because a peer died
+        self.in_traceback = False      # between "Traceback ..." and its exception line
+        self.gloo_noted = False        # its one folded Gloo line was printed
         self.pumps = []
+
+    def saw(self, line: str) -> None:
+        """Follow one non-empty stderr line: the last error line, a peer abort."""
+        self.last_line = line
+        if line.startswith("error:"):
+            self.last_error, self.in_traceback = line, False
+        elif line.startswith("Traceback (most recent call last)"):
+            self.in_traceback = True
+        elif self.in_traceback and not line[:1].isspace() and not line.startswith(
+                ("During handling of the above", "The above exception")):
+            self.last_error, self.in_traceback = line, False    # e.g. "ValueError: ..."
+        if _JAX_PEER_ABORT in line:
+            self.peer_abort = True
+
+    def shown(self, line: str) -> str | None:
+        """The line as printed (None: folded away). Gloo's connection notes, one per
+        communicator, become one line per process; a short-handed one is shown as is."""
+        gloo = _GLOO_CONNECTED.match(line)
+        if gloo is None or gloo.group(1) != gloo.group(2):
+            return line
+        if self.gloo_noted:
+            return None
+        self.gloo_noted = True
+        return "gloo: connected to its peers (further notes of this kind hidden)"
 
 
 def _pump(stream, out, lock, rank: _Rank, is_err: bool) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace").rstrip("\n")
         if is_err and line.strip():
-            rank.last_line = line.strip()
-            if line.startswith("error:"):
-                rank.last_error = line.strip()
-            if _JAX_PEER_ABORT in line:
-                rank.peer_abort = True
+            rank.saw(line.rstrip())
+            line = rank.shown(line)
+            if line is None:
+                continue
         with lock:
             out.write(f"[rank {rank.rank}] {line}\n")
             out.flush()
@@ -192,10 +224,10 @@ def run(command: list[str], nprocs: int, devices_per_process: int | None = None,
         return 0
     _stop_all(ranks, 0.0)          # a failed run cannot go on: SIGKILL the others at once
     code = failed.proc.returncode
-    said = failed.last_error or failed.last_line or "(none)"
+    said = (f"its last error line: {failed.last_error}" if failed.last_error
+            else "it printed no error line")
     sys.stderr.write(f"error: process {failed.rank} (pid {failed.proc.pid}) failed: "
-                     f"{_status_text(code)}; its last error line: {said}; the other processes "
-                     f"were stopped\n")
+                     f"{_status_text(code)}; {said}; the other processes were stopped\n")
     sys.stderr.flush()
     return _exit_code(code)
 
