@@ -43,6 +43,7 @@ from ..parallel.placement import put_global, to_host
 from ..parallel.mesh import CP, DP, TP, lora_specs
 from ..weights.shapes import param_specs
 from ..data import encode_prompt
+from ..tokenizer import decode_whole_characters
 
 F32 = jnp.float32
 CACHE_SPEC = P(None, DP, None, TP, None)
@@ -325,7 +326,8 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
 def generate_text(model, tokenizer, prompts: list, template: str | None = None,
                   max_prompt_tokens: int | None = None, chat_template: str | None = None,
                   **kw) -> list[str]:
-    """Tokenize ``prompts``, generate, and decode the new text of each (special tokens skipped).
+    """Tokenize ``prompts``, generate, and decode the new text of each (special tokens skipped;
+    a character cut by ``max_new_tokens`` is left out, not shown as U+FFFD).
 
     Without ``template`` each prompt is a string, tokenized as ``tokenizer(text)`` (BOS added
     by the tokenizer). With ``template`` ("alpaca", "rag", "text", "auto") each prompt is a
@@ -357,4 +359,4 @@ def generate_text(model, tokenizer, prompts: list, template: str | None = None,
     kw.setdefault("eos_token_id", getattr(tokenizer, "eos_token_id", None))
     max_new = kw.pop("max_new_tokens", 128)
     new = generate(model, ids, max_new, **kw)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    return [decode_whole_characters(tokenizer, t, skip_special_tokens=True) for t in new]
