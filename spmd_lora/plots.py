@@ -22,6 +22,8 @@ def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
     """Plot ``run_dir/metrics.jsonl`` to ``output`` (default ``run_dir/loss.png``). Returns the
     path, or None (with a ``note``) when matplotlib is missing."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir} (check the RUN_DIR path)")
     if not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a training output directory?)")
     rows = read_metrics(run_dir)

@@ -251,6 +251,9 @@ def test_plot_command_and_missing_matplotlib(demo, tmp_path, capsys, monkeypatch
     assert "loss.png skipped: matplotlib is not installed" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+    assert f"error: run directory not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["plot", str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 

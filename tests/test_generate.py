@@ -95,8 +95,11 @@ def test_generate_text_templates_and_errors(hf_models, monkeypatch):
         generate(model, [[1, 2], []], 4)
     with pytest.raises(DataError, match="outside"):
         generate(model, [[1, 200]], 4)
-    with pytest.raises(ConfigError, match="top_p"):
+    with pytest.raises(ConfigError, match=r"^top_p \(--top-p\) must be in \(0, 1\], got 0.0$"):
         generate(model, [[1, 2]], 4, temperature=1.0, top_p=0.0)
+    with pytest.raises(ConfigError, match=r"^temperature \(--temperature\) must be >= 0 .*, got "
+                                          r"-1; max_new_tokens \(--max-new-tokens\) must be >= 0"):
+        generate(model, [[1, 2]], -1, temperature=-1)
     assert generate(model, [[1, 2]], 0) == [[]]
 
 

@@ -264,11 +264,14 @@ def generate(model, prompts_token_ids: list[list[int]], max_new_tokens: int, *, 
             f"generation needs cp = 1 (the KV cache holds whole sequences on every device), "
             f"but the model was loaded with cp={model.mesh.shape[CP]}: load it again with "
             f"cp=1 (--cp 1) to generate")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"sampling settings invalid: temperature={temperature} (>= 0), "
-                          f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    bad = [f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value}"
+           for name, value, rule, ok in (
+               ("temperature", temperature, ">= 0 (0 = greedy)", temperature >= 0),
+               ("top_k", top_k, ">= 0 (0 = off)", top_k >= 0),
+               ("top_p", top_p, "in (0, 1]", 0.0 < top_p <= 1.0),
+               ("max_new_tokens", max_new_tokens, ">= 0", max_new_tokens >= 0)) if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
     prompts = [list(map(int, p)) for p in prompts_token_ids]
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
