@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from .engine import sharded
-from .engine.factory import forward_options, mesh_for
+from .engine.factory import check_attention_devices, forward_options, mesh_for
 from .config.model_config import ModelConfig
 from .parallel.zigzag import from_zigzag
 from .weights.hf import load_hf_params
@@ -93,6 +93,7 @@ def load_model(path, tp: int = 1, dp: int = 1, dtype="float32", adapter=None,
     config = ModelConfig.from_pretrained(path)
     config.check_tp(tp)
     mesh = mesh_for(dp=dp, tp=tp, cp=cp)
+    check_attention_devices(attention, mesh)
     params = load_hf_params(path, config, mesh, dtype, allow_pickle=allow_pickle,
                             base_quant=base_quant)
     model = Model(config=config, mesh=mesh, params=params, attention=attention,

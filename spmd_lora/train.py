@@ -33,7 +33,7 @@ from .errors import ConfigError, DataError
 from .health import DivergenceGuard, lora_norm
 from .config.train_config import TrainConfig
 from .weights.lora import init_lora
-from .engine.factory import build_train_step, mesh_for, optimizer_config
+from .engine.factory import build_train_step, check_attention_devices, mesh_for, optimizer_config
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
 from .engine.step import lr_schedule
@@ -106,6 +106,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
     mesh = mesh_for(cfg)
+    check_attention_devices(cfg.attention, mesh)
     notes = []
     cfg = resolve_run_memory(cfg, model_cfg, mesh, say=notes.append)
     batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,

@@ -236,7 +236,7 @@ def test_bad_messages_are_clear_errors(bpe_tok, tmp_path, msgs, match):
 def test_template_errors(sp_tok, bpe_tok, tmp_path):
     plain = type(sp_tok).from_pretrained(sp_tok.name_or_path)
     plain.chat_template = None
-    with pytest.raises(ConfigError, match="the tokenizer has no chat template; pass --chat-template"):
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template; set chat_template"):
         tokenize_records(records(CONVS), plain, "chat", 512)
     with pytest.raises(ConfigError, match="neither a built-in"):
         tokenize_records(records(CONVS), bpe_tok, "chat", 512, chat_template="llama9")

@@ -326,6 +326,11 @@ def test_report_to_tensorboard_without_tensorboardx_is_one_line(tiny, tmp_path, 
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     (["--learning-rate", "-1e-3"], "--learning-rate must be > 0, got -0.001"),
     (["--eval-every", "-5"], "--eval-every must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0 (0 = no clipping), got -1"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1], got 2"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--attention", "cudnn"], "attention 'cudnn' needs a CUDA GPU, but this run's devices are cpu"),
 ])
 def test_value_ranges_and_negative_numbers(tiny, tmp_path, capsys, flags, text):
     """Out-of-range values are refused before anything is written; a negative number (also

@@ -104,6 +104,13 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name, ok, rule in (("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("lora_alpha", self.lora_alpha > 0, "> 0 (the update is scaled "
+                                                                  "by alpha/r)")):
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)}")
 
     @property
     def host_memory_bytes(self) -> int | None:

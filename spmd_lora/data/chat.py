@@ -93,9 +93,8 @@ def resolve_chat_template(tokenizer, spec: str | None = None) -> str:
     if isinstance(own, dict):
         own = own.get("default")
     if not own:
-        raise ConfigError("the tokenizer has no chat template; pass --chat-template (chat_template"
-                          f"=) with a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) or a Jinja "
-                          "file")
+        raise ConfigError("the tokenizer has no chat template; set chat_template to a built-in "
+                          f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) or a Jinja file")
     return own
 
 

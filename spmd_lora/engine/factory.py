@@ -29,6 +29,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config.lora_config import LoraConfig
+from ..errors import ConfigError
+from ..kernels import resolve_impl
 from ..model import ForwardOptions
 from ..parallel.mesh import CP, TP, make_mesh
 from ..parallel.placement import MICRO_BATCH_SPEC, replicate
@@ -72,6 +74,17 @@ def mesh_for(settings=None, **fields):
     """The (dp, cp, tp) mesh over this process's first dp*cp*tp devices (default 1 each)."""
     values = _values(settings, fields, MESH_FIELDS)
     return make_mesh(values.get("dp", 1), values.get("tp", 1), values.get("cp", 1))
+
+
+def check_attention_devices(impl: str, mesh) -> None:
+    """ConfigError, before any weight is loaded, when the attention ``impl`` cannot run on the
+    mesh's devices (cudnn and tokamax need a CUDA GPU)."""
+    platform = mesh.devices.flat[0].platform
+    try:
+        resolve_impl(impl, backend="gpu" if platform in ("gpu", "cuda") else platform)
+    except ValueError:
+        raise ConfigError(f"attention {impl!r} needs a CUDA GPU, but this run's devices are "
+                          f"{platform}; use attention auto, blockwise or xla") from None
 
 
 def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
