@@ -1,6 +1,6 @@
 """Every output path is checked before work starts (issue 26): an output that cannot be created
 or written is one ``error:`` line naming the flag, the path and the reason, exit status 2, and
-nothing is created. The unwritable paths
+nothing is created; the tiny model directory appears whole or not at all. The unwritable paths
 fail for root too: a path under a regular file, and one under /proc."""
 import errno
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from spmd_lora import cli
+from spmd_lora import tiny
 from spmd_lora.cli import commands
 from spmd_lora.errors import ConfigError
 from spmd_lora.paths import check_writable_dir, ensure_writable_dir, write_text_atomic
@@ -88,6 +89,18 @@ def test_demo_output_that_cannot_be_created(tmp_path, afile, capsys, where):
     assert _listing(tmp_path) == ["afile"]
 
 
+def test_demo_refuses_a_partial_tiny_llama(tmp_path, capsys):
+    """An interrupted build of an older version left tiny_llama/ without config.json: the demo
+    says so instead of training on it or deleting it."""
+    partial = tmp_path / "demo" / "tiny_llama"
+    partial.mkdir(parents=True)
+    (partial / "tokenizer.json").write_text("{}")
+    rc = cli.main(["demo", "--output", str(tmp_path / "demo")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"{partial} is not a complete tiny model (no config.json)" in line
+    assert _listing(tmp_path) == ["demo", "demo/tiny_llama", "demo/tiny_llama/tokenizer.json"]
+
+
 def test_plot_output_that_cannot_be_created(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -97,6 +110,27 @@ def test_plot_output_that_cannot_be_created(tmp_path, capsys):
     assert rc == 2 and line == (f"error: --output's directory {PROC}: cannot create the "
                                 f"directory: No such file or directory")
     assert _listing(tmp_path) == ["run", "run/metrics.jsonl"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_interrupted_tiny_llama_build_leaves_nothing(tmp_path, monkeypatch, failure):
+    """Everything but the weights is written when the weights fail: nothing of it stays at the
+    target (a demo would otherwise trust its config.json), nor any temporary directory."""
+    def fail(*args, **kwargs):
+        raise failure(errno.ENOSPC, "No space left on device") if failure is OSError else failure()
+
+    monkeypatch.setattr(tiny, "write_safetensors_checkpoint", fail)
+    with pytest.raises(failure):
+        build_tiny_llama(tmp_path / "tiny", with_tokenizer=False)
+    assert _listing(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(failure):
+        build_tiny_llama(empty, with_tokenizer=False)
+    assert _listing(tmp_path) == ["empty"]                 # an existing empty target stays as is
+    (empty / "mine.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="exists and is not an empty directory"):
+        build_tiny_llama(empty, with_tokenizer=False)
 
 
 def test_probe_functions(tmp_path, afile):

@@ -89,7 +89,12 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     """The embedded default: a tiny Llama + tokenizer built on the spot, the bundled Alpaca
     sample, tp=2 on (fake) devices. A previous demo run is never deleted silently.
-    ``--output`` is created and checked writable before anything else."""
+
+    ``--output`` is created and checked writable before anything else. ``--output/tiny_llama``
+    appears whole or not at all (``build_tiny_llama``); a complete one is a cache that every
+    later demo in the same ``--output`` reuses, so it stays when training fails. A
+    ``tiny_llama`` without ``config.json`` (an older version's interrupted build) is refused,
+    not trained on."""
     import shutil
     from pathlib import Path
 
@@ -103,10 +108,13 @@ def cmd_demo(args) -> int:
         if not args.overwrite:
             raise ConfigError(f"{run} holds a previous demo run: pass --resume to continue it, "
                               f"--overwrite to replace it, or --output DIR for a new one")
+    if model_dir.exists() and not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a complete tiny model (no config.json); remove "
+                          f"it, or pass --output DIR for a new demo")
     ensure_writable_dir(out, "--output")
     if run.exists() and not args.resume:
         shutil.rmtree(run)
-    if not (model_dir / "config.json").exists():
+    if not model_dir.exists():
         build_tiny_llama(model_dir)
     result = train(cfg)
     print(json.dumps(result))
