@@ -1,7 +1,7 @@
 """``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard | launch`` (also ``python -m spmd_lora``).
 
-User mistakes (bad paths, malformed data, impossible configs, NaN loss, an output that
-cannot be written) print one clear ``error:`` line and exit with status 2; no traceback. In a multi-process run (``spmd-lora
+User mistakes (bad paths, malformed data, impossible configs, NaN loss) print one clear
+``error:`` line and exit with status 2; no traceback. In a multi-process run (``spmd-lora
 launch``, or several hosts) train / eval / generate print their results on process 0 only,
 and a process that fails exits at once and tells its peers (``spmd_lora.runtime.distributed``).
 """
