@@ -10,7 +10,8 @@ With ``base_quant`` int8 | nf4 (an adapter trained on a quantised base), the mer
 DEQUANTISED base: each of the seven decoder linears is quantised and dequantised exactly as
 training saw it (quant.py; the result does not depend on tp), then merged, and written in the
 base tensor's dtype (bf16/fp16 for usual checkpoints).
-The whole directory appears atomically (written in a temporary directory next to it, renamed).
+The whole directory appears atomically (written in a temporary directory next to it, renamed);
+an output that cannot be created or written is refused before anything is read.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .weights.safetensors import WeightFiles, write_safetensors_checkpoint
 from .config.model_config import ModelConfig
 from .config.projections import PROJECTIONS, canonical_dims
 from .errors import CheckpointError
+from .paths import check_writable_dir
 from .weights.hf import hf_layer_key
 from .weights.peft import _replace_dir, read_adapter
 from .weights.quant import (QUANTISED_LINEARS, QUANTIZERS, check_base_quant, check_nf4_layout,
@@ -54,8 +56,9 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
     """Merge the PEFT adapter in ``adapter_dir`` into the HF Llama checkpoint in ``model_dir`` and
     write a standalone HF checkpoint to ``out_dir`` (same dtype as the base weights).
 
-    An existing non-empty ``out_dir`` is an error unless ``overwrite=True``. On any failure nothing
-    is left at ``out_dir`` (nor any temporary directory). Returns ``out_dir``.
+    An existing non-empty ``out_dir`` is an error unless ``overwrite=True``, and so is one that
+    cannot be created or written (checked first). On any failure nothing is left at ``out_dir``
+    (nor any temporary directory). Returns ``out_dir``.
     """
     model_dir, out = Path(model_dir), Path(out_dir)
     if max_shard_size_bytes <= 0:
@@ -65,6 +68,7 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
                               f"directory or pass overwrite=True (--overwrite)")
     if out.resolve() in (model_dir.resolve(), Path(adapter_dir).resolve()):
         raise CheckpointError(f"export output {out} must differ from the model and adapter directories")
+    check_writable_dir(out, "export --output")
     check_base_quant(base_quant)
     config = ModelConfig.from_pretrained(model_dir)
     lora, lora_cfg = read_adapter(adapter_dir, config)

@@ -19,8 +19,8 @@ def _stderr_note(text: str) -> None:
 
 
 def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
-    """Plot ``run_dir/metrics.jsonl`` to ``output`` (default ``run_dir/loss.png``). Returns the
-    path, or None (with a ``note``) when matplotlib is missing."""
+    """Plot ``run_dir/metrics.jsonl`` to ``output`` (default ``run_dir/loss.png``; its directory
+    is created). Returns the path, or None (with a ``note``) when matplotlib is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir} (check the RUN_DIR path)")
@@ -42,6 +42,7 @@ def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
         return None
 
     out = Path(output) if output else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), label="train loss", color="#3b6fb6", linewidth=1.2)
@@ -54,7 +55,12 @@ def write_loss_plot(run_dir, output=None, note=_stderr_note) -> Path | None:
     ax.legend()
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return out

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .paths import write_text_atomic
 from .analysis import hlo
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON to ``path`` (temporary file + rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def read_metrics(run_dir, since: int = 0) -> list[dict]:

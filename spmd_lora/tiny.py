@@ -8,13 +8,17 @@
   safetensors) and, by default, that tokenizer next to it.
 
 Both are deterministic for a given seed, write only under ``out_dir`` (no cache, no network)
-and take about a second.
+and take about a second; :func:`build_tiny_llama` makes its directory appear whole or not at
+all.
 """
 from __future__ import annotations
 
 import importlib.resources
 import io
 import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 from .config.projections import PROJECTIONS
@@ -161,6 +165,12 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
     :func:`build_tokenizer` with
     ``tokenizer_vocab_size`` pieces (default: ``vocab_size``) is saved alongside; the model's
     ``vocab_size`` may be larger than the tokenizer's, never smaller. Returns ``Path(out_dir)``.
+
+    ``out_dir`` must not exist or be an empty directory. The checkpoint is built in a hidden
+    temporary sibling directory that is renamed to ``out_dir`` when complete, so a partial
+    ``out_dir`` never exists: a failed or interrupted build leaves ``out_dir`` as it was (a
+    killed process may leave the hidden ``.NAME.tmp-*`` sibling, never a partial ``NAME``), and
+    a present ``out_dir/config.json`` means the whole checkpoint is there.
     """
     import ml_dtypes
     import numpy as np
@@ -169,14 +179,14 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {_DTYPES}")
+    tok_vocab = vocab_size if tokenizer_vocab_size is None else int(tokenizer_vocab_size)
+    if with_tokenizer and vocab_size < tok_vocab:
+        raise ConfigError(f"vocab_size={vocab_size} is smaller than tokenizer_vocab_size="
+                          f"{tok_vocab}; the model needs an embedding row for every token")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if with_tokenizer:
-        tok_vocab = vocab_size if tokenizer_vocab_size is None else int(tokenizer_vocab_size)
-        if vocab_size < tok_vocab:
-            raise ConfigError(f"vocab_size={vocab_size} is smaller than tokenizer_vocab_size="
-                              f"{tok_vocab}; the model needs an embedding row for every token")
-        build_tokenizer(out, vocab_size=tok_vocab)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty directory; build the tiny model "
+                          f"into a new directory")
 
     kwargs = {}
     if rope_scaling is not None:
@@ -190,8 +200,6 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
                       bos_token_id=1, eos_token_id=2, pad_token_id=None, **kwargs)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = dtype
-    cfg.save_pretrained(str(out))
-
     shapes = _tiny_tensor_shapes(cfg.to_dict())
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     rng = np.random.default_rng(seed)
@@ -199,8 +207,20 @@ def build_tiny_llama(out_dir, *, vocab_size: int = 512, hidden_size: int = 64,
     for name, shape in shapes.items():                     # drawn in a fixed order: reproducible
         noise = rng.standard_normal(shape, dtype=np.float32)
         tensors[name] = (1.0 + 0.1 * noise if "norm" in name else init_std * noise).astype(np_dtype)
-    write_safetensors_checkpoint(out, list(shapes), shapes, {n: np_dtype for n in shapes},
-                                 tensors.pop, max_shard_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        if with_tokenizer:
+            build_tokenizer(tmp, vocab_size=tok_vocab)
+        cfg.save_pretrained(str(tmp))
+        write_safetensors_checkpoint(tmp, list(shapes), shapes, {n: np_dtype for n in shapes},
+                                     tensors.pop, max_shard_size)
+        os.replace(tmp, out)                     # onto an empty directory too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

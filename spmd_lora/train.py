@@ -31,6 +31,7 @@ from .config.model_config import ModelConfig
 from .config.files import check_resume_config, write_resolved_config
 from .errors import ConfigError, DataError
 from .health import DivergenceGuard, lora_norm
+from .paths import check_writable_dir, write_text_atomic
 from .config.train_config import TrainConfig
 from .weights.lora import init_lora
 from .engine.factory import build_train_step, check_attention_devices, mesh_for, optimizer_config
@@ -85,12 +86,17 @@ def _prepare_data(cfg: TrainConfig, tokenizer):
 
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
+    """``output_dir``, refused when it holds another run's checkpoints (without ``resume``) or
+    when this process, if it is the one that writes there (process 0), cannot create or write
+    it; the check leaves nothing behind."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
     if not cfg.resume and (out / "checkpoints").is_dir() and checkpoints.list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) "
                           f"to continue it, or choose a new output_dir")
+    if jax.process_index() == 0:
+        check_writable_dir(out, "output_dir")
     return out
 
 
@@ -266,4 +272,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

@@ -2,7 +2,7 @@
 one way, down the floors, and there is no import cycle.
 
 Floors, bottom to top (docs/architecture.md draws them):
-errors < config, data < parallel < weights < kernels-using model < engine < runtime, analysis
+errors, paths < config, data < parallel < weights < kernels-using model < engine < runtime, analysis
 < the workflows (train, api, evaluate, export, ...) < dashboard < cli. ``spmd_lora.kernels``
 imports nothing of the package.
 """
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FLOORS = {            # module prefix -> floor; the longest matching prefix wins
     "spmd_lora.errors": 0,
+    "spmd_lora.paths": 0,
     "spmd_lora.kernels": 0,
     "spmd_lora.config": 1,
     "spmd_lora.data": 1,

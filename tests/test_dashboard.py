@@ -1,6 +1,8 @@
 """``spmd-lora dashboard`` / ``plot`` / ``--report-to tensorboard`` / ``census.json`` on a real
 demo run (built once, with torch hidden as on a bare install) and on a live run started from the
-page's form; path traversal refused; a slow headless-Chromium check of the drawn charts."""
+page's form; path traversal refused; a failing handler and a missing run directory; a slow
+headless-Chromium check of the drawn charts."""
+import contextlib
 import http.client
 import json
 import shutil
@@ -39,20 +41,39 @@ def demo(tmp_path_factory):
     return out, p
 
 
-@pytest.fixture()
-def server(demo, tmp_path):
-    """A dashboard on a free loopback port over the demo run and a directory with no run yet."""
-    srv, dash = make_server([demo[0] / "run", tmp_path / "empty"], port=0,
-                            new_runs_dir=tmp_path / "new")
+@contextlib.contextmanager
+def _serving(run_dirs, new_runs_dir):
+    """A dashboard on a free loopback port, serving in a thread."""
+    srv, dash = make_server(run_dirs, port=0, new_runs_dir=new_runs_dir)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield srv, dash
-    srv.shutdown()
-    srv.server_close()
-    for child in dash.children.values():
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    try:
+        yield srv, dash
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        for child in dash.children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+@pytest.fixture()
+def server(demo, tmp_path):
+    """A dashboard over the demo run and a directory with no run yet."""
+    with _serving([demo[0] / "run", tmp_path / "empty"], tmp_path / "new") as served:
+        yield served
+
+
+@pytest.fixture()
+def bare_server(tmp_path):
+    """A dashboard over a run with one metrics line and a directory with no run yet (no demo
+    needed)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with _serving([run, tmp_path / "later"], tmp_path / "new") as served:
+        yield served
 
 
 def _request(srv, path, method="GET", body=None, headers=None):
@@ -98,7 +119,7 @@ def test_demo_output_on_a_bare_install(demo):
 def test_json_endpoints_on_a_finished_run(server, demo):
     srv, _ = server
     listed = _get(srv, "/api/runs")
-    assert [r["status"] for r in listed] == ["finished", "not started"]
+    assert [r["status"] for r in listed] == ["finished", "missing"]
     rows = _get(srv, "/api/runs/0/metrics")["rows"]
     on_disk = runs.read_metrics(demo[0] / "run")
     assert rows == on_disk and [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
@@ -111,7 +132,7 @@ def test_json_endpoints_on_a_finished_run(server, demo):
     assert [c["name"] for c in s["checkpoints"]] == ["step_8"] and s["checkpoints"][0]["bytes"] > 0
     assert s["memory"]["compiled_step"]["peak"] > 0 and s["census"]["summary"]
     empty = _get(srv, "/api/runs/1/summary")
-    assert "does not exist yet" in empty["message"]
+    assert "does not exist (yet)" in empty["message"]
     (Path(empty["path"])).mkdir()
     assert "no metrics yet in" in _get(srv, "/api/runs/1/summary")["message"]
     page = _request(srv, "/")[1].decode()
@@ -185,6 +206,61 @@ def test_new_run_form_starts_a_live_run_whose_metrics_and_log_appear(server, dem
     log = _get(srv, f"/api/runs/{run_id}/log")
     assert log["text"].startswith("$ spmd-lora train --model ") and "adapter written to" in log["text"]
     assert _get(srv, f"/api/runs/{run_id}/log?offset={log['next']}")["text"] == ""
+
+
+def test_a_failing_handler_answers_500_and_logs_one_line_once(bare_server, monkeypatch, capsys):
+    """No traceback per request: the page gets a JSON error, the console one line per distinct
+    failure however often the page polls."""
+    srv, _ = bare_server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(runs, "checkpoints_on_disk", broken)
+    for _ in range(3):
+        status, body = _request(srv, "/api/runs/0/summary?since=1")
+        assert status == 500 and json.loads(body) == {"error": "RuntimeError: disk on fire"}
+    assert _get(srv, "/api/runs/0/metrics")["rows"] == [{"step": 1, "loss": 2.0}]  # others work
+    monkeypatch.setattr(runs, "read_log", broken)
+    assert _request(srv, "/api/runs/0/log")[0] == 500
+    try:
+        raise ValueError("garbled request")
+    except ValueError:
+        srv.handle_error(None, ("10.1.2.3", 4567))              # outside the handlers
+    assert capsys.readouterr().err.splitlines() == [
+        "dashboard: GET /api/runs/0/summary failed: RuntimeError: disk on fire",
+        "dashboard: GET /api/runs/0/log failed: RuntimeError: disk on fire",
+        "dashboard: request from 10.1.2.3 failed: ValueError: garbled request"]
+
+
+def test_a_missing_run_directory_says_only_that(bare_server, tmp_path):
+    """Given on the command line before it exists, or deleted while the dashboard runs."""
+    srv, _ = bare_server
+    assert [r["status"] for r in _get(srv, "/api/runs")] == ["running", "missing"]
+    shutil.rmtree(tmp_path / "run")
+    assert [r["status"] for r in _get(srv, "/api/runs")] == ["missing", "missing"]
+    for i, name in enumerate(["run", "later"]):
+        status, body = _request(srv, f"/api/runs/{i}/summary")
+        s = json.loads(body)
+        assert status == 200 and s["exists"] is False and s["status"] == "missing"
+        assert s["message"] == (f"run directory {(tmp_path / name).resolve()} does not exist "
+                                f"(yet); the page fills in when training writes to it")
+        assert b"census" not in body and b"metrics" not in body and b"checkpoint" not in body
+        assert _get(srv, f"/api/runs/{i}/metrics") == {"rows": [], "next": 0}
+        assert _get(srv, f"/api/runs/{i}/log")["exists"] is False
+
+
+def test_new_runs_dir_that_cannot_be_created_is_a_400(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    form = json.dumps({"name": "x", "config": {"model": str(tmp_path),
+                                               "data": str(asset_path("alpaca_sample.jsonl"))}})
+    headers = {"Content-Type": "application/json", "X-Spmd-Lora": "1"}
+    with _serving([], afile / "new") as (srv, dash):
+        status, body = _request(srv, "/api/runs", "POST", form, headers)
+    assert status == 400 and json.loads(body)["error"] == (
+        f"--new-runs-dir {afile / 'new'}: cannot create the directory: Not a directory")
+    assert not dash.children and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_foreign_host_header_is_refused(server):
@@ -283,4 +359,4 @@ def test_page_in_headless_chromium_draws_the_data(server, demo, tmp_path):
         assert line and f'data-points="{n}"' in line.group(0), (key, line)
     last_loss = [r["loss"] for r in rows if "loss" in r][-1]
     assert f'data-last="{last_loss}"' in dom
-    assert "does not exist yet" in dom and "step_8" in dom and "collective census" in dom
+    assert "does not exist (yet)" in dom and "step_8" in dom and "collective census" in dom

@@ -194,7 +194,8 @@ def test_cache_errors(tok, tmp_path):
     ro = tmp_path / "ro"
     ro.write_text("a file, not a directory")
     from spmd_lora.errors import ConfigError
-    with pytest.raises(ConfigError, match="tokenized-data cache directory .* is not writable"):
+    with pytest.raises(ConfigError, match="tokenized-data cache directory .*ro/x: cannot create the "
+                                          "directory: Not a directory; set data_cache_dir"):
         load_or_build(sample_data_path("alpaca"), tok, "alpaca", 512, cache_dir=ro / "x")
     assert os.path.isfile(ro)
 

@@ -46,6 +46,7 @@ from ..engine.factory import build_train_step, forward_options
 from ..errors import SpmdLoraError
 from ..parallel.placement import shard_micro_batches
 from ..parallel.zigzag import padded_seq_len
+from ..paths import write_text_atomic
 from .gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings, require_cuda_plugin,
                           resolve_target)
 from .hlo import DTYPE_BYTES
@@ -396,8 +397,7 @@ def run(args) -> int:
               "TensorBoard's profile plugin / XProf to read each collective's device time")
         result["trace"] = res
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_text_atomic(args.json, json.dumps(result, indent=1, default=str))
         print(f"\nwrote {args.json}")
     return 0
 

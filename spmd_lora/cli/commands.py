@@ -24,6 +24,7 @@ from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS, TrainConfig
 from ..dashboard.server import serve
 from ..engine.generate import generate_text
 from ..evaluate import evaluate
+from ..paths import check_writable_dir, ensure_writable_dir
 from ..export import export_merged
 from ..plots import write_loss_plot
 from ..reporting import read_metrics
@@ -87,7 +88,13 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded default: a tiny Llama + tokenizer built on the spot, the bundled Alpaca
-    sample, tp=2 on (fake) devices. A previous demo run is never deleted silently."""
+    sample, tp=2 on (fake) devices. A previous demo run is never deleted silently.
+
+    ``--output`` is created and checked writable before anything else. ``--output/tiny_llama``
+    appears whole or not at all (``build_tiny_llama``); a complete one is a cache that every
+    later demo in the same ``--output`` reuses, so it stays when training fails. A
+    ``tiny_llama`` without ``config.json`` (an older version's interrupted build) is refused,
+    not trained on."""
     import shutil
     from pathlib import Path
 
@@ -101,8 +108,13 @@ def cmd_demo(args) -> int:
         if not args.overwrite:
             raise ConfigError(f"{run} holds a previous demo run: pass --resume to continue it, "
                               f"--overwrite to replace it, or --output DIR for a new one")
+    if model_dir.exists() and not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a complete tiny model (no config.json); remove "
+                          f"it, or pass --output DIR for a new demo")
+    ensure_writable_dir(out, "--output")
+    if run.exists() and not args.resume:
         shutil.rmtree(run)
-    if not (model_dir / "config.json").exists():
+    if not model_dir.exists():
         build_tiny_llama(model_dir)
     result = train(cfg)
     print(json.dumps(result))
@@ -118,8 +130,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    output = args.output if len(args.run_dir) == 1 else None
+    if output is not None:
+        check_writable_dir(os.path.dirname(os.path.abspath(output)), "--output's directory")
     for run_dir in args.run_dir:
-        path = write_loss_plot(run_dir, args.output if len(args.run_dir) == 1 else None)
+        path = write_loss_plot(run_dir, output)
         if path is not None:
             print(f"wrote {path}")
     return 0
@@ -311,8 +326,9 @@ def main(argv=None) -> int:
 
 
 def _guard_multi(fn) -> tuple[int, str]:
-    """(exit status, its error line) of ``fn`` in a multi-process run: a bug's traceback is
-    printed here, since the failed process then exits without unwinding (see finish)."""
+    """(exit status, its error line) of ``fn`` in a multi-process run: a user error (also an
+    OSError naming a file) is ``_guard``'s one line and status 2; a bug's traceback is printed
+    here, since the failed process then exits without unwinding (see finish)."""
     import traceback
 
     errors = []
@@ -326,17 +342,31 @@ def _guard_multi(fn) -> tuple[int, str]:
 
 
 def _guard(fn, on_error=None) -> int:
+    """``fn()``'s exit status; a user error prints one ``error:`` line (passed to
+    ``on_error`` too) and returns 2. Besides SpmdLoraError, so is an OSError about a named file
+    (a path that cannot be read or written: no space left, a read-only file system...): the
+    path and the system's reason, no traceback. An OSError without a file name is a bug and
+    propagates."""
     try:
         return fn()
     except SpmdLoraError as e:
-        text = str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e))
-        print(f"error: {text}", file=sys.stderr)
-        if on_error is not None:
-            on_error(text)
-        return 2
+        return _user_error(str(e) if isinstance(e, ConfigFileError) else with_flag_names(str(e)),
+                           on_error)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return _user_error(f"{where}: {e.strerror or e}", on_error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _user_error(text: str, on_error) -> int:
+    print(f"error: {text}", file=sys.stderr)
+    if on_error is not None:
+        on_error(text)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A run directory is what ``spmd-lora train`` writes: ``metrics.jsonl`` (appended 
 trains), ``run_config.json``, optional ``census.json``, ``checkpoints/step_N/``, ``adapter/``,
 ``loss.png`` and, for runs started from the dashboard, ``train.log``. Any of them may be missing
 (a run that has not started yet, or that is still writing its first step): the summary then
-carries a ``message`` saying so instead of failing.
+carries a ``message`` saying so instead of failing. A run directory that does not exist (not
+created yet, or deleted while the dashboard runs) has status ``missing`` and a summary that
+says only that (``exists: false``), not what else is absent.
 """
 from __future__ import annotations
 
@@ -46,10 +48,10 @@ def run_status(run_dir: Path, child_running: bool = False) -> str:
     metrics = run_dir / "metrics.jsonl"
     if child_running:
         return "running"
+    if not run_dir.exists():
+        return "missing"
     if (run_dir / "adapter" / "adapter_config.json").is_file():
         return "finished"
-    if not run_dir.exists():
-        return "not started"
     if not metrics.is_file():
         return "no metrics yet"
     return "running" if time.time() - metrics.stat().st_mtime < LIVE_SECONDS else "stopped"
@@ -57,13 +59,16 @@ def run_status(run_dir: Path, child_running: bool = False) -> str:
 
 def summary(run_dir, child_running: bool = False) -> dict:
     """Everything but the metric rows: status, message, config, mesh, memory, census,
-    checkpoints."""
+    checkpoints; for a run directory that does not exist, only that."""
     run_dir = Path(run_dir)
     status = run_status(run_dir, child_running)
-    message = None
     if not run_dir.exists():
-        message = f"{run_dir} does not exist yet; the page fills in when training starts"
-    elif not (run_dir / "metrics.jsonl").is_file():
+        return {"path": str(run_dir), "name": display_name(run_dir), "status": status,
+                "exists": False,
+                "message": f"run directory {run_dir} does not exist (yet); the page fills in "
+                           f"when training writes to it"}
+    message = None
+    if not (run_dir / "metrics.jsonl").is_file():
         message = (f"no metrics yet in {run_dir}: training writes metrics.jsonl after its first "
                    f"step (is this a training output directory?)")
     run_config = _read_json(run_dir / "run_config.json")
@@ -75,7 +80,8 @@ def summary(run_dir, child_running: bool = False) -> dict:
         "measured_peak_bytes": max(peaks) if peaks else None,
     }
     return {
-        "path": str(run_dir), "name": display_name(run_dir), "status": status, "message": message,
+        "path": str(run_dir), "name": display_name(run_dir), "status": status, "exists": True,
+        "message": message,
         "config": (run_config or {}).get("train"),
         "model": (run_config or {}).get("model"),
         "mesh": (run_config or {}).get("mesh"),

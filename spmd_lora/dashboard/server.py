@@ -13,6 +13,9 @@ Routes (everything else is 404; a path with ``..`` in any spelling is 400):
 * ``POST /api/runs/N/generate``: ``{"prompt": ...}`` -> a completion from the run's adapter
   (same header; loopback only, as it starts a process).
 
+A request whose handler fails answers 500 with ``{"error": "..."}``; the failure is one line on
+stderr, printed once however often the page repeats the request (never a traceback per poll).
+
 Runs are addressed by their index in the list, never by a path from the URL, so no request can
 name a file outside the run directories. On a loopback address, a request whose ``Host`` header
 is not a loopback name is refused (403): a web page that rebinds its own domain name to
@@ -32,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError, SpmdLoraError
+from ..paths import ensure_writable_dir
 from . import generation, launcher, runs
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -50,6 +54,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class OnceLog:
+    """Writes each distinct line to stderr once (a request the page polls every second that
+    fails the same way every time is reported once)."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            if line in self.seen:
+                return
+            self.seen.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
 class Dashboard:
     """The runs shown (given on the command line plus those started from the page)."""
 
@@ -59,6 +79,7 @@ class Dashboard:
         self.new_runs_dir = Path(new_runs_dir)
         self.allow_launch = allow_launch
         self.lock = threading.Lock()
+        self.log_error = OnceLog()
 
     def run_list(self):
         return [{"id": i, "name": runs.display_name(d), "path": str(d),
@@ -77,6 +98,7 @@ class Dashboard:
             raise PermissionError("starting runs is only offered on a loopback address")
         with self.lock:
             run_dir, cfg = launcher.prepare_run(form, self.new_runs_dir)
+            ensure_writable_dir(self.new_runs_dir, "--new-runs-dir")
             child = launcher.launch(run_dir, cfg)
             self.runs.append(run_dir)
             i = len(self.runs) - 1
@@ -134,7 +156,29 @@ def make_handler(dash: Dashboard):
                 return None
             return parts.path, urllib.parse.parse_qs(parts.query)
 
+        def _answer(self, handle):
+            """Run ``handle``; an exception it raises answers 500 ``{"error": ...}`` and is
+            logged once, in one line. A client that went away gets no answer."""
+            try:
+                handle()
+            except ConnectionError:
+                pass
+            except Exception as e:                # noqa: BLE001 - the page shows it, we go on
+                text = (f"{type(e).__name__}: {e}".splitlines() or [""])[0]
+                where = urllib.parse.urlsplit(self.path).path
+                dash.log_error(f"dashboard: {self.command} {where} failed: {text}")
+                try:
+                    self._json(500, {"error": text})
+                except OSError:
+                    pass
+
         def do_GET(self):
+            self._answer(self._get)
+
+        def do_POST(self):
+            self._answer(self._post)
+
+        def _get(self):
             routed = self._route()
             if routed is None:
                 return
@@ -164,7 +208,7 @@ def make_handler(dash: Dashboard):
                 return self._json(200, runs.summary(run_dir, dash._child_running(int(m.group(1)))))
             return self._json(200, runs.read_log(run_dir, number))
 
-        def do_POST(self):
+        def _post(self):
             routed = self._route()
             if routed is None:
                 return
@@ -189,8 +233,25 @@ def make_handler(dash: Dashboard):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    """A thread per request; a failure outside the handlers (a client that resets the
+    connection while its request is read) is a line in ``log_error``, not a traceback."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, log_error: OnceLog):
+        self.log_error = log_error
+        super().__init__(address, handler)
+
+    def handle_error(self, request, client_address):
+        e = sys.exc_info()[1]
+        if not isinstance(e, ConnectionError):
+            self.log_error(f"dashboard: request from {client_address[0]} failed: "
+                           + (f"{type(e).__name__}: {e}".splitlines() or [""])[0])
+
+
 def make_server(run_dirs, host: str = "127.0.0.1", port: int = 0,
-                new_runs_dir="spmd_lora_runs") -> tuple[ThreadingHTTPServer, Dashboard]:
+                new_runs_dir="spmd_lora_runs") -> tuple[Server, Dashboard]:
     for d in map(Path, run_dirs):
         if d.exists() and not d.is_dir():
             raise ConfigError(f"RUN_DIR {d} is a file, not a run directory (give the "
@@ -199,11 +260,10 @@ def make_server(run_dirs, host: str = "127.0.0.1", port: int = 0,
             raise ConfigError(f"RUN_DIR {d} cannot be read (permission denied)")
     dash = Dashboard(run_dirs, new_runs_dir, allow_launch=is_loopback(host))
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(dash))
+        server = Server((host, port), make_handler(dash), dash.log_error)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
                           f"(0 = any free one)") from None
-    server.daemon_threads = True
     return server, dash
 
 

@@ -21,7 +21,11 @@ text, ``max_seq_len``, ``train_on_inputs`` and :data:`CACHE_VERSION`. The entry 
 temporary sibling directory and renamed into place when complete (a killed build leaves nothing
 a later run trusts, and the next build of that key removes its leftovers); one build at a time per key (``flock`` on ``<key>.lock``, so concurrent
 processes wait and then read). The default ``cache_dir`` is ``$SPMD_LORA_CACHE`` or
-``~/.cache/spmd_lora/tokenized``.
+``~/.cache/spmd_lora/tokenized``. A cache directory that cannot be created or written is an
+error before the data is read (``paths.ensure_writable_dir``), not a silent fall back to no
+cache: every later run, and every process of a multi-process run, would tokenize again, and
+the user would not learn why; the message says to set ``data_cache_dir`` or
+``$SPMD_LORA_CACHE``.
 
 Host memory while training is the batch being assembled, plus ``lengths`` (4 bytes per
 example); the token files stay in the page cache, not in the process heap.
@@ -41,7 +45,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
+from ..paths import ensure_writable_dir
 from .chat import resolve_chat_template
 from .records import iter_records
 from .rows import where_of
@@ -220,6 +225,9 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
     and errors are those of :func:`~.tokenize.tokenize_records`.
     """
     check_max_seq_len(max_seq_len)
+    root = ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir,
+                               "tokenized-data cache directory",
+                               hint="set data_cache_dir or $SPMD_LORA_CACHE to a writable directory")
     records = iter_records(data)
     first = next(records, None)
     if first is None:
@@ -235,13 +243,7 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
                   "train_on_inputs": bool(train_on_inputs)}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(),
                           digest_size=16).hexdigest()
-    root = Path(default_cache_dir() if cache_dir is None else cache_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f"{key}.lock", "w")
-    except OSError as e:
-        raise ConfigError(f"tokenized-data cache directory {root} is not writable ({e}); set "
-                          "data_cache_dir (--data-cache-dir) or $SPMD_LORA_CACHE") from None
+    lock = open(root / f"{key}.lock", "w")
     final = root / key
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -30,7 +30,10 @@ function bytes(n) {
 
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
-  if (!r.ok) throw new Error(url + ": " + r.status);
+  if (!r.ok) {
+    const j = await r.json().catch(() => ({}));
+    throw new Error(`${url}: HTTP ${r.status}` + (j.error ? ` (${j.error})` : ""));
+  }
   return r.json();
 }
 
@@ -100,6 +103,7 @@ function renderInfo(run, s) {
   box.appendChild(h);
   box.appendChild(el("div", { class: "path" }, s.path));
   if (s.message) box.appendChild(el("p", { class: "message" }, s.message));
+  if (s.exists === false) return box;          // a missing run directory: nothing else to say
   const rows = state.rows[run.id] || [];
   const last = [...rows].reverse().find(r => "loss" in r);
   const evals = rows.filter(r => "eval_loss" in r);
@@ -209,7 +213,9 @@ async function poll() {
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
   } catch (e) {
-    document.getElementById("updated").textContent = "dashboard unreachable: " + e.message;
+    // fetch() throws a TypeError when the server cannot be reached; getJSON an Error on a 4xx/5xx
+    document.getElementById("updated").textContent =
+      (e instanceof TypeError ? "dashboard unreachable: " : "dashboard error: ") + e.message;
   }
 }
 
