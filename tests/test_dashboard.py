@@ -208,6 +208,18 @@ def test_new_run_form_starts_a_live_run_whose_metrics_and_log_appear(server, dem
     assert _get(srv, f"/api/runs/{run_id}/log?offset={log['next']}")["text"] == ""
 
 
+def test_the_log_is_read_on_whole_characters(tmp_path):
+    """A read that ends inside a multi-byte character leaves its bytes for the next read."""
+    text = "step 1 ☃ loss 2.0 — 日本\n"
+    (tmp_path / "train.log").write_bytes(text.encode())
+    got, offset = "", 0
+    for limit in (8, 3, 1, 5, 2, 100):
+        part = runs.read_log(tmp_path, offset, limit)
+        assert "\ufffd" not in part["text"], part
+        got, offset = got + part["text"], part["next"]
+    assert got == text and offset == len(text.encode())
+
+
 def test_a_failing_handler_answers_500_and_logs_one_line_once(bare_server, monkeypatch, capsys):
     """No traceback per request: the page gets a JSON error, the console one line per distinct
     failure however often the page polls."""

@@ -10,6 +10,7 @@ says only that (``exists: false``), not what else is absent.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from pathlib import Path
@@ -99,7 +100,9 @@ def summary(run_dir, child_running: bool = False) -> dict:
 
 
 def read_log(run_dir, offset: int = 0, limit: int = 65536) -> dict:
-    """Bytes of ``run_dir/train.log`` from ``offset`` (at most ``limit``), as text."""
+    """Bytes of ``run_dir/train.log`` from ``offset`` (at most ``limit``), as text ending on a
+    whole character: the bytes of a character cut by ``limit`` (or still being written) are
+    left for the next read, which ``next`` points at."""
     path = Path(run_dir) / "train.log"
     try:
         with open(path, "rb") as f:
@@ -107,4 +110,7 @@ def read_log(run_dir, offset: int = 0, limit: int = 65536) -> dict:
             chunk = f.read(limit)
     except FileNotFoundError:
         return {"text": "", "next": offset, "exists": False}
-    return {"text": chunk.decode("utf-8", "replace"), "next": offset + len(chunk), "exists": True}
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    text = decoder.decode(chunk, final=False)
+    held = len(decoder.getstate()[0])                  # a partial character at the end
+    return {"text": text, "next": offset + len(chunk) - held, "exists": True}
