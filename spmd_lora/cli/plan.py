@@ -22,6 +22,7 @@ from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
 from ..config.fields import with_flag_names
 from ..config.lora_config import LoraConfig
 from ..config.model_config import resolve_model_config
+from ..config.train_config import check_offload_layers
 from ..errors import SpmdLoraError
 
 
@@ -125,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.find_max_seq_len or args.remat == "auto") and not args.device_memory:
             raise SpmdLoraError(f"{'--find-max-seq-len' if args.find_max_seq_len else '--remat auto'}"
                                 f" needs --device-memory (e.g. 80GB) or --target")
-        if args.offload_layers is not None:
-            if not args.remat.startswith("offload"):
-                raise SpmdLoraError(f"--offload-layers applies to --remat offload or "
-                                    f"offload-input, not {args.remat!r}")
-            if not 0 <= args.offload_layers <= cfg.num_layers:
-                raise SpmdLoraError(f"--offload-layers must be in 0..{cfg.num_layers} (the "
-                                    f"model's layers), got {args.offload_layers}")
+        check_offload_layers(args.offload_layers, args.remat, cfg.num_layers)
         budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
         key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
         budgets = Budgets(device=budget, host=args.host_memory, key=key) if budget else None
