@@ -109,9 +109,15 @@ def test_usage_mistakes_are_one_line(argv, message, capsys):
 
 
 def test_missing_required_train_flags_are_one_line(capsys):
-    """--data / --output may also come from a --config file, so they are checked after it."""
-    assert cli.main(["train", "--model", "m"]) == 2
-    assert "--data is required" in _one_error_line(capsys.readouterr().err)
+    """--model / --data / --output-dir may also come from a --config file, so they are checked
+    after it; each message names the flag and the file's key the same way."""
+    for argv, name in ((["--data", "d", "--output-dir", "o"], "model"),
+                       (["--model", "m", "--output-dir", "o"], "data"),
+                       (["--model", "m", "--data", "d"], "output_dir")):
+        assert cli.main(["train", *argv]) == 2
+        assert _one_error_line(capsys.readouterr().err) == (
+            f"error: --{name.replace('_', '-')} is required (or set {name}: in the --config "
+            f"file)")
 
 
 @pytest.mark.parametrize("field", sorted(CHOICES))

@@ -18,7 +18,7 @@ from .. import data
 from .parser import OneLineErrorParser, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
 from ..api import load_model
-from ..config.fields import CHOICES, FIELD_HELP, with_flag_names
+from ..config.fields import CHOICES, FIELD_HELP, flag, with_flag_names
 from ..config.files import ConfigFileError, read_config_file
 from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS, TrainConfig
 from ..dashboard.server import serve
@@ -63,8 +63,8 @@ def _train_config(args, file_values=None, given=None, **overrides):
     missing = [f.name for f in dataclasses.fields(TrainConfig)
                if f.default is dataclasses.MISSING and values.get(f.name) is None]
     if missing:
-        flag = "--" + missing[0].replace("_", "-")
-        raise ConfigError(f"{flag} is required (or set '{missing[0]}' in the --config file)")
+        raise ConfigError(f"{flag(missing[0])} is required (or set {missing[0]}: in the "
+                          f"--config file)")
     return TrainConfig(**values)
 
 

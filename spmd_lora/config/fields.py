@@ -112,8 +112,10 @@ def check_choice(field: str, value) -> None:
 def with_flag_names(message: str) -> str:
     """Rewrite TrainConfig field names in an error message as the CLI flags a user typed
     (``lora_rank must be >= 1`` -> ``--lora-rank must be >= 1``; ``resume=True (--resume)``
-    -> ``--resume``). Single-word fields (tp, dp, seed, ...) read the same either way."""
+    -> ``--resume``). Single-word fields (tp, dp, seed, ...) read the same either way. A field
+    written as a config-file key, ``name:``, stays one (``--output-dir is required (or set
+    output_dir: in the --config file)``)."""
     every = "|".join(sorted(FIELD_HELP, key=len, reverse=True))
     message = re.sub(rf"(?<![\w-])({every})=True \(--[\w-]+\)", lambda m: flag(m.group(1)), message)
     fields = "|".join(sorted((f for f in FIELD_HELP if "_" in f), key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({fields})(?![\w])", lambda m: flag(m.group(1)), message)
+    return re.sub(rf"(?<![\w-])({fields})(?![\w:])", lambda m: flag(m.group(1)), message)
