@@ -15,12 +15,12 @@ import sys
 import warnings
 
 from .. import data
-from .parser import OneLineErrorParser, add_field_flag
+from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
 from ..api import load_model
-from ..config.fields import CHOICES, FIELD_HELP, flag, with_flag_names
+from ..config.fields import flag, with_flag_names
 from ..config.files import ConfigFileError, read_config_file
-from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS, TrainConfig
+from ..config.train_config import TrainConfig
 from ..dashboard.server import serve
 from ..engine.generate import generate_text
 from ..evaluate import evaluate
@@ -173,93 +173,73 @@ def _print_main(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``spmd-lora`` parser: one subparser per command, every flag's help from the field
+    table or the table of the other flags (``plan`` and ``launch`` have their own parsers)."""
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters")
     _add_train_flags(p)
-    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields; flags override it")
+    add_cli_flag(p, "--config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny built-in Llama on the bundled Alpaca sample")
-    p.add_argument("--output", default=DEMO_DIR, help="demo directory (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous demo run in --output")
+    add_cli_flag(p, "--output", default=DEMO_DIR)
+    add_cli_flag(p, "--overwrite", action="store_true")
     _add_train_flags(p, skip=("model", "data", "output_dir", "template"))
     p.set_defaults(func=cmd_demo, tp=2, max_seq_len=256, lora_rank=8, lora_targets="all",
                    learning_rate=1e-2, batch_size=4, epochs=5, lora_dropout=0.0, warmup_steps=2,
                    eval_fraction=0.1, eval_every=10)
 
-    def model_flags(p, adapter=True):
-        p.add_argument("--model", required=True, help=FIELD_HELP["model"])
-        if adapter:
-            p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
-        p.add_argument("--tp", type=int, default=1, help=FIELD_HELP["tp"] + " (default: 1)")
-        p.add_argument("--dp", type=int, default=1, help=FIELD_HELP["dp"] + " (default: 1)")
-        p.add_argument("--dtype", default="float32", choices=CHOICES["dtype"],
-                       help=FIELD_HELP["dtype"] + " (default: %(default)s)")
-        base_quant_flag(p)
-
-    def base_quant_flag(p):
-        p.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
-                       help="quantise the frozen base linears (QLoRA); default %(default)s")
+    def model_flags(p):
+        add_field_flag(p, "model", required=True)
+        add_cli_flag(p, "--adapter", default=None, help_suffix=" (default: none, the base model "
+                                                             "alone)")
+        for name in ("tp", "dp", "dtype", "base_quant"):
+            add_field_flag(p, name)
 
     p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
     model_flags(p)
-    p.add_argument("--data", required=True, help="records: .json list, .jsonl, .parquet, .arrow or a save_to_disk directory")
-    p.add_argument("--template", default="auto", choices=("auto", "alpaca", "rag", "text", "chat"),
-                   help="record format (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
-    p.add_argument("--train-on-inputs", action="store_true",
-                   help="score the prompt tokens too, not only the response")
-    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
-                   help="shard activations along the sequence over tp (default on)")
-    p.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
-                   help="tile the MLP and the attention projections above this many "
-                        "tokens; 0 = never (default %(default)s)")
-    p.add_argument("--chat-template", default=None,
-                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
-    p.add_argument("--cp", type=int, default=1, help=FIELD_HELP["cp"] + " (default: 1)")
-    p.add_argument("--cp-impl", default="ring", choices=CHOICES["cp_impl"],
-                   help=FIELD_HELP["cp_impl"] + " (default: %(default)s)")
+    add_field_flag(p, "data", required=True)
+    for name in ("template", "max_seq_len", "batch_size", "train_on_inputs", "sequence_parallel",
+                 "mlp_chunk_tokens", "chat_template", "cp", "cp_impl"):
+        add_field_flag(p, name)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
-    p.add_argument("--model", required=True, help="base HF model directory")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    base_quant_flag(p)
+    add_field_flag(p, "model", required=True)
+    add_cli_flag(p, "--adapter", required=True)
+    add_cli_flag(p, "--output", required=True)
+    add_cli_flag(p, "--overwrite", action="store_true")
+    add_field_flag(p, "base_quant")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from the model (+ adapter)")
     model_flags(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--template", default=None, choices=("alpaca", "rag", "chat"),
-                   help="wrap the prompt in a training template (default: raw prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--chat-template", default=None,
-                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
+    add_cli_flag(p, "--prompt", action="append", required=True)
+    add_field_flag(p, "template", default=None,
+                   help_suffix="; each --prompt is wrapped in it as training does, as the "
+                               "instruction (alpaca), question (rag), user turn (chat) or text "
+                               "(default: the raw prompt)")
+    add_cli_flag(p, "--max-new-tokens", type=int, default=64)
+    add_cli_flag(p, "--temperature", type=float, default=0.0)
+    add_cli_flag(p, "--top-k", type=int, default=0)
+    add_cli_flag(p, "--top-p", type=float, default=1.0)
+    add_field_flag(p, "seed")
+    add_field_flag(p, "chat_template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="write RUN_DIR/loss.png (train and eval loss; needs matplotlib)")
-    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="training output directory")
-    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    add_cli_flag(p, "run_dir", nargs="+", metavar="RUN_DIR")
+    add_cli_flag(p, "--output", default=None)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("dashboard", help="live local web page of one or more runs")
-    p.add_argument("run_dir", nargs="*", metavar="RUN_DIR", help="training output directories")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8050, help="0 picks a free port (default: %(default)s)")
-    p.add_argument("--new-runs-dir", default="spmd_lora_runs",
-                   help="where runs started from the page's form go (default: %(default)s)")
+    add_cli_flag(p, "run_dir", nargs="*", metavar="RUN_DIR")
+    add_cli_flag(p, "--host", default="127.0.0.1", help_suffix=" (default: %(default)s, this "
+                                                              "machine only)")
+    add_cli_flag(p, "--port", type=int, default=8050)
+    add_cli_flag(p, "--new-runs-dir", default="spmd_lora_runs")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("plan", help="per-device memory plan (no weights needed)", add_help=False)
