@@ -1,9 +1,12 @@
 """One flag table for every command (issue 26): every flag of every parser explains itself, a
 flag of a TrainConfig field has the field's help and choices wherever it appears, and the other
-flags take theirs from one table."""
+flags take theirs from one table. Plus the CPU run's note on its simulated devices and the
+--allow-many-cpu-devices check, run in this process (no compile: each stops at the check or
+at the first missing file)."""
 import argparse
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from spmd_lora import cli
 from spmd_lora.cli import launch, plan
 from spmd_lora.cli.parser import command_name
-from spmd_lora.config.cli_flags import CLI_HELP
+from spmd_lora.config.cli_flags import CLI_HELP, MANY_CPU_DEVICES
 from spmd_lora.config.fields import CHOICES, FIELD_HELP, flag
 from spmd_lora.train import TrainConfig
 
@@ -106,3 +109,52 @@ def test_choice_typos_in_any_command_are_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {message} (choose from ") and err.endswith(" --help)\n"), err
+
+
+# --------------------------------------------------------------------------- simulated devices
+
+def _notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("note: CPU run")]
+
+
+def test_a_cpu_run_says_how_many_devices_it_simulates(tmp_path, capsys):
+    rc = cli.main(["train", "--model", str(tmp_path / "no-model"), "--data", "d",
+                   "--output-dir", str(tmp_path / "out"), "--tp", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model directory not found" in err.splitlines()[-1], err
+    assert _notes(err) == [f"note: CPU run: the mesh uses 2 simulated devices (tp=2) on "
+                           f"{len(os.sched_getaffinity(0))} cores; a GPU run uses real ones"]
+    assert cli.main(["train", "--model", "m", "--data", "d", "--output-dir", "o"]) == 2
+    assert _notes(capsys.readouterr().err) == []                    # one device: nothing to say
+    run = tmp_path / "run.yaml"                    # the mesh of a --config file, under the flags
+    run.write_text("model: no-model\ndata: d\noutput_dir: out\ntp: 2\ndp: 2\nbatch_size: 2\n")
+    assert cli.main(["train", "--config", str(run), "--dp", "4", "--batch-size", "4"]) == 2
+    assert _notes(capsys.readouterr().err)[0].startswith(
+        "note: CPU run: the mesh uses 8 simulated devices (tp=2 x dp=4) on ")
+
+
+def test_many_cpu_devices_need_the_flag(tmp_path, capsys, monkeypatch):
+    """tp*dp*cp above MANY_CPU_DEVICES: refused before the devices are made (XLA_FLAGS keeps
+    8), unless --allow-many-cpu-devices; a device count the user set in XLA_FLAGS is theirs."""
+    monkeypatch.delenv("XLA_FLAGS")             # as a user's shell: this process picks the count
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--data", "d", "--output-dir",
+            str(tmp_path / "out"), "--tp", "4", "--dp", "8", "--batch-size", "8"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: the mesh (tp=4 x dp=8) needs 32 devices, which a CPU run simulates "
+                   f"on this machine's {len(os.sched_getaffinity(0))} cores (slow): pass "
+                   f"--allow-many-cpu-devices to run more than {MANY_CPU_DEVICES} anyway, or "
+                   f"run on GPUs\n")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+    monkeypatch.delenv("XLA_FLAGS")
+    assert cli.main(argv + ["--allow-many-cpu-devices"]) == 2         # past the check
+    err = capsys.readouterr().err
+    assert "model directory not found" in err.splitlines()[-1], err
+    assert _notes(err)[0].startswith("note: CPU run: the mesh uses 32 simulated devices "
+                                     "(tp=4 x dp=8) on ")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=32"
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=64")
+    assert cli.main(argv) == 2                                        # the user's count
+    assert "model directory not found" in capsys.readouterr().err.splitlines()[-1]

@@ -10,14 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
+
+import jax
 
 from .. import data
 from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
 from ..api import load_model
+from ..config.cli_flags import MANY_CPU_DEVICES
 from ..config.fields import flag, with_flag_names
 from ..config.files import ConfigFileError, read_config_file
 from ..config.train_config import TrainConfig
@@ -37,12 +41,65 @@ from .plan import main as plan_main
 DEMO_DIR = "spmd_lora_demo"
 
 
-def _ensure_host_devices(n: int) -> None:
-    """Give the CPU backend n fake devices (no effect on GPU runs). JAX reads XLA_FLAGS when
-    its backend starts, which is after this (backends start lazily)."""
+def _ensure_host_devices(n: int) -> bool:
+    """Give the CPU backend n fake devices (no effect on GPU runs), unless XLA_FLAGS already
+    names a count (the user's, kept as it is). JAX reads XLA_FLAGS when its backend starts,
+    which is after this (backends start lazily). Returns whether it set the count."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if "xla_force_host_platform_device_count" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return True
+
+
+def _mesh_degrees(args) -> dict[str, int]:
+    """tp, dp and cp of the run: the flags, and for ``train`` the --config file's values of
+    those not given as flags."""
+    degrees = {name: getattr(args, name, 1) for name in ("tp", "dp", "cp")}
+    if getattr(args, "file_values", None):
+        degrees.update({name: args.file_values[name] for name in degrees
+                        if name in args.file_values and name not in args.given})
+    return degrees
+
+
+def _run_on_mesh(args, set_devices: bool) -> int:
+    """Run train / eval / generate / demo, whose mesh is tp x dp x cp devices. With
+    ``set_devices`` (one process, before JAX's backend starts) the CPU backend gets the
+    devices first (at least 8), more than MANY_CPU_DEVICES only with --allow-many-cpu-devices
+    (the check follows once the backend shows whether this is a CPU run)."""
+    if args.command == "train":
+        args.file_values = read_config_file(args.config) if args.config else None
+    degrees = _mesh_degrees(args)
+    n = math.prod(degrees.values())
+    allowed = n <= MANY_CPU_DEVICES or args.allow_many_cpu_devices
+    chosen_here = set_devices and _ensure_host_devices(max(8, n) if allowed else 8)
+    if n > 1 and min(degrees.values()) >= 1:           # else one device, or TrainConfig's error
+        _say_simulated_devices(degrees, refuse=chosen_here and not allowed)
+    return args.func(args)
+
+
+def _say_simulated_devices(degrees: dict[str, int], refuse: bool) -> None:
+    """On CPU, say in one ``note:`` line (process 0) how many simulated devices the mesh of
+    these degrees uses, or with ``refuse`` raise the error that asks for
+    --allow-many-cpu-devices. Starts JAX's backend: call it after the device count is set."""
+    if jax.devices()[0].platform != "cpu":
+        return
+    n = math.prod(degrees.values())
+    shape = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1)
+    if refuse:
+        raise ConfigError(f"the mesh ({shape}) needs {n} devices, which a CPU run simulates on "
+                          f"this machine's {_cores()} cores (slow): pass --allow-many-cpu-devices "
+                          f"to run more than {MANY_CPU_DEVICES} anyway, or run on GPUs")
+    procs = jax.process_count()
+    if jax.process_index() == 0:
+        print(f"note: CPU run: the mesh uses {n} simulated devices ({shape})"
+              + (f" in {procs} processes" if procs > 1 else "")
+              + f" on {_cores()} cores; a GPU run uses real ones", file=sys.stderr)
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -79,8 +136,7 @@ def _given_flags(argv) -> set[str]:
 
 
 def cmd_train(args) -> int:
-    file_values = read_config_file(args.config) if args.config else None
-    result = train(_train_config(args, file_values, getattr(args, "given", set())))
+    result = train(_train_config(args, args.file_values, args.given))
     _print_main(json.dumps(result))
     return 0
 
@@ -167,7 +223,6 @@ def cmd_generate(args) -> int:
 
 def _print_main(text: str) -> None:
     """Print on process 0 only (every process of a multi-process run has the same result)."""
-    import jax
     if jax.process_index() == 0:
         print(text)
 
@@ -181,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune LoRA adapters")
     _add_train_flags(p)
     add_cli_flag(p, "--config")
+    add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny built-in Llama on the bundled Alpaca sample")
     add_cli_flag(p, "--output", default=DEMO_DIR)
     add_cli_flag(p, "--overwrite", action="store_true")
     _add_train_flags(p, skip=("model", "data", "output_dir", "template"))
+    add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
     p.set_defaults(func=cmd_demo, tp=2, max_seq_len=256, lora_rank=8, lora_targets="all",
                    learning_rate=1e-2, batch_size=4, epochs=5, lora_dropout=0.0, warmup_steps=2,
                    eval_fraction=0.1, eval_every=10)
@@ -197,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "alone)")
         for name in ("tp", "dp", "dtype", "base_quant"):
             add_field_flag(p, name)
+        add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
 
     p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
     model_flags(p)
@@ -277,17 +335,17 @@ def main(argv=None) -> int:
     if argv[:1] == ["launch"]:
         return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.command not in ("train", "eval", "generate", "demo"):   # no mesh
+        return _guard(lambda: args.func(args))
     if args.command == "train":
         args.given = _given_flags(argv[1:])
-    if args.command in ("train", "eval", "generate"):
+    if args.command != "demo":
         multi = _guard(initialize_distributed)
         if multi not in (True, False):               # the environment was wrong: exit status
             return multi
         if multi:
-            return finish(*_guard_multi(lambda: args.func(args)))
-    _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)
-                             * (getattr(args, "cp", 1) or 1)))
-    return _guard(lambda: args.func(args))
+            return finish(*_guard_multi(lambda: _run_on_mesh(args, set_devices=False)))
+    return _guard(lambda: _run_on_mesh(args, set_devices=True))
 
 
 def _guard_multi(fn) -> tuple[int, str]:

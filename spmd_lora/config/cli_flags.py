@@ -13,9 +13,15 @@ The CLI adds the defaults (``spmd_lora.cli.parser``).
 """
 from __future__ import annotations
 
+#: On CPU, a mesh of more simulated devices than this needs ``--allow-many-cpu-devices``.
+MANY_CPU_DEVICES = 16
+
 CLI_HELP: dict[str, str] = {
     # train / demo / eval / generate / export
     "--config": "YAML or JSON file of TrainConfig fields; flags override it",
+    "--allow-many-cpu-devices": f"on CPU, allow a mesh of more than {MANY_CPU_DEVICES} "
+                                "simulated devices (tp*dp*cp of them share this machine's "
+                                "cores: slow)",
     "--adapter": "PEFT adapter directory (adapter_config.json, adapter_model.safetensors)",
     "--overwrite": "replace what --output already holds",
     "demo --output": "demo directory: the tiny model it builds and the run",
