@@ -33,9 +33,10 @@ def tiny(tmp_path_factory):
 
 def _one_error_line(err: str, progress: bool = False) -> str:
     """The single ``error:`` line of stderr (the last line; with ``progress``, training's
-    progress lines may come before it)."""
-    lines = [line for line in err.splitlines()       # a data warning may come before it
-             if line.strip() and not line.startswith("warning: ")]
+    progress lines may come before it). A data ``warning:`` or the CPU run's ``note:`` on its
+    simulated devices may come before it."""
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith(("warning: ", "note: "))]
     assert lines and "Traceback" not in err, err
     assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, err
     assert progress or len(lines) == 1, err
@@ -109,9 +110,15 @@ def test_usage_mistakes_are_one_line(argv, message, capsys):
 
 
 def test_missing_required_train_flags_are_one_line(capsys):
-    """--data / --output may also come from a --config file, so they are checked after it."""
-    assert cli.main(["train", "--model", "m"]) == 2
-    assert "--data is required" in _one_error_line(capsys.readouterr().err)
+    """--model / --data / --output-dir may also come from a --config file, so they are checked
+    after it; each message names the flag and the file's key the same way."""
+    for argv, name in ((["--data", "d", "--output-dir", "o"], "model"),
+                       (["--model", "m", "--output-dir", "o"], "data"),
+                       (["--model", "m", "--data", "d"], "output_dir")):
+        assert cli.main(["train", *argv]) == 2
+        assert _one_error_line(capsys.readouterr().err) == (
+            f"error: --{name.replace('_', '-')} is required (or set {name}: in the --config "
+            f"file)")
 
 
 @pytest.mark.parametrize("field", sorted(CHOICES))

@@ -72,7 +72,7 @@ def test_yaml_config_run_equals_flags_run_and_resume_checks(tiny_model, tmp_path
     ("seed: [3\n", "run.yaml", "malformed YAML"),
     ('{"seed": 3,}', "run.json", "run.json, line 1: malformed JSON"),
     ("- 1\n- 2\n", "run.yaml", "a config file must be a mapping"),
-    ("template: alpaca\n", "run.yaml", "--model is required (or set 'model' in the --config"),
+    ("template: alpaca\n", "run.yaml", "--model is required (or set model: in the --config"),
     (None, "missing.yaml", "config file not found"),
 ])
 def test_bad_config_files_are_clear_errors(tmp_path, capsys, text, name, msg):

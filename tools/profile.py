@@ -20,48 +20,39 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def build_parser():
-    from spmd_lora.config.train_config import DEFAULT_MLP_CHUNK_TOKENS  # jax backends start later, lazily
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="HF model dir (config.json) or preset")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--cp", type=int, default=1,
-                    help="context-parallel degree (the sequence split over cp devices)")
-    ap.add_argument("--cp-impl", default="ring", choices=["ring", "allgather"])
-    ap.add_argument("--max-seq-len", type=int, required=True)
-    ap.add_argument("--batch-size", dest="batch", type=int, default=1,
-                    help="global rows per micro-batch")
-    ap.add_argument("--grad-accum-steps", dest="micro_batches", type=int, default=1)
-    ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--lora-targets", dest="targets", default="all")
+    """The tool's parser: train's flags of the fields a census uses (help and choices from the
+    field table; a GPU run's defaults --dtype bfloat16 --remat full --lora-targets all, and a
+    required --max-seq-len), and the tool's own flags (help from spmd_lora.config.cli_flags)."""
+    from spmd_lora.analysis.gpu_targets import target_names    # jax backends start later, lazily
+    from spmd_lora.cli.parser import OneLineErrorParser, add_cli_flag, add_field_flag
+    from spmd_lora.config.model_config import PRESETS
+    ap = OneLineErrorParser(prog="tools/profile.py", description=__doc__.split("\n\n")[0])
+    add_field_flag(ap, "model", required=True, help_suffix=f", or a preset: {', '.join(PRESETS)}")
+    for name in ("tp", "dp", "cp", "cp_impl"):
+        add_field_flag(ap, name)
+    add_field_flag(ap, "max_seq_len", default=None, required=True)
+    add_field_flag(ap, "batch_size", dest="batch")
+    add_field_flag(ap, "grad_accum_steps", dest="micro_batches")
+    add_field_flag(ap, "lora_rank")
+    add_field_flag(ap, "lora_targets", dest="targets", default="all")
     for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
                             ("--targets", "targets", str)):   # names before they matched train's
         ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--remat", default="full", choices=["none", "full", "save-dots", "offload"])
-    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
-                    help="shard activations along the sequence over tp (default on)")
-    ap.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
-                    help="tile the MLP above this many tokens; 0 = never (default %(default)s)")
-    ap.add_argument("--attention", default="auto")
-    ap.add_argument("--ce-chunk-tokens", type=int, default=4096)
-    ap.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
-                    help="quantised frozen base linears (QLoRA); default %(default)s")
-    ap.add_argument("--target", default=None, metavar="GPU",
-                    help="compile for this GPU without one and add the kernel table (needs "
-                         "the CUDA plugin: pip install -e \".[cuda12]\")")
-    ap.add_argument("--hosts", type=int, default=1, help="with --target: hosts (default 1)")
-    ap.add_argument("--autotune-results", default=None, metavar="FILE",
-                    help="with --target: XLA autotune results dumped on a real GPU")
-    ap.add_argument("--json", default=None, help="write census, totals and timings here")
-    ap.add_argument("--time", action="store_true", help="time each distinct collective")
-    ap.add_argument("--time-iters", type=int, default=5)
-    ap.add_argument("--time-max-bytes", type=float, default=2 ** 30,
-                    help="skip timing shapes whose arrays (all devices together) exceed this")
-    ap.add_argument("--trace", default=None, metavar="DIR",
-                    help="record a jax.profiler trace of --trace-steps real steps (random "
-                         "weights; meant for GPUs) into DIR")
-    ap.add_argument("--trace-steps", type=int, default=3)
+    add_field_flag(ap, "dtype", default="bfloat16")
+    add_field_flag(ap, "remat", default="full")
+    for name in ("sequence_parallel", "mlp_chunk_tokens", "attention", "ce_chunk_tokens",
+                 "base_quant"):
+        add_field_flag(ap, name)
+    add_cli_flag(ap, "--target", default=None, metavar="GPU",
+                 help_suffix="; adds the kernel table: " + ", ".join(target_names()))
+    add_cli_flag(ap, "--hosts", type=int, default=1)
+    add_cli_flag(ap, "--autotune-results", default=None, metavar="FILE")
+    add_cli_flag(ap, "--json", default=None)
+    add_cli_flag(ap, "--time", action="store_true")
+    add_cli_flag(ap, "--time-iters", type=int, default=5)
+    add_cli_flag(ap, "--time-max-bytes", type=float, default=2 ** 30)
+    add_cli_flag(ap, "--trace", default=None, metavar="DIR")
+    add_cli_flag(ap, "--trace-steps", type=int, default=3)
     return ap
 
 

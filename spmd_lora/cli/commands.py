@@ -10,17 +10,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
 
+import jax
+
 from .. import data
-from .parser import OneLineErrorParser, add_field_flag
+from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..errors import ConfigError, SpmdLoraError
 from ..api import load_model
-from ..config.fields import CHOICES, FIELD_HELP, with_flag_names
+from ..config.cli_flags import MANY_CPU_DEVICES
+from ..config.fields import flag, with_flag_names
 from ..config.files import ConfigFileError, read_config_file
-from ..config.train_config import DEFAULT_MLP_CHUNK_TOKENS, TrainConfig
+from ..config.train_config import TrainConfig
 from ..dashboard.server import serve
 from ..engine.generate import generate_text
 from ..evaluate import evaluate
@@ -38,12 +42,65 @@ from .plan import main as plan_main
 DEMO_DIR = "spmd_lora_demo"
 
 
-def _ensure_host_devices(n: int) -> None:
-    """Give the CPU backend n fake devices (no effect on GPU runs). JAX reads XLA_FLAGS when
-    its backend starts, which is after this (backends start lazily)."""
+def _ensure_host_devices(n: int) -> bool:
+    """Give the CPU backend n fake devices (no effect on GPU runs), unless XLA_FLAGS already
+    names a count (the user's, kept as it is). JAX reads XLA_FLAGS when its backend starts,
+    which is after this (backends start lazily). Returns whether it set the count."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if "xla_force_host_platform_device_count" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return True
+
+
+def _mesh_degrees(args) -> dict[str, int]:
+    """tp, dp and cp of the run: the flags, and for ``train`` the --config file's values of
+    those not given as flags."""
+    degrees = {name: getattr(args, name, 1) for name in ("tp", "dp", "cp")}
+    if getattr(args, "file_values", None):
+        degrees.update({name: args.file_values[name] for name in degrees
+                        if name in args.file_values and name not in args.given})
+    return degrees
+
+
+def _run_on_mesh(args, set_devices: bool) -> int:
+    """Run train / eval / generate / demo, whose mesh is tp x dp x cp devices. With
+    ``set_devices`` (one process, before JAX's backend starts) the CPU backend gets the
+    devices first (at least 8), more than MANY_CPU_DEVICES only with --allow-many-cpu-devices
+    (the check follows once the backend shows whether this is a CPU run)."""
+    if args.command == "train":
+        args.file_values = read_config_file(args.config) if args.config else None
+    degrees = _mesh_degrees(args)
+    n = math.prod(degrees.values())
+    allowed = n <= MANY_CPU_DEVICES or args.allow_many_cpu_devices
+    chosen_here = set_devices and _ensure_host_devices(max(8, n) if allowed else 8)
+    if n > 1 and min(degrees.values()) >= 1:           # else one device, or TrainConfig's error
+        _say_simulated_devices(degrees, refuse=chosen_here and not allowed)
+    return args.func(args)
+
+
+def _say_simulated_devices(degrees: dict[str, int], refuse: bool) -> None:
+    """On CPU, say in one ``note:`` line (process 0) how many simulated devices the mesh of
+    these degrees uses, or with ``refuse`` raise the error that asks for
+    --allow-many-cpu-devices. Starts JAX's backend: call it after the device count is set."""
+    if jax.devices()[0].platform != "cpu":
+        return
+    n = math.prod(degrees.values())
+    shape = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1)
+    if refuse:
+        raise ConfigError(f"the mesh ({shape}) needs {n} devices, which a CPU run simulates on "
+                          f"this machine's {_cores()} cores (slow): pass --allow-many-cpu-devices "
+                          f"to run more than {MANY_CPU_DEVICES} anyway, or run on GPUs")
+    procs = jax.process_count()
+    if jax.process_index() == 0:
+        print(f"note: CPU run: the mesh uses {n} simulated devices ({shape})"
+              + (f" in {procs} processes" if procs > 1 else "")
+              + f" on {_cores()} cores; a GPU run uses real ones", file=sys.stderr)
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -64,8 +121,8 @@ def _train_config(args, file_values=None, given=None, **overrides):
     missing = [f.name for f in dataclasses.fields(TrainConfig)
                if f.default is dataclasses.MISSING and values.get(f.name) is None]
     if missing:
-        flag = "--" + missing[0].replace("_", "-")
-        raise ConfigError(f"{flag} is required (or set '{missing[0]}' in the --config file)")
+        raise ConfigError(f"{flag(missing[0])} is required (or set {missing[0]}: in the "
+                          f"--config file)")
     return TrainConfig(**values)
 
 
@@ -80,8 +137,7 @@ def _given_flags(argv) -> set[str]:
 
 
 def cmd_train(args) -> int:
-    file_values = read_config_file(args.config) if args.config else None
-    result = train(_train_config(args, file_values, getattr(args, "given", set())))
+    result = train(_train_config(args, args.file_values, args.given))
     _print_main(json.dumps(result))
     return 0
 
@@ -182,99 +238,81 @@ def cmd_generate(args) -> int:
 
 def _print_main(text: str) -> None:
     """Print on process 0 only (every process of a multi-process run has the same result)."""
-    import jax
     if jax.process_index() == 0:
         print(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``spmd-lora`` parser: one subparser per command, every flag's help from the field
+    table or the table of the other flags (``plan`` and ``launch`` have their own parsers)."""
     parser = OneLineErrorParser(prog="spmd-lora", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters")
     _add_train_flags(p)
-    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields; flags override it")
+    add_cli_flag(p, "--config")
+    add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny built-in Llama on the bundled Alpaca sample")
-    p.add_argument("--output", default=DEMO_DIR, help="demo directory (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous demo run in --output")
+    add_cli_flag(p, "--output", default=DEMO_DIR)
+    add_cli_flag(p, "--overwrite", action="store_true")
     _add_train_flags(p, skip=("model", "data", "output_dir", "template"))
+    add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
     p.set_defaults(func=cmd_demo, tp=2, max_seq_len=256, lora_rank=8, lora_targets="all",
                    learning_rate=1e-2, batch_size=4, epochs=5, lora_dropout=0.0, warmup_steps=2,
                    eval_fraction=0.1, eval_every=10)
 
-    def model_flags(p, adapter=True):
-        p.add_argument("--model", required=True, help=FIELD_HELP["model"])
-        if adapter:
-            p.add_argument("--adapter", default=None, help="PEFT adapter directory (default: none)")
-        p.add_argument("--tp", type=int, default=1, help=FIELD_HELP["tp"] + " (default: 1)")
-        p.add_argument("--dp", type=int, default=1, help=FIELD_HELP["dp"] + " (default: 1)")
-        p.add_argument("--dtype", default="float32", choices=CHOICES["dtype"],
-                       help=FIELD_HELP["dtype"] + " (default: %(default)s)")
-        base_quant_flag(p)
-
-    def base_quant_flag(p):
-        p.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
-                       help="quantise the frozen base linears (QLoRA); default %(default)s")
+    def model_flags(p):
+        add_field_flag(p, "model", required=True)
+        add_cli_flag(p, "--adapter", default=None, help_suffix=" (default: none, the base model "
+                                                             "alone)")
+        for name in ("tp", "dp", "dtype", "base_quant"):
+            add_field_flag(p, name)
+        add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
 
     p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
     model_flags(p)
-    p.add_argument("--data", required=True, help="records: .json list, .jsonl, .parquet, .arrow or a save_to_disk directory")
-    p.add_argument("--template", default="auto", choices=("auto", "alpaca", "rag", "text", "chat"),
-                   help="record format (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1, help="rows per batch (default: 1)")
-    p.add_argument("--train-on-inputs", action="store_true",
-                   help="score the prompt tokens too, not only the response")
-    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
-                   help="shard activations along the sequence over tp (default on)")
-    p.add_argument("--mlp-chunk-tokens", type=int, default=DEFAULT_MLP_CHUNK_TOKENS,
-                   help="tile the MLP and the attention projections above this many "
-                        "tokens; 0 = never (default %(default)s)")
-    p.add_argument("--chat-template", default=None,
-                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
-    p.add_argument("--cp", type=int, default=1, help=FIELD_HELP["cp"] + " (default: 1)")
-    p.add_argument("--cp-impl", default="ring", choices=CHOICES["cp_impl"],
-                   help=FIELD_HELP["cp_impl"] + " (default: %(default)s)")
+    add_field_flag(p, "data", required=True)
+    for name in ("template", "max_seq_len", "batch_size", "train_on_inputs", "sequence_parallel",
+                 "mlp_chunk_tokens", "chat_template", "cp", "cp_impl"):
+        add_field_flag(p, name)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
-    p.add_argument("--model", required=True, help="base HF model directory")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    base_quant_flag(p)
+    add_field_flag(p, "model", required=True)
+    add_cli_flag(p, "--adapter", required=True)
+    add_cli_flag(p, "--output", required=True)
+    add_cli_flag(p, "--overwrite", action="store_true")
+    add_field_flag(p, "base_quant")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from the model (+ adapter)")
     model_flags(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--template", default=None, choices=("alpaca", "rag", "chat"),
-                   help="wrap the prompt in a training template (default: raw prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--chat-template", default=None,
-                   help="llama2 | llama3 | chatml | a Jinja file (default: the tokenizer's)")
+    add_cli_flag(p, "--prompt", action="append", required=True)
+    add_field_flag(p, "template", default=None,
+                   help_suffix="; each --prompt is wrapped in it as training does, as the "
+                               "instruction (alpaca), question (rag), user turn (chat) or text "
+                               "(default: the raw prompt)")
+    add_cli_flag(p, "--max-new-tokens", type=int, default=64)
+    add_cli_flag(p, "--temperature", type=float, default=0.0)
+    add_cli_flag(p, "--top-k", type=int, default=0)
+    add_cli_flag(p, "--top-p", type=float, default=1.0)
+    add_field_flag(p, "seed")
+    add_field_flag(p, "chat_template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="write RUN_DIR/loss.png (train and eval loss; needs matplotlib)")
-    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="training output directory")
-    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    add_cli_flag(p, "run_dir", nargs="+", metavar="RUN_DIR")
+    add_cli_flag(p, "--output", default=None)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("dashboard", help="live local web page of one or more runs")
-    p.add_argument("run_dir", nargs="*", metavar="RUN_DIR", help="training output directories")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8050, help="0 picks a free port (default: %(default)s)")
-    p.add_argument("--new-runs-dir", default="spmd_lora_runs",
-                   help="where runs started from the page's form go (default: %(default)s)")
+    add_cli_flag(p, "run_dir", nargs="*", metavar="RUN_DIR")
+    add_cli_flag(p, "--host", default="127.0.0.1", help_suffix=" (default: %(default)s, this "
+                                                              "machine only)")
+    add_cli_flag(p, "--port", type=int, default=8050)
+    add_cli_flag(p, "--new-runs-dir", default="spmd_lora_runs")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("plan", help="per-device memory plan (no weights needed)", add_help=False)
@@ -312,17 +350,17 @@ def main(argv=None) -> int:
     if argv[:1] == ["launch"]:
         return _guard(lambda: launch_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.command not in ("train", "eval", "generate", "demo"):   # no mesh
+        return _guard(lambda: args.func(args))
     if args.command == "train":
         args.given = _given_flags(argv[1:])
-    if args.command in ("train", "eval", "generate"):
+    if args.command != "demo":
         multi = _guard(initialize_distributed)
         if multi not in (True, False):               # the environment was wrong: exit status
             return multi
         if multi:
-            return finish(*_guard_multi(lambda: args.func(args)))
-    _ensure_host_devices(max(8, getattr(args, "tp", 1) * getattr(args, "dp", 1)
-                             * (getattr(args, "cp", 1) or 1)))
-    return _guard(lambda: args.func(args))
+            return finish(*_guard_multi(lambda: _run_on_mesh(args, set_devices=False)))
+    return _guard(lambda: _run_on_mesh(args, set_devices=True))
 
 
 def _guard_multi(fn) -> tuple[int, str]:

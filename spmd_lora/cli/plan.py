@@ -4,7 +4,8 @@ The command line of :mod:`spmd_lora.analysis.plan` (which does the planning, and
 module also offers under the command's name). Its flags that are ``TrainConfig`` fields take
 their type, choices, help and defaults from the field table (``spmd_lora.config.fields``), as
 ``spmd-lora train``'s do; only ``--max-seq-len`` defaults otherwise (4096). The rest are the
-plan's own (the GPU to compile for, the memory budget, the search).
+plan's own (the GPU to compile for, the memory budget, the search), their help from
+``spmd_lora.config.cli_flags``.
 """
 from __future__ import annotations
 
@@ -15,27 +16,25 @@ from ..analysis.plan import *  # noqa: F401,F403 - the planning API, under the c
 from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_max_seq_len,
                              fit_offload_layers, format_bytes, parse_bytes, plan_memory,
                              print_plan, remat_label)
-from .parser import OneLineErrorParser, add_field_flag
+from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..analysis.buffers import format_peak
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
 from ..config.fields import with_flag_names
 from ..config.lora_config import LoraConfig
-from ..config.model_config import resolve_model_config
+from ..config.model_config import PRESETS, resolve_model_config
+from ..config.train_config import check_offload_layers
 from ..errors import SpmdLoraError
 
 
-def _target_names() -> list[str]:
-    return target_names()
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """``spmd-lora plan``'s parser: train's flags of the fields a plan uses (help, choices and
+    defaults from the field table; --max-seq-len defaults to 4096), and the plan's own."""
     ap = OneLineErrorParser(
         prog="spmd-lora plan",
         description="Per-device memory of a LoRA train step (no weights needed): compiles the "
                     "real step on abstract shapes and reads XLA's memory analysis.")
-    ap.add_argument("--model", required=True, help="HF model directory or preset "
-                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b)")
+    add_field_flag(ap, "model", required=True, help_suffix=f", or a preset: {', '.join(PRESETS)}")
     for name in ("tp", "dp", "cp", "cp_impl"):
         add_field_flag(ap, name)
     add_field_flag(ap, "max_seq_len", default=4096)
@@ -46,48 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_field_flag(ap, "lora_targets", dest="targets")
     for name in ("dtype", "remat", "offload_layers", "sequence_parallel", "mlp_chunk_tokens"):
         add_field_flag(ap, name)
-    ap.add_argument("--devices-per-host", type=int, default=8,
-                    help="devices sharing one host's memory, for the offload host total")
+    add_cli_flag(ap, "--devices-per-host", type=int, default=8)
     add_field_flag(ap, "attention", help_suffix="; in a plan, auto compiles our Pallas kernel "
                                                 "for a GPU (--target), blockwise on CPU")
-    ap.add_argument("--target", default=None, metavar="GPU",
-                    help="compile for this GPU without one (XLA:GPU's own memory plan; needs "
-                         "the CUDA plugin: pip install -e \".[cuda12]\"): "
-                         + ", ".join(_target_names()))
-    ap.add_argument("--hosts", type=int, default=1,
-                    help="with --target: hosts the tp*dp*cp devices are spread over "
-                         "(multi-host plans; default 1)")
-    ap.add_argument("--autotune-results", default=None, metavar="FILE",
-                    help="with --target: XLA autotune results dumped on a real GPU "
-                         "(tools/gpu_suite.py writes OUT/autotune_results.textproto)")
+    add_cli_flag(ap, "--target", default=None, metavar="GPU",
+                 help_suffix=": " + ", ".join(target_names()))
+    add_cli_flag(ap, "--hosts", type=int, default=1)
+    add_cli_flag(ap, "--autotune-results", default=None, metavar="FILE")
     for old, dest, kind in (("--batch", "batch", int), ("--micro-batches", "micro_batches", int),
                             ("--targets", "targets", str)):   # names before they matched train's
         ap.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for name in ("ce_chunk_tokens", "base_quant"):
         add_field_flag(ap, name)
-    ap.add_argument("--device-memory", type=parse_bytes, default=None,
-                    help="device memory, e.g. 80GB (GB means GiB); enables the fits verdict "
-                         "(default with --target: that GPU's memory)")
-    ap.add_argument("--host-memory", type=parse_bytes, default=None, metavar="SIZE",
-                    help="pinned host memory per host, e.g. 1.9TB (binary units): the plan "
-                         "must fit it too (remat offload / offload-input keep the saved layer "
-                         "inputs there); default: no host limit")
-    ap.add_argument("--usable-fraction", type=float, default=0.9,
-                    help="fraction of --device-memory the step may use (the rest: CUDA "
-                         "context, allocator fragmentation, NCCL buffers); default 0.9")
-    ap.add_argument("--gpu-estimate", action="store_true",
-                    help="on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent "
-                         "on GPU) instead of the conservative raw peak")
-    ap.add_argument("--find-max-seq-len", action="store_true",
-                    help="search the longest --max-seq-len that fits (powers of two up to "
-                         "32M, then bisection on multiples of 1024 to within 1 %%); needs "
-                         "--device-memory")
-    ap.add_argument("--buffers", type=int, default=0, metavar="N",
-                    help="after the plan, the N largest device buffers live at the "
-                         "temporaries' peak, from XLA's buffer assignment (size, shape, live "
-                         "range in the schedule, named scope); with one --max-seq-len, not "
-                         "--find-max-seq-len")
-    ap.add_argument("--json", default=None, help="also write the plan(s) as JSON here")
+    add_cli_flag(ap, "--device-memory", type=parse_bytes, default=None)
+    add_field_flag(ap, "host_memory", type=parse_bytes, default=None)
+    add_cli_flag(ap, "--usable-fraction", type=float, default=0.9)
+    add_cli_flag(ap, "--gpu-estimate", action="store_true")
+    add_cli_flag(ap, "--find-max-seq-len", action="store_true")
+    add_cli_flag(ap, "--buffers", type=int, default=0, metavar="N")
+    add_cli_flag(ap, "--json", default=None)
     return ap
 
 
@@ -125,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.find_max_seq_len or args.remat == "auto") and not args.device_memory:
             raise SpmdLoraError(f"{'--find-max-seq-len' if args.find_max_seq_len else '--remat auto'}"
                                 f" needs --device-memory (e.g. 80GB) or --target")
-        if args.offload_layers is not None:
-            if not args.remat.startswith("offload"):
-                raise SpmdLoraError(f"--offload-layers applies to --remat offload or "
-                                    f"offload-input, not {args.remat!r}")
-            if not 0 <= args.offload_layers <= cfg.num_layers:
-                raise SpmdLoraError(f"--offload-layers must be in 0..{cfg.num_layers} (the "
-                                    f"model's layers), got {args.offload_layers}")
+        check_offload_layers(args.offload_layers, args.remat, cfg.num_layers)
         budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
         key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
         budgets = Budgets(device=budget, host=args.host_memory, key=key) if budget else None

@@ -1,7 +1,10 @@
 """What each ``TrainConfig`` field means, and the values a choice-valued field accepts.
 
-This table is the single source of the ``spmd-lora train`` / ``demo`` flag help (``cli.py``
-builds one flag per field from it) and of the API documentation: a test checks that every
+This table is the single source of the help (and choices) of every command's flag that is a
+``TrainConfig`` field: ``spmd-lora train`` / ``demo`` have one flag per field, ``eval``,
+``generate``, ``export``, ``plan`` and ``tools/profile.py`` the fields they use
+(``spmd_lora.cli.parser.add_field_flag``; the other flags' help is in
+``spmd_lora.config.cli_flags``). It is also the API documentation: a test checks that every
 ``TrainConfig`` field has an entry here and every entry is a field, so the flags and the API
 cannot drift apart. ``CHOICES`` is checked by ``TrainConfig`` itself, so a typo such as
 ``attention="flash"`` fails before anything is loaded or written.
@@ -27,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 #: One sentence per field: what it does (units, when it applies). Defaults are added by the CLI.
 FIELD_HELP: dict[str, str] = {
     "model": "HF Llama checkpoint directory (config.json, model.safetensors, tokenizer)",
-    "data": "training data: a .json list, .jsonl, .parquet or .arrow file, or a HF "
+    "data": "the records: a .json list, .jsonl, .parquet or .arrow file, or a HF "
             "save_to_disk directory",
     "output_dir": "run directory: adapter/, metrics.jsonl, checkpoints/, loss.png",
     "template": "record format: alpaca (instruction/input/output), rag (question/contexts/"
@@ -73,7 +76,7 @@ FIELD_HELP: dict[str, str] = {
     "attention": "attention kernel: auto (fastest measured on the GPU, else Pallas on GPU, "
                  "blockwise elsewhere), pallas, blockwise, xla, cudnn or tokamax",
     "pack": "pack several examples per sequence (attention never crosses examples)",
-    "train_on_inputs": "also train on the prompt tokens, not only on the response",
+    "train_on_inputs": "the loss also covers the prompt tokens, not only the response",
     "eval_fraction": "fraction of the data held out for evaluation (0 = no eval)",
     "eval_every": "evaluate every N steps (0 = before and after training only)",
     "save_every": "write a checkpoint every N steps (0 = only at the end)",
@@ -112,8 +115,10 @@ def check_choice(field: str, value) -> None:
 def with_flag_names(message: str) -> str:
     """Rewrite TrainConfig field names in an error message as the CLI flags a user typed
     (``lora_rank must be >= 1`` -> ``--lora-rank must be >= 1``; ``resume=True (--resume)``
-    -> ``--resume``). Single-word fields (tp, dp, seed, ...) read the same either way."""
+    -> ``--resume``). Single-word fields (tp, dp, seed, ...) read the same either way. A field
+    written as a config-file key, ``name:``, stays one (``--output-dir is required (or set
+    output_dir: in the --config file)``)."""
     every = "|".join(sorted(FIELD_HELP, key=len, reverse=True))
     message = re.sub(rf"(?<![\w-])({every})=True \(--[\w-]+\)", lambda m: flag(m.group(1)), message)
     fields = "|".join(sorted((f for f in FIELD_HELP if "_" in f), key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({fields})(?![\w])", lambda m: flag(m.group(1)), message)
+    return re.sub(rf"(?<![\w-])({fields})(?![\w:])", lambda m: flag(m.group(1)), message)

@@ -11,6 +11,21 @@ from .sizes import parse_size
 DEFAULT_MLP_CHUNK_TOKENS = 8192
 
 
+def check_offload_layers(offload_layers: int | None, remat: str,
+                         num_layers: int | None = None) -> None:
+    """ConfigError unless ``offload_layers`` (None: all layers) goes with ``remat`` (an offload
+    policy) and lies in 0..``num_layers`` (>= 0 while the model is not known yet). The one
+    check of TrainConfig, ForwardOptions and ``spmd-lora plan``."""
+    if offload_layers is None:
+        return
+    if not remat.startswith("offload"):
+        raise ConfigError(f"offload_layers applies to remat offload or offload-input (remat auto "
+                          f"chooses it itself), not remat {remat!r}")
+    if offload_layers < 0 or (num_layers is not None and offload_layers > num_layers):
+        span = ">= 0" if num_layers is None else f"in 0..{num_layers} (the model's layers)"
+        raise ConfigError(f"offload_layers must be {span}, got {offload_layers}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every field is also a ``spmd-lora train`` flag (kebab-case); what each one means, and
@@ -78,12 +93,7 @@ class TrainConfig:
         if self.mlp_chunk_tokens < 0:
             raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = never tile), got "
                               f"{self.mlp_chunk_tokens}")
-        if self.offload_layers is not None:
-            if self.offload_layers < 0:
-                raise ConfigError(f"offload_layers must be >= 0, got {self.offload_layers}")
-            if not self.remat.startswith("offload"):
-                raise ConfigError(f"offload_layers applies to remat offload or offload-input "
-                                  f"(remat auto chooses it itself), not remat {self.remat!r}")
+        check_offload_layers(self.offload_layers, self.remat)
         if self.host_memory is not None:
             parse_size(self.host_memory, "host_memory")
         for name in ("save_every", "eval_every", "warmup_steps", "data_workers"):

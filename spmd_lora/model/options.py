@@ -11,6 +11,7 @@ import dataclasses
 
 from ..config.lora_config import LoraConfig
 from ..config.model_config import ModelConfig
+from ..config.train_config import check_offload_layers
 from ..kernels import CP_IMPLS
 from ..parallel.sequence import SeqLayout
 from ..errors import ConfigError
@@ -51,13 +52,7 @@ class ForwardOptions:
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} unknown; choose from {', '.join(REMAT_POLICIES)}")
-        if self.offload_layers is not None:
-            if not self.remat.startswith("offload"):
-                raise ConfigError(f"offload_layers applies to remat offload or offload-input, "
-                                  f"not {self.remat!r}")
-            if not 0 <= self.offload_layers <= self.cfg.num_layers:
-                raise ConfigError(f"offload_layers must be in 0..{self.cfg.num_layers} (the "
-                                  f"model's layers), got {self.offload_layers}")
+        check_offload_layers(self.offload_layers, self.remat, self.cfg.num_layers)
         if self.mlp_chunk_tokens < 0:
             raise ConfigError(f"mlp_chunk_tokens must be >= 0 (0 = off), got {self.mlp_chunk_tokens}")
         if self.ce_chunk_tokens < 1:
