@@ -24,13 +24,12 @@ import numpy as np
 
 from .weights.safetensors import WeightFiles, write_safetensors_checkpoint
 from .config.model_config import ModelConfig
-from .config.projections import PROJECTIONS, canonical_dims
+from .config.projections import PROJECTIONS
 from .errors import CheckpointError
 from .paths import check_writable_dir
 from .weights.hf import hf_layer_key
 from .weights.peft import _replace_dir, read_adapter
-from .weights.quant import (QUANTISED_LINEARS, QUANTIZERS, check_base_quant, check_nf4_layout,
-                            dequantize_host)
+from .weights.quant import QUANTISED_LINEARS, check_base_quant, nf4_unit_rows, quantize_host
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -42,12 +41,12 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _quant_roundtrip(kind: str, proj: str, w) -> np.ndarray:
+def _quant_roundtrip(kind: str, proj: str, w, config: ModelConfig) -> np.ndarray:
     """HF weight [out, in] -> the dequantised weight training used, same dtype."""
     c = np.asarray(w, np.float32)
     row = not PROJECTIONS[proj].column
     c = c.T if row else c                                   # canonical [N, D] (quant.py)
-    deq = dequantize_host(kind, QUANTIZERS[kind](c))
+    deq = np.asarray(quantize_host(kind, c, nf4_unit_rows(config, proj)).dequantize())
     return (deq.T if row else deq).astype(w.dtype)
 
 
@@ -98,7 +97,7 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
     def produce(n):
         w = files.get(n)
         if n in quantised:
-            w = _quant_roundtrip(base_quant, quantised[n], w)
+            w = _quant_roundtrip(base_quant, quantised[n], w, config)
         if n not in merged:
             return np.asarray(w)
         proj, i = merged[n]
@@ -107,9 +106,6 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
         delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
         return (np.asarray(w, np.float32) + delta).astype(w.dtype)
 
-    for proj in set(quantised.values()) if base_quant == "nf4" else ():
-        out_f, in_f = files.shape(hf_layer_key(0, proj))
-        check_nf4_layout(proj, (1, *canonical_dims(proj, (in_f, out_f))), 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

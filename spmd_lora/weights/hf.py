@@ -120,7 +120,7 @@ def load_hf_params(model_dir, cfg: ModelConfig, mesh, dtype="float32", allow_pic
 
     def make_layer(name):
         if base_quant != "none" and name in QUANTISED_LINEARS:
-            return make_quantised_weight(base_quant, name, shapes["layers"][name], mesh, dt,
+            return make_quantised_weight(base_quant, cfg, name, shapes["layers"][name], mesh, dt,
                                          read_rows(name))
         return make(shapes["layers"][name], shardings["layers"][name], read_layer(name))
 

@@ -85,7 +85,8 @@ def abstract_params(cfg: ModelConfig, mesh, dtype="bfloat16", base_quant="none")
                         is_leaf=_is_shape)
     if base_quant != "none":
         for name in QUANTISED_LINEARS:
-            tree["layers"][name] = abstract_weight(base_quant, name, shapes["layers"][name], mesh, dt)
+            tree["layers"][name] = abstract_weight(base_quant, cfg, name, shapes["layers"][name],
+                                                   mesh, dt)
     return tree
 
 
