@@ -49,22 +49,17 @@ def _quant_roundtrip(kind: str, proj: str, w) -> np.ndarray:
     return (deq.T if row else deq).astype(w.dtype)
 
 
-def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
-                  overwrite: bool = False, allow_pickle: bool = False, base_quant: str = "none") -> Path:
-    """Merge the PEFT adapter in ``adapter_dir`` into the HF Llama checkpoint in ``model_dir`` and
-    write a standalone HF checkpoint to ``out_dir`` (same dtype as the base weights).
+def merged_weights(model_dir, adapter_dir, base_quant: str = "none", allow_pickle: bool = False):
+    """Open the base checkpoint in ``model_dir`` and the PEFT adapter in ``adapter_dir`` for a
+    merge, checking that the adapter fits the base (CheckpointError otherwise).
 
-    An existing non-empty ``out_dir`` is an error unless ``overwrite=True``. On any failure nothing
-    is left at ``out_dir`` (nor any temporary directory). Returns ``out_dir``.
+    Returns ``(config, files, produce)``: the base's ModelConfig, its memory-mapped WeightFiles
+    (``files.names()``, ``files.shape(name)``) and ``produce(name, dtype=None)``, which reads the
+    HF tensor ``name`` and returns it merged as a numpy array in HF layout: ``W + scaling * B @ A``
+    (computed in float32, after the int8 / nf4 round trip of ``base_quant``) for the targeted
+    projections, the base tensor unchanged otherwise; cast to ``dtype`` (default: the base
+    tensor's dtype). Each call reads and returns one tensor, so callers stream.
     """
-    model_dir, out = Path(model_dir), Path(out_dir)
-    if max_shard_size_bytes <= 0:
-        raise CheckpointError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"export output {out} exists and is not empty; choose a new "
-                              f"directory or pass overwrite=True (--overwrite)")
-    if out.resolve() in (model_dir.resolve(), Path(adapter_dir).resolve()):
-        raise CheckpointError(f"export output {out} must differ from the model and adapter directories")
     check_base_quant(base_quant)
     config = ModelConfig.from_pretrained(model_dir)
     lora, lora_cfg = read_adapter(adapter_dir, config)
@@ -84,28 +79,49 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
                     f"expects {[out_f, in_f]}")
             merged[name] = (proj, i)
 
-    names = sorted(files.names(), key=_natural_key)
-    shapes = {n: files.shape(n) for n in names}
-    dtypes = {n: np.dtype(files.get(n).dtype) for n in names}
-
     quantised = {hf_layer_key(i, proj): proj for proj in QUANTISED_LINEARS
                  for i in range(config.num_layers)} if base_quant != "none" else {}
+    for proj in set(quantised.values()) if base_quant == "nf4" else ():
+        out_f, in_f = files.shape(hf_layer_key(0, proj))
+        check_nf4_layout(proj, (1, *canonical_dims(proj, (in_f, out_f))), 1)
 
-    def produce(n):
+    def produce(n, dtype=None):
         w = files.get(n)
         if n in quantised:
             w = _quant_roundtrip(base_quant, quantised[n], w)
+        dtype = w.dtype if dtype is None else dtype
         if n not in merged:
-            return np.asarray(w)
+            return np.asarray(w, dtype)
         proj, i = merged[n]
         a = lora["layers"][proj]["a"][i]                   # [in, r]
         b = lora["layers"][proj]["b"][i]                   # [r, out]
         delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
-        return (np.asarray(w, np.float32) + delta).astype(w.dtype)
+        return (np.asarray(w, np.float32) + delta).astype(dtype)
 
-    for proj in set(quantised.values()) if base_quant == "nf4" else ():
-        out_f, in_f = files.shape(hf_layer_key(0, proj))
-        check_nf4_layout(proj, (1, *canonical_dims(proj, (in_f, out_f))), 1)
+    return config, files, produce
+
+
+def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
+                  overwrite: bool = False, allow_pickle: bool = False, base_quant: str = "none") -> Path:
+    """Merge the PEFT adapter in ``adapter_dir`` into the HF Llama checkpoint in ``model_dir`` and
+    write a standalone HF checkpoint to ``out_dir`` (same dtype as the base weights).
+
+    An existing non-empty ``out_dir`` is an error unless ``overwrite=True``. On any failure nothing
+    is left at ``out_dir`` (nor any temporary directory). Returns ``out_dir``.
+    """
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if max_shard_size_bytes <= 0:
+        raise CheckpointError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"export output {out} exists and is not empty; choose a new "
+                              f"directory or pass overwrite=True (--overwrite)")
+    if out.resolve() in (model_dir.resolve(), Path(adapter_dir).resolve()):
+        raise CheckpointError(f"export output {out} must differ from the model and adapter directories")
+    _, files, produce = merged_weights(model_dir, adapter_dir, base_quant, allow_pickle)
+    names = sorted(files.names(), key=_natural_key)
+    shapes = {n: files.shape(n) for n in names}
+    dtypes = {n: np.dtype(files.get(n).dtype) for n in names}
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
