@@ -51,7 +51,8 @@ def _quant_roundtrip(kind: str, proj: str, w) -> np.ndarray:
 
 def merged_weights(model_dir, adapter_dir, base_quant: str = "none", allow_pickle: bool = False):
     """Open the base checkpoint in ``model_dir`` and the PEFT adapter in ``adapter_dir`` for a
-    merge, checking that the adapter fits the base (CheckpointError otherwise).
+    merge, checking that the adapter fits the base (CheckpointError otherwise); with
+    ``adapter_dir=None`` nothing is merged (the base alone, e.g. to convert it).
 
     Returns ``(config, files, produce)``: the base's ModelConfig, its memory-mapped WeightFiles
     (``files.names()``, ``files.shape(name)``) and ``produce(name, dtype=None)``, which reads the
@@ -62,9 +63,11 @@ def merged_weights(model_dir, adapter_dir, base_quant: str = "none", allow_pickl
     """
     check_base_quant(base_quant)
     config = ModelConfig.from_pretrained(model_dir)
-    lora, lora_cfg = read_adapter(adapter_dir, config)
+    lora, scaling = {"layers": {}}, None
+    if adapter_dir is not None:
+        lora, lora_cfg = read_adapter(adapter_dir, config)
+        scaling = np.float32(lora_cfg.scaling)
     files = WeightFiles(model_dir, allow_pickle=allow_pickle)
-    scaling = np.float32(lora_cfg.scaling)
 
     merged = {}                                            # HF name -> (proj, layer)
     for proj in lora["layers"]:
