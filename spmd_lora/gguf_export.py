@@ -183,16 +183,20 @@ def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
 
 def _sentencepiece_vocab(model_dir: Path, n_vocab: int):
     """(tokens, scores, types) of a sentencepiece tokenizer.model, padded to ``n_vocab``."""
+    from google.protobuf.message import DecodeError
     from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
     g = _gguf()
     path = model_dir / "tokenizer.model"
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise ConfigError(f"{path}: sentencepiece model type "
-                          f"{sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)}"
-                          f" is not BPE; llama.cpp's 'llama' tokenizer only runs BPE models")
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        raise ConfigError(f"{path}: not a sentencepiece model ({e})") from None
+    model_type = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    if model_type != "BPE":
+        raise ConfigError(f"{path}: sentencepiece model type {model_type} is not BPE; llama.cpp's "
+                          f"'llama' tokenizer runs BPE models only")
     if proto.normalizer_spec.name not in ("identity", ""):
         raise ConfigError(f"{path}: sentencepiece normalizer {proto.normalizer_spec.name!r} is not "
                           f"'identity'; llama.cpp applies no normalization, so tokens would differ")
@@ -232,13 +236,12 @@ def _bpe_vocab(model_dir: Path, n_vocab: int):
                   and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
                   and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space")
                   and not steps[1].get("use_regex", True))
-    problem = (f"model type {model.get('type')!r} is not BPE" if model.get("type") != "BPE"
-               else "it has a normalizer" if tj.get("normalizer")
-               else "byte_fallback BPE needs tokenizer.model (sentencepiece)" if model.get("byte_fallback")
-               else "its pre-tokenizer is not Llama 3's (Split with Llama 3's regex, then ByteLevel)"
-               if not llama3_pre
-               else "ignore_merges is false (Llama 3's tokenizer and llama.cpp use true)"
-               if not model.get("ignore_merges") else None)
+    checks = [(model.get("type") == "BPE", f"model type {model.get('type')!r} is not BPE"),
+              (not tj.get("normalizer"), "it has a normalizer, which llama.cpp does not apply"),
+              (not model.get("byte_fallback"), "byte_fallback BPE needs its sentencepiece tokenizer.model"),
+              (llama3_pre, "its pre-tokenizer is not Llama 3's (Split on Llama 3's regex, then ByteLevel)"),
+              (model.get("ignore_merges"), "ignore_merges is false (Llama 3 and llama.cpp use true)")]
+    problem = next((why for ok, why in checks if not ok), None)
     if problem:
         raise ConfigError(f"{path}: llama.cpp cannot reproduce this tokenizer: {problem}")
     T = g.TokenType
@@ -302,7 +305,11 @@ def export_gguf(model_dir, adapter_dir, out_file, outtype: str = "f16", base_qua
     ``tokenizer.model`` -> llama.cpp "llama"; Llama-3 byte-level BPE ``tokenizer.json`` ->
     "gpt2" with pre-tokenizer "llama-bpe"; anything else is a ConfigError), its bos / eos /
     unk / pad ids, add_bos / add_eos, ``<|eot_id|>`` as end of turn when the vocabulary has it,
-    and the chat template (tokenizer_config.json or chat_template.jinja).
+    and the chat template (tokenizer_config.json or chat_template.jinja). The vocabulary is
+    padded with unused ``[PAD{id}]`` tokens up to config.json's vocab_size. Note that llama.cpp's
+    sentencepiece tokenizer puts a space before text that follows a special token inside a
+    prompt (sentencepiece's legacy behaviour), where a ``tokenizer.json`` with Metaspace
+    ``prepend_scheme="first"`` (transformers' default) does not.
 
     An existing ``out_file`` is an error unless ``overwrite=True``. Returns ``out_file``.
     """

@@ -489,3 +489,144 @@ def test_failed_write_leaves_nothing(gqa, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real)
     export_gguf(model, adapter, tmp_path / "old.gguf", overwrite=True)
     assert read_gguf(tmp_path / "old.gguf")[0]["general.architecture"] == "llama"
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+SLOW_CASES = {
+    "mha-spm": dict(tokenizer="spm", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4),
+    "gqa-spm": dict(tokenizer="spm", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2),
+    "llama3-bpe": dict(tokenizer="bpe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16},
+                       tie_word_embeddings=True),
+}
+PROMPT = "Below is an instruction. Describe how 42 people live in Corholt, and why."
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """The llama-cpp-python module (first in the slow tests' arguments, so they skip before
+    anything is built)."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; "
+                                                   "pip install llama-cpp-python")
+
+
+def hf_case(name, root, spm_tokenizer, bpe_tokenizer, rslora=False):
+    """(model dir, adapter dir, HF tokenizer, PEFT model over the HF base) for a SLOW_CASES entry."""
+    from transformers import AutoTokenizer
+
+    from conftest import build_hf_llama, make_peft_adapter
+
+    kw = dict(SLOW_CASES[name])
+    tok_dir = spm_tokenizer if kw.pop("tokenizer") == "spm" else bpe_tokenizer
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    vocab = len(tok) + (3 if tok_dir == bpe_tokenizer else 0)     # BPE: padded vocabulary
+    hf = build_hf_llama(root / "model", vocab_size=vocab, **kw)
+    with_tokenizer(root / "model", tok_dir)
+    pm = make_peft_adapter(hf, root / "adapter", use_rslora=rslora)
+    return root / "model", root / "adapter", tok, pm
+
+
+def prompt_ids(tok, bpe: bool) -> tuple[list[int], str, bool]:
+    """(HF token ids, text, add_bos) of the test prompt."""
+    if bpe:       # the chat template, special tokens inside
+        text = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                       add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False).input_ids, text, False
+    text = PROMPT + "</s>"
+    return tok(text).input_ids, text, True
+
+
+def llama_logits(llama_cpp, path, ids, **kw) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True,
+                          verbose=False, n_threads=2, **kw)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], np.float64)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_CASES))
+def test_llama_cpp_runs_the_export_like_hf(llama_cpp, name, spm_tokenizer, bpe_tokenizer, tmp_path):
+    import itertools
+
+    import torch
+
+    t0 = time.perf_counter()
+    bpe = SLOW_CASES[name]["tokenizer"] == "bpe"
+    model, adapter, tok, pm = hf_case(name, tmp_path, spm_tokenizer, bpe_tokenizer, rslora=bpe)
+    ids, text, add_bos = prompt_ids(tok, bpe)
+    with torch.no_grad():
+        want = pm(torch.tensor([ids])).logits[0].double().numpy()
+        hf_new = pm.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                             do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
+
+    errs = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        path = export_gguf(model, adapter, tmp_path / f"merged-{outtype}.gguf", outtype=outtype)
+        errs[outtype] = rel(llama_logits(llama_cpp, path, ids), want)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "merged-f32.gguf"), n_ctx=128,
+                          verbose=False, n_threads=2)
+    assert llm.tokenize(text.encode(), add_bos=add_bos, special=True) == ids
+    cpp_new = list(itertools.islice(llm.generate(ids, temp=0.0), 32))
+    # HF stops early only at its eos; llama.cpp then produced the same eos
+    assert cpp_new[:len(hf_new)] == hf_new and (len(hf_new) == 32 or hf_new[-1] == tok.eos_token_id)
+
+    base = export_gguf(model, None, tmp_path / "base-f32.gguf", outtype="f32")
+    lora = export_gguf_lora(model, adapter, tmp_path / "lora-f32.gguf")
+    with_lora = llama_logits(llama_cpp, base, ids, lora_path=str(lora))
+    errs["base+lora"] = rel(with_lora, want)
+    print(f"llama.cpp vs PEFT {name} ({len(ids)} prompt tokens, {len(hf_new)} greedy tokens equal): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+          + f"; {time.perf_counter() - t0:.1f}s")
+    assert errs["f32"] <= 1e-3 and errs["base+lora"] <= 1e-3
+    assert errs["f16"] <= 2e-2 and errs["q8_0"] <= 5e-2
+
+
+@pytest.mark.slow
+def test_llama_cpp_stops_at_the_llama3_end_of_turn(llama_cpp, bpe_tokenizer, tmp_path):
+    """A model built to answer <|eot_id|> at once: llama.cpp's chat completion (the GGUF's chat
+    template) ends there with finish_reason 'stop' although eos is <|end_of_text|>."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from conftest import build_hf_llama
+
+    tok = AutoTokenizer.from_pretrained(str(bpe_tokenizer))
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tok.eos_token_id
+    kw = {k: v for k, v in SLOW_CASES["llama3-bpe"].items() if k != "tokenizer"}
+    kw["tie_word_embeddings"] = False
+    hf = build_hf_llama(tmp_path / "model", vocab_size=len(tok), **kw)
+    # hidden unit 0 carries a constant 10 through the residual stream; only eot reads it
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    sd["model.embed_tokens.weight"][:, 0] = 10.0
+    for k in sd:
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[k][0] = 0.0
+    sd["lm_head.weight"][:, 0] = 0.0
+    sd["lm_head.weight"][eot, 0] = 10.0
+    hf.load_state_dict(sd)
+    hf.save_pretrained(str(tmp_path / "model"))
+    with_tokenizer(tmp_path / "model", bpe_tokenizer)
+    ids, _, _ = prompt_ids(tok, bpe=True)
+    with torch.no_grad():
+        assert hf(torch.tensor([ids])).logits[0, -1].argmax().item() == eot
+
+    path = export_gguf(tmp_path / "model", None, tmp_path / "m.gguf", outtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False, n_threads=2)
+    assert llm._model.token_eot() == eot
+    assert llama_cpp.llama_vocab_is_eog(llm._model.vocab, eot)
+    out = llm.create_chat_completion([{"role": "user", "content": PROMPT}], max_tokens=8,
+                                     temperature=0.0)
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["message"]["content"] == ""
+    assert out["usage"]["prompt_tokens"] == len(ids)         # the template rendered as HF does
