@@ -306,10 +306,11 @@ def export_gguf(model_dir, adapter_dir, out_file, outtype: str = "f16", base_qua
     "gpt2" with pre-tokenizer "llama-bpe"; anything else is a ConfigError), its bos / eos /
     unk / pad ids, add_bos / add_eos, ``<|eot_id|>`` as end of turn when the vocabulary has it,
     and the chat template (tokenizer_config.json or chat_template.jinja). The vocabulary is
-    padded with unused ``[PAD{id}]`` tokens up to config.json's vocab_size. Note that llama.cpp's
-    sentencepiece tokenizer puts a space before text that follows a special token inside a
-    prompt (sentencepiece's legacy behaviour), where a ``tokenizer.json`` with Metaspace
-    ``prepend_scheme="first"`` (transformers' default) does not.
+    padded with unused ``[PAD{id}]`` tokens up to config.json's vocab_size. llama.cpp tokenizes
+    sentencepiece vocabularies as sentencepiece itself does, which puts a space prefix before
+    text that follows a special token or already starts with a space; transformers'
+    ``tokenizer.json`` (Metaspace, prepend_scheme "first") does neither, so such prompts can
+    tokenize differently in llama.cpp than in transformers (ordinary text does not).
 
     An existing ``out_file`` is an error unless ``overwrite=True``. Returns ``out_file``.
     """

@@ -542,7 +542,11 @@ def prompt_ids(tok, bpe: bool) -> tuple[list[int], str, bool]:
     return tok(text).input_ids, text, True
 
 
-def llama_logits(llama_cpp, path, ids, **kw) -> np.ndarray:
+def llama_logits(llama_cpp, path, ids, kv_f32=True, **kw) -> np.ndarray:
+    """llama.cpp's logits [tokens, vocab] of ``ids``; the KV cache in float32 unless
+    ``kv_f32=False`` (llama.cpp's default f16 cache)."""
+    if kv_f32:
+        kw.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True,
                           verbose=False, n_threads=2, **kw)
     llm.eval(ids)
@@ -573,6 +577,8 @@ def test_llama_cpp_runs_the_export_like_hf(llama_cpp, name, spm_tokenizer, bpe_t
     for outtype in ("f32", "f16", "q8_0"):
         path = export_gguf(model, adapter, tmp_path / f"merged-{outtype}.gguf", outtype=outtype)
         errs[outtype] = rel(llama_logits(llama_cpp, path, ids), want)
+    errs["f32 (f16 KV cache)"] = rel(llama_logits(llama_cpp, tmp_path / "merged-f32.gguf", ids,
+                                                  kv_f32=False), want)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "merged-f32.gguf"), n_ctx=128,
                           verbose=False, n_threads=2)
     assert llm.tokenize(text.encode(), add_bos=add_bos, special=True) == ids
@@ -587,8 +593,11 @@ def test_llama_cpp_runs_the_export_like_hf(llama_cpp, name, spm_tokenizer, bpe_t
     print(f"llama.cpp vs PEFT {name} ({len(ids)} prompt tokens, {len(hf_new)} greedy tokens equal): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
           + f"; {time.perf_counter() - t0:.1f}s")
-    assert errs["f32"] <= 1e-3 and errs["base+lora"] <= 1e-3
-    assert errs["f16"] <= 2e-2 and errs["q8_0"] <= 5e-2
+    assert errs["f32"] <= 1e-4 and errs["base+lora"] <= 1e-4
+    assert errs["f16"] <= 1e-2 and errs["f32 (f16 KV cache)"] <= 1e-2
+    # q8_0: llama.cpp also rounds the activations to 8 bits in its q8_0 matmuls; the weights
+    # themselves are checked within their quantisation error by the fast test
+    assert errs["q8_0"] <= 0.25
 
 
 @pytest.mark.slow
