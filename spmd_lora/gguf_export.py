@@ -45,7 +45,10 @@ LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p
 
 
 def _gguf():
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("GGUF export needs the gguf package: pip install 'spmd_lora[gguf]'") from None
     return gguf
 
 
