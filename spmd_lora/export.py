@@ -50,6 +50,57 @@ def _quant_roundtrip(kind: str, proj: str, w, config: ModelConfig) -> np.ndarray
     return (deq.T if row else deq).astype(w.dtype)
 
 
+def merged_weights(model_dir, adapter_dir, base_quant: str = "none", allow_pickle: bool = False):
+    """Open the base checkpoint in ``model_dir`` and the PEFT adapter in ``adapter_dir`` for a
+    merge, checking that the adapter fits the base (CheckpointError otherwise); with
+    ``adapter_dir=None`` nothing is merged (the base alone, e.g. to convert it).
+
+    Returns ``(config, files, produce)``: the base's ModelConfig, its memory-mapped WeightFiles
+    (``files.names()``, ``files.shape(name)``) and ``produce(name, dtype=None)``, which reads the
+    HF tensor ``name`` and returns it merged as a numpy array in HF layout: ``W + scaling * B @ A``
+    (computed in float32, after the int8 / nf4 round trip of ``base_quant``) for the targeted
+    projections, the base tensor unchanged otherwise; cast to ``dtype`` (default: the base
+    tensor's dtype). Each call reads and returns one tensor, so callers stream.
+    """
+    check_base_quant(base_quant)
+    config = ModelConfig.from_pretrained(model_dir)
+    lora, scaling = {"layers": {}}, None
+    if adapter_dir is not None:
+        lora, lora_cfg = read_adapter(adapter_dir, config)
+        scaling = np.float32(lora_cfg.scaling)
+    files = WeightFiles(model_dir, allow_pickle=allow_pickle)
+
+    merged = {}                                            # HF name -> (proj, layer)
+    for proj in lora["layers"]:
+        for i in range(config.num_layers):
+            name = hf_layer_key(i, proj)
+            if name not in files:
+                raise CheckpointError(f"{model_dir}: tensor {name!r} (targeted by the adapter) missing")
+            in_f, out_f = lora["layers"][proj]["a"].shape[1], lora["layers"][proj]["b"].shape[2]
+            if files.shape(name) != (out_f, in_f):
+                raise CheckpointError(
+                    f"{model_dir}: tensor {name!r} has shape {list(files.shape(name))}, the adapter "
+                    f"expects {[out_f, in_f]}")
+            merged[name] = (proj, i)
+
+    quantised = {hf_layer_key(i, proj): proj for proj in QUANTISED_LINEARS
+                 for i in range(config.num_layers)} if base_quant != "none" else {}
+    def produce(n, dtype=None):
+        w = files.get(n)
+        if n in quantised:
+            w = _quant_roundtrip(base_quant, quantised[n], w, config)
+        dtype = w.dtype if dtype is None else dtype
+        if n not in merged:
+            return np.asarray(w, dtype)
+        proj, i = merged[n]
+        a = lora["layers"][proj]["a"][i]                   # [in, r]
+        b = lora["layers"][proj]["b"][i]                   # [r, out]
+        delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
+        return (np.asarray(w, np.float32) + delta).astype(dtype)
+
+    return config, files, produce
+
+
 def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
                   overwrite: bool = False, allow_pickle: bool = False, base_quant: str = "none") -> Path:
     """Merge the PEFT adapter in ``adapter_dir`` into the HF Llama checkpoint in ``model_dir`` and
@@ -68,43 +119,10 @@ def export_merged(model_dir, adapter_dir, out_dir, max_shard_size_bytes: int = D
     if out.resolve() in (model_dir.resolve(), Path(adapter_dir).resolve()):
         raise CheckpointError(f"export output {out} must differ from the model and adapter directories")
     check_writable_dir(out, "export --output")
-    check_base_quant(base_quant)
-    config = ModelConfig.from_pretrained(model_dir)
-    lora, lora_cfg = read_adapter(adapter_dir, config)
-    files = WeightFiles(model_dir, allow_pickle=allow_pickle)
-    scaling = np.float32(lora_cfg.scaling)
-
-    merged = {}                                            # HF name -> (proj, layer)
-    for proj in lora["layers"]:
-        for i in range(config.num_layers):
-            name = hf_layer_key(i, proj)
-            if name not in files:
-                raise CheckpointError(f"{model_dir}: tensor {name!r} (targeted by the adapter) missing")
-            in_f, out_f = lora["layers"][proj]["a"].shape[1], lora["layers"][proj]["b"].shape[2]
-            if files.shape(name) != (out_f, in_f):
-                raise CheckpointError(
-                    f"{model_dir}: tensor {name!r} has shape {list(files.shape(name))}, the adapter "
-                    f"expects {[out_f, in_f]}")
-            merged[name] = (proj, i)
-
+    _, files, produce = merged_weights(model_dir, adapter_dir, base_quant, allow_pickle)
     names = sorted(files.names(), key=_natural_key)
     shapes = {n: files.shape(n) for n in names}
     dtypes = {n: np.dtype(files.get(n).dtype) for n in names}
-
-    quantised = {hf_layer_key(i, proj): proj for proj in QUANTISED_LINEARS
-                 for i in range(config.num_layers)} if base_quant != "none" else {}
-
-    def produce(n):
-        w = files.get(n)
-        if n in quantised:
-            w = _quant_roundtrip(base_quant, quantised[n], w, config)
-        if n not in merged:
-            return np.asarray(w)
-        proj, i = merged[n]
-        a = lora["layers"][proj]["a"][i]                   # [in, r]
-        b = lora["layers"][proj]["b"][i]                   # [r, out]
-        delta = (b.T @ a.T) * scaling                      # [out, in] = B_peft @ A_peft * scaling
-        return (np.asarray(w, np.float32) + delta).astype(w.dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
