@@ -135,10 +135,14 @@ def test_cp_eval_equals_unsharded_and_generation_refuses(hf_models, tmp_path):
 
 
 def test_cp_options_are_checked():
+    from spmd_lora.config.model_config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12)
     with pytest.raises(ConfigError, match="cp_impl"):
-        ForwardOptions(None, 1, cp=2, cp_impl="ulysses")
+        ForwardOptions(cfg, 1, cp=2, cp_impl="ulysses")
     with pytest.raises(ConfigError, match="no context-parallel block kernel"):
-        ForwardOptions(None, 1, cp=2, attention_impl="xla")
+        ForwardOptions(cfg, 1, cp=2, attention_impl="xla")
     with pytest.raises(ConfigError, match="dp, cp and tp"):
         spmd_lora.make_mesh(1, 1, 0)
 
