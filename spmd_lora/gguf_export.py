@@ -34,6 +34,7 @@ import numpy as np
 from .config.model_config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .export import _natural_key, merged_weights
+from .paths import check_writable_dir
 from .weights.hf import hf_layer_key
 from .weights.peft import read_adapter
 
@@ -108,6 +109,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise CheckpointError(f"GGUF output {out} exists; choose a new file name or pass "
                               f"overwrite=True (--overwrite)")
+    check_writable_dir(out.parent, "export --output's directory")
 
 
 def _write(out: Path, writer_setup, tensors) -> Path:

@@ -30,6 +30,7 @@ from ..engine.generate import generate_text
 from ..evaluate import evaluate
 from ..paths import check_writable_dir, ensure_writable_dir
 from ..export import export_merged
+from ..gguf_export import OUTTYPES, export_gguf, export_gguf_lora
 from ..plots import write_loss_plot
 from ..reporting import read_metrics
 from ..runtime.distributed import await_watchdog, finish, initialize_distributed
@@ -216,10 +217,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite,
-                         base_quant=args.base_quant)
-    into = "" if args.base_quant == "none" else f" (merged into the {args.base_quant}-dequantised base)"
-    print(f"merged checkpoint written to {path}{into}")
+    """``--format hf`` (merged safetensors), ``gguf`` (merged GGUF) or ``gguf-lora``."""
+    if args.outtype is not None and args.format == "hf":
+        raise ConfigError("--outtype applies to --format gguf and gguf-lora; an hf export keeps "
+                          "the base's dtype")
+    if args.adapter is None and args.format != "gguf":
+        raise ConfigError(f"--adapter is required for --format {args.format}")
+    quant = f"{args.base_quant}-dequantised base" if args.base_quant != "none" else ""
+    if args.format == "hf":
+        path = export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite,
+                             base_quant=args.base_quant)
+        print(f"merged checkpoint written to {path}" + (f" (merged into the {quant})" if quant else ""))
+    elif args.format == "gguf":
+        path = export_gguf(args.model, args.adapter, args.output, outtype=args.outtype or "f16",
+                           base_quant=args.base_quant, overwrite=args.overwrite)
+        what = "merged model" if args.adapter else "base model"
+        print(f"GGUF of the {what} written to {path} ({args.outtype or 'f16'}"
+              + (f", the {quant}" if quant else "") + ")")
+    else:
+        path = export_gguf_lora(args.model, args.adapter, args.output,
+                                outtype=args.outtype or "f32", overwrite=args.overwrite)
+        print(f"GGUF LoRA adapter written to {path} ({args.outtype or 'f32'})")
+        if quant:
+            print(f"note: the adapter was trained on the {quant}: run it on a GGUF of that base "
+                  f"(spmd-lora export --format gguf --base-quant {args.base_quant} --model "
+                  f"{args.model} --output base.gguf)", file=sys.stderr)
     return 0
 
 
@@ -279,10 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_field_flag(p, name)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="merge an adapter into a HF checkpoint")
+    p = sub.add_parser("export", help="merge an adapter into a HF checkpoint, or write "
+                                             "GGUF for llama.cpp / Ollama")
     add_field_flag(p, "model", required=True)
-    add_cli_flag(p, "--adapter", required=True)
+    add_cli_flag(p, "--adapter", default=None)
     add_cli_flag(p, "--output", required=True)
+    add_cli_flag(p, "--format", default="hf", choices=("hf", "gguf", "gguf-lora"))
+    add_cli_flag(p, "--outtype", default=None, choices=OUTTYPES)
     add_cli_flag(p, "--overwrite", action="store_true")
     add_field_flag(p, "base_quant")
     p.set_defaults(func=cmd_export)

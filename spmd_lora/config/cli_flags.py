@@ -25,7 +25,15 @@ CLI_HELP: dict[str, str] = {
     "--adapter": "PEFT adapter directory (adapter_config.json, adapter_model.safetensors)",
     "--overwrite": "replace what --output already holds",
     "demo --output": "demo directory: the tiny model it builds and the run",
-    "export --output": "directory for the merged HF checkpoint",
+    "export --output": "the merged HF checkpoint's directory (--format hf), or the .gguf file "
+                       "(gguf, gguf-lora)",
+    "export --adapter": "PEFT adapter directory to merge or convert (--format gguf without it: "
+                        "the base alone, to run a gguf-lora adapter on)",
+    "--format": "hf: merged safetensors checkpoint (transformers, vLLM); gguf: the merged model "
+                "as one GGUF file (llama.cpp, Ollama, LM Studio); gguf-lora: the adapter alone "
+                "as a GGUF LoRA (llama-cli --lora, Ollama ADAPTER)",
+    "--outtype": "GGUF type of the 2-D weights: f32, f16, bf16 or q8_0 (default: f16 for gguf, "
+                 "f32 for gguf-lora)",
     "--prompt": "prompt text; repeat for a batch",
     "--max-new-tokens": "tokens to generate per prompt",
     "--temperature": "sampling temperature; 0 = greedy",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -58,6 +59,26 @@ def run_status(run_dir: Path, child_running: bool = False) -> str:
     return "running" if time.time() - metrics.stat().st_mtime < LIVE_SECONDS else "stopped"
 
 
+def export_commands(run_dir: Path, train: dict | None) -> list[dict]:
+    """For a run whose adapter is written: the ``spmd-lora export`` command lines that take it
+    elsewhere (a merged HF checkpoint for transformers / vLLM, a GGUF of the merged model and a
+    GGUF LoRA adapter for llama.cpp / Ollama), each ``{"what", "command"}``; [] before that."""
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or not (train or {}).get("model"):
+        return []
+    quant = train.get("base_quant", "none")
+    common = ["--model", train["model"], "--adapter", str(adapter)] + (
+        ["--base-quant", quant] if quant != "none" else [])
+    lines = [("merged HF checkpoint (transformers, vLLM)", [], run_dir / "merged"),
+             ("merged model as GGUF (llama.cpp, Ollama, LM Studio)",
+              ["--format", "gguf", "--outtype", "f16"], run_dir / "model-f16.gguf"),
+             ("the adapter alone as GGUF LoRA (llama-cli --lora, Ollama ADAPTER)",
+              ["--format", "gguf-lora"], run_dir / "adapter.gguf")]
+    return [{"what": what, "command": shlex.join(["spmd-lora", "export", *common, *extra,
+                                                  "--output", str(out)])}
+            for what, extra, out in lines]
+
+
 def summary(run_dir, child_running: bool = False) -> dict:
     """Everything but the metric rows: status, message, config, mesh, memory, census,
     checkpoints; for a run directory that does not exist, only that."""
@@ -95,6 +116,7 @@ def summary(run_dir, child_running: bool = False) -> dict:
             "backend": census.get("backend")},
         "checkpoints": checkpoints_on_disk(run_dir),
         "adapter": (run_dir / "adapter").is_dir(),
+        "export_commands": export_commands(run_dir, (run_config or {}).get("train")),
         "loss_png": (run_dir / "loss.png").is_file(),
     }
 

@@ -145,6 +145,11 @@ function renderInfo(run, s) {
       ["phase", r => r.phase], ["source", r => r.source]]));
     box.appendChild(all);
   }
+  if (s.export_commands && s.export_commands.length) {
+    const ex = el("div", { class: "export" }); ex.appendChild(el("h3", {}, "take it elsewhere"));
+    for (const c of s.export_commands) ex.append(el("p", {}, c.what), el("pre", {}, c.command));
+    box.appendChild(ex);
+  }
   if (s.config) {
     const d = el("details"); d.appendChild(el("summary", {}, "resolved run config"));
     d.appendChild(table(s.config)); if (s.model) { d.appendChild(el("h3", {}, "model")); d.appendChild(table(s.model)); }
