@@ -4,7 +4,9 @@ page's form; path traversal refused; a failing handler and a missing run directo
 headless-Chromium check of the drawn charts."""
 import contextlib
 import http.client
+import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -139,6 +141,35 @@ def test_json_endpoints_on_a_finished_run(server, demo):
     assert "/static/app.js" in page and "http" not in page.replace("http-equiv", "")   # no CDN
     assert b"polyline" in _request(srv, "/static/app.js")[1]
     assert _get(srv, "/api/new-run-template")["model"].endswith("tiny_llama")
+
+
+def test_the_finished_run_offers_export_commands_that_work(server, demo, tmp_path):
+    """The summary's export commands (merged HF, merged GGUF, GGUF LoRA), run as a user would
+    paste them (outputs moved to tmp_path): each succeeds and writes what it names."""
+    srv, _ = server
+    commands = _get(srv, "/api/runs/0/summary")["export_commands"]
+    run = demo[0] / "run"
+    assert [c["command"].split("--output ")[1] for c in commands] == [
+        str(run / "merged"), str(run / "model-f16.gguf"), str(run / "adapter.gguf")]
+    assert all(f"--adapter {run / 'adapter'}" in c["command"] for c in commands)
+    have_gguf = importlib.util.find_spec("gguf") is not None
+    for c in commands:
+        argv = shlex.split(c["command"])
+        out = argv.index("--output") + 1
+        argv[out] = str(tmp_path / Path(argv[out]).name)
+        assert argv[:2] == ["spmd-lora", "export"]
+        if "--format" in argv and not have_gguf:
+            continue                    # job 2 installs no gguf
+        assert cli.main(argv[1:]) == 0, c
+    assert (tmp_path / "merged" / "config.json").is_file()
+    if have_gguf:
+        import gguf
+
+        merged = gguf.GGUFReader(tmp_path / "model-f16.gguf")
+        lora = gguf.GGUFReader(tmp_path / "adapter.gguf")
+        assert any(t.name == "output_norm.weight" for t in merged.tensors)
+        assert all(t.name.endswith((".lora_a", ".lora_b")) for t in lora.tensors)
+    assert _get(srv, "/api/runs/1/summary").get("export_commands", []) == []
 
 
 def test_prompt_box_generates_from_the_runs_adapter(server, demo):

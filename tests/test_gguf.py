@@ -6,6 +6,7 @@ from its definition (for llama.cpp's q/k row order) and transformers' Llama-3 ro
 Slow tests load the files in llama.cpp itself (llama-cpp-python) and compare logits, greedy
 generation, tokenization, end-of-turn stopping and base + LoRA with transformers / PEFT.
 """
+import contextlib
 import json
 import math
 import re
@@ -461,6 +462,51 @@ def test_bad_input_is_a_one_line_error(gqa, bpe_tokenizer, tmp_path):
         export_gguf_lora(model, zero, tmp_path / "x.gguf")
     assert "lora_alpha is 0" in one_line(e)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf") == ["old.gguf"]
+
+
+def test_cli_formats_and_their_errors(gqa, tmp_path, capsys):
+    """``spmd-lora export --format gguf | gguf-lora`` as a user types it: the files equal the
+    library's; wrong combinations are one error line with exit 2 and write nothing."""
+    from spmd_lora import cli
+
+    model, adapter = gqa
+    base = ["export", "--model", str(model)]
+    assert cli.main([*base, "--adapter", str(adapter), "--format", "gguf", "--outtype", "f32",
+                     "--output", str(tmp_path / "m.gguf")]) == 0
+    assert "GGUF of the merged model written to" in capsys.readouterr().out
+    assert cli.main([*base, "--format", "gguf", "--output", str(tmp_path / "base.gguf")]) == 0
+    assert cli.main([*base, "--adapter", str(adapter), "--format", "gguf-lora",
+                     "--output", str(tmp_path / "a.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF of the base model written to" in out and "(f16)" in out
+    assert "GGUF LoRA adapter written to" in out and "(f32)" in out
+    export_gguf(model, adapter, tmp_path / "lib.gguf", outtype="f32")
+    cli_t, lib_t = read_gguf(tmp_path / "m.gguf")[1], read_gguf(tmp_path / "lib.gguf")[1]
+    assert cli_t.keys() == lib_t.keys()
+    assert all(cli_t[k][0] == lib_t[k][0] and np.array_equal(cli_t[k][1], lib_t[k][1]) for k in lib_t)
+    assert read_gguf(tmp_path / "base.gguf")[0]["general.file_type"] == 1          # MOSTLY_F16
+
+    def error(*argv):
+        with pytest.raises(SystemExit) if "--outtype" in argv and "q4_k" in argv else \
+                contextlib.nullcontext():
+            rc = cli.main([*base, *argv])
+            assert rc == 2
+        return [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+
+    lines = error("--adapter", str(adapter), "--format", "gguf", "--outtype", "q4_k",
+                  "--output", str(tmp_path / "x.gguf"))
+    assert "--outtype: invalid choice: 'q4_k'" in lines[-1]
+    for argv, says in [
+            (["--adapter", str(adapter), "--outtype", "f16", "--output", str(tmp_path / "x")],
+             "error: --outtype applies to --format gguf and gguf-lora"),
+            (["--format", "gguf-lora", "--output", str(tmp_path / "x.gguf")],
+             "error: --adapter is required for --format gguf-lora"),
+            (["--format", "gguf", "--output", str(tmp_path / "m.gguf")], "exists; choose a new"),
+            (["--format", "gguf", "--output", "/proc/x.gguf"], "/proc")]:
+        lines = error(*argv)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.gguf", "base.gguf", "lib.gguf", "m.gguf"]
 
 
 def test_failed_write_leaves_nothing(gqa, tmp_path, monkeypatch):
