@@ -38,9 +38,6 @@ def _modules() -> dict[str, Path]:
     for path in sorted((ROOT / "spmd_lora").rglob("*.py")):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        name = "spmd_lora.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")
-        found[name] = path
     return found
 
 

@@ -71,7 +71,7 @@ def test_useful_flops_hand_count():
 @pytest.mark.parametrize("s,bq,bk", [(2048, 256, 256), (2048, 512, 256), (1000, 256, 512),
                                      (300, 128, 128), (64, 64, 64)])
 def test_causal_tiles_match_the_kernel_loop_bounds(s, bq, bk):
-    # kernels/_masks.py key_spans (the blockwise tile loop): q block i visits k blocks
+    # spmd_lora/kernels/_masks.py key_spans (the blockwise tile loop): q block i visits k blocks
     # [0, min(cdiv(i*bq + bq, bk), nk)) over the sequence padded to a multiple of lcm(bq, bk).
     import math
     lcm = bq * bk // math.gcd(bq, bk)

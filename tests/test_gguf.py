@@ -683,3 +683,52 @@ def test_llama_cpp_stops_at_the_llama3_end_of_turn(llama_cpp, bpe_tokenizer, tmp
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["choices"][0]["message"]["content"] == ""
     assert out["usage"]["prompt_tokens"] == len(ids)         # the template rendered as HF does
+
+
+@pytest.mark.slow
+def test_demo_model_in_llama_cpp_generates_like_spmd_lora_generate(llama_cpp, tmp_path, capsys):
+    """Issue 27's end to end: ``spmd-lora demo`` trains a tiny model, ``spmd-lora export
+    --format gguf`` writes it, and llama.cpp's greedy tokens from the alpaca prompt equal
+    ``spmd-lora generate``'s (the CLI's text, and the token ids behind it)."""
+    import itertools
+    import json as json_
+
+    import spmd_lora
+    from spmd_lora import cli
+    from spmd_lora.data import encode_prompt
+    from spmd_lora.engine.generate import generate
+    from spmd_lora.tokenizer import decode_whole_characters, load_tokenizer
+
+    assert cli.main(["demo", "--output", str(tmp_path / "demo"), "--max-steps", "20"]) == 0
+    model, adapter = tmp_path / "demo" / "tiny_llama", tmp_path / "demo" / "run" / "adapter"
+    instruction = "Give three tips for staying healthy."
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(model), "--adapter", str(adapter), "--tp", "2",
+                     "--template", "alpaca", "--prompt", instruction,
+                     "--max-new-tokens", "32"]) == 0
+    cli_text = json_.loads(capsys.readouterr().out.strip().splitlines()[-1])["completion"]
+
+    tok = load_tokenizer(model)
+    ids = [int(i) for i in encode_prompt({"instruction": instruction}, tok, "alpaca")]
+    ours = generate(spmd_lora.load_model(model, tp=2, adapter=adapter), [ids], 32,
+                    eos_token_id=tok.eos_token_id)[0]
+    assert decode_whole_characters(tok, ours, skip_special_tokens=True) == cli_text
+
+    for fmt, name in [("gguf", "model-f32.gguf"), ("gguf-lora", "adapter.gguf")]:
+        assert cli.main(["export", "--format", fmt, "--model", str(model), "--adapter",
+                         str(adapter), "--outtype", "f32", "--output", str(tmp_path / name)]) == 0
+    assert cli.main(["export", "--format", "gguf", "--model", str(model), "--outtype", "f32",
+                     "--output", str(tmp_path / "base-f32.gguf")]) == 0
+    kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    for path, extra in [("model-f32.gguf", {}),
+                        ("base-f32.gguf", {"lora_path": str(tmp_path / "adapter.gguf")})]:
+        llm = llama_cpp.Llama(model_path=str(tmp_path / path), n_ctx=256, verbose=False,
+                              n_threads=2, **kv, **extra)
+        theirs = []
+        for t in itertools.islice(llm.generate(ids, temp=0.0), 32):
+            theirs.append(int(t))
+            if t == tok.eos_token_id:
+                break
+        print(f"demo model, {path}{' + adapter.gguf' if extra else ''}: {len(ours)} greedy "
+              f"tokens, llama.cpp equal: {theirs == list(ours)}; completion {cli_text!r}")
+        assert theirs == list(ours), (path, theirs, ours)

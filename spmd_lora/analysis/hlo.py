@@ -172,7 +172,7 @@ def _stack_frames(tables):
     return frames
 
 
-def source_of(module: HloModule, frame_id: int | None, prefer=("spmd_lora/", "kernels/")) -> str:
+def source_of(module: HloModule, frame_id: int | None, prefer=("spmd_lora/",)) -> str:
     """'model.py:123 row_linear' for the innermost frame in the package (else innermost)."""
     if not frame_id or frame_id not in module.stack_frames:
         return ""
