@@ -178,6 +178,15 @@ def test_launcher_quotes_error_lines_and_folds_gloo_notes():
                            note.format(0, 1, 1), note.format(0, 0, 1)])
     assert shown == ["gloo: connected to its peers (further notes of this kind hidden)",
                      "step 1/2", note.format(0, 0, 1)]
+    # several communicators' threads write at once: notes arrive cut and interleaved
+    tail = " is connected to 7 peer ranks. Expected number of connected peer ranks is : 7"
+    _, shown = rank_after(["[Gloo] Rank [Gloo] Rank 1" + tail.replace("7", "3"),
+                           "0" + tail.replace("7", "3"), "[Gloo] Rank 1[Gloo] Rank 2" + tail, tail,
+                           "[Gloo] Rank ", "step 1/2", "[Gloo] Rank 3" + tail.replace(": 7", ": 8"),
+                           "12", "loss [Gloo] Rank 1"])
+    assert shown == ["gloo: connected to its peers (further notes of this kind hidden)",
+                     "step 1/2", "[Gloo] Rank 3" + tail.replace(": 7", ": 8"), "12",
+                     "loss [Gloo] Rank 1"]
 
 
 def test_bad_peer_timeout_is_a_clear_error(monkeypatch):

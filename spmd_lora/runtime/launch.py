@@ -40,8 +40,12 @@ from .distributed import EXIT_PEER_LOST, peer_timeout as default_peer_timeout
 from ..errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
-_GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
-                             r"Expected number of connected peer ranks is : (\d+)")
+# Gloo's note, one per communicator; several communicators of a process write theirs from
+# their own threads at once, so notes arrive cut and interleaved ("[Gloo] Rank [Gloo] Rank 1 is
+# connected ...", "0 is connected ..."): a line made only of notes and their pieces is folded.
+_GLOO_NOTE = re.compile(r"is connected to (\d+) peer ranks\. "
+                        r"Expected number of connected peer ranks is : (\d+)")
+_GLOO_PIECES = re.compile(r"(\[Gloo\] Rank|\d+|\s)*")
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
@@ -128,8 +132,10 @@ class _Rank:
     def shown(self, line: str) -> str | None:
         """The line as printed (None: folded away). Gloo's connection notes, one per
         communicator, become one line per process; a short-handed one is shown as is."""
-        gloo = _GLOO_CONNECTED.match(line)
-        if gloo is None or gloo.group(1) != gloo.group(2):
+        notes = _GLOO_NOTE.findall(line)
+        rest = _GLOO_NOTE.sub("", line)
+        if not (notes or "[Gloo]" in rest) or not _GLOO_PIECES.fullmatch(rest) or any(
+                have != want for have, want in notes):
             return line
         if self.gloo_noted:
             return None
