@@ -24,6 +24,7 @@ on any failure nothing is left.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -279,15 +280,25 @@ def _add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
                           f"carries its tokenizer, so export needs one next to config.json")
     w.add_token_list(tokens)
     w.add_token_types(types)
+    log = logging.getLogger("gguf.vocab")
+    log.addFilter(_pair_template_note)
     try:
         special = g.SpecialVocab(model_dir, load_merges=bpe, n_vocab=n_vocab)
     except ValueError as e:                                # e.g. a negative special token id
         raise ConfigError(f"{model_dir}: tokenizer / config.json special tokens: {e}") from None
+    finally:
+        log.removeFilter(_pair_template_note)
     special.add_to_gguf(w, quiet=True)
     if "eot" not in special.special_token_ids and "<|eot_id|>" in tokens:
         eot = tokens.index("<|eot_id|>")                   # Llama 3 chat's end of turn
         if types[eot] == g.TokenType.CONTROL:
             w.add_eot_token_id(eot)
+
+
+def _pair_template_note(record: logging.LogRecord) -> bool:
+    """Drop gguf's note on the sentence-pair template of tokenizer.json's post-processor (BOS
+    as the pair separator): llama.cpp never reads it, and a user could not act on it."""
+    return "TemplateProcessing<pair>" not in record.getMessage()
 
 
 # ----------------------------------------------------------------------------- exports

@@ -597,6 +597,27 @@ def llama_logits(llama_cpp, path, ids, kv_f32=True, **kw) -> np.ndarray:
     return np.array(llm.scores[:len(ids)], np.float64)
 
 
+def llama_logits_in_child(path, ids) -> np.ndarray | int:
+    """:func:`llama_logits` of ``path`` computed in a child process; the child's (negative)
+    return code when it dies by a signal."""
+    import subprocess
+    import sys
+
+    out = path.with_suffix(".logits.npy")
+    code = ("import sys, json, numpy as np, llama_cpp\n"
+            "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_batch=128, logits_all=True,"
+            " verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,"
+            " type_v=llama_cpp.GGML_TYPE_F32)\n"
+            "ids = json.loads(sys.argv[2]); llm.eval(ids)\n"
+            "np.save(sys.argv[3], np.array(llm.scores[:len(ids)], np.float64))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(ids), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode < 0:
+        return r.returncode
+    assert r.returncode == 0 and out.is_file(), r.stderr[-2000:]
+    return np.load(out)
+
+
 def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
@@ -618,9 +639,31 @@ def test_llama_cpp_runs_the_export_like_hf(llama_cpp, name, spm_tokenizer, bpe_t
                              do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
 
     errs = {}
-    for outtype in ("f32", "f16", "q8_0"):
+    for outtype in ("f32", "f16"):
         path = export_gguf(model, adapter, tmp_path / f"merged-{outtype}.gguf", outtype=outtype)
         errs[outtype] = rel(llama_logits(llama_cpp, path, ids), want)
+    # q8_0: the same bytes as llama.cpp's own quantiser makes from our f32 file; its logits
+    # come from a child process (llama.cpp's q8_0 CPU kernels crash on some CPUs, on its own
+    # q8_0 files too), and must then behave as llama.cpp's own file does
+    ours_q8 = export_gguf(model, adapter, tmp_path / "merged-q8_0.gguf", outtype="q8_0")
+    cpp_q8 = tmp_path / "llama-cpp-q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "merged-f32.gguf").encode(),
+                                          str(cpp_q8).encode(), params) == 0
+    ours_t = {t.name: t for t in gguf.GGUFReader(str(ours_q8)).tensors}
+    cpp_t = {t.name: t for t in gguf.GGUFReader(str(cpp_q8)).tensors}
+    assert ours_t.keys() == cpp_t.keys()
+    for k, t in ours_t.items():
+        assert t.tensor_type == cpp_t[k].tensor_type and np.array_equal(
+            np.asarray(t.data), np.asarray(cpp_t[k].data)), k
+    q8 = {path.name: llama_logits_in_child(path, ids) for path in (ours_q8, cpp_q8)}
+    assert isinstance(q8[ours_q8.name], int) == isinstance(q8[cpp_q8.name], int), q8
+    if isinstance(q8[ours_q8.name], int):
+        print(f"note: llama.cpp crashed (signal {-q8[ours_q8.name]}) on q8_0 here, on its own "
+              f"q8_0 file as well")
+    else:
+        errs["q8_0"] = rel(q8[ours_q8.name], want)
     errs["f32 (f16 KV cache)"] = rel(llama_logits(llama_cpp, tmp_path / "merged-f32.gguf", ids,
                                                   kv_f32=False), want)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "merged-f32.gguf"), n_ctx=128,
@@ -641,7 +684,7 @@ def test_llama_cpp_runs_the_export_like_hf(llama_cpp, name, spm_tokenizer, bpe_t
     assert errs["f16"] <= 1e-2 and errs["f32 (f16 KV cache)"] <= 1e-2
     # q8_0: llama.cpp also rounds the activations to 8 bits in its q8_0 matmuls; the weights
     # themselves are checked within their quantisation error by the fast test
-    assert errs["q8_0"] <= 0.25
+    assert errs.get("q8_0", 0.0) <= 0.25
 
 
 @pytest.mark.slow
@@ -710,9 +753,12 @@ def test_demo_model_in_llama_cpp_generates_like_spmd_lora_generate(llama_cpp, tm
 
     tok = load_tokenizer(model)
     ids = [int(i) for i in encode_prompt({"instruction": instruction}, tok, "alpaca")]
-    ours = generate(spmd_lora.load_model(model, tp=2, adapter=adapter), [ids], 32,
-                    eos_token_id=tok.eos_token_id)[0]
+    tuned = spmd_lora.load_model(model, tp=2, adapter=adapter)
+    ours = generate(tuned, [ids], 32, eos_token_id=tok.eos_token_id)[0]
     assert decode_whole_characters(tok, ours, skip_special_tokens=True) == cli_text
+    # past the end of text too (eos ignored on both sides): 32 tokens
+    ours_32 = generate(tuned, [ids], 32, eos_token_id=None)[0]
+    assert ours_32[:len(ours)] == ours and len(ours_32) == 32
 
     for fmt, name in [("gguf", "model-f32.gguf"), ("gguf-lora", "adapter.gguf")]:
         assert cli.main(["export", "--format", fmt, "--model", str(model), "--adapter",
@@ -724,11 +770,8 @@ def test_demo_model_in_llama_cpp_generates_like_spmd_lora_generate(llama_cpp, tm
                         ("base-f32.gguf", {"lora_path": str(tmp_path / "adapter.gguf")})]:
         llm = llama_cpp.Llama(model_path=str(tmp_path / path), n_ctx=256, verbose=False,
                               n_threads=2, **kv, **extra)
-        theirs = []
-        for t in itertools.islice(llm.generate(ids, temp=0.0), 32):
-            theirs.append(int(t))
-            if t == tok.eos_token_id:
-                break
-        print(f"demo model, {path}{' + adapter.gguf' if extra else ''}: {len(ours)} greedy "
-              f"tokens, llama.cpp equal: {theirs == list(ours)}; completion {cli_text!r}")
-        assert theirs == list(ours), (path, theirs, ours)
+        theirs = [int(t) for t in itertools.islice(llm.generate(ids, temp=0.0), 32)]
+        print(f"demo model, {path}{' + adapter.gguf' if extra else ''}: llama.cpp's 32 greedy "
+              f"tokens equal ours: {theirs == list(ours_32)} (spmd-lora generate stops at eos "
+              f"after {len(ours)}: {cli_text!r})")
+        assert theirs == list(ours_32), (path, theirs, ours_32)
