@@ -154,7 +154,7 @@ def _block_scores(texts, queries: QuerySet, stats: CorpusStats, first: int, k1: 
 
 
 def top_k(texts: Iterable[str], queries: QuerySet, stats: CorpusStats, k: int,
-          block: int = 8192, k1: float = K1, b: float = B) -> list[list[tuple[int, float]]]:
+          block: int = 1024, k1: float = K1, b: float = B) -> list[list[tuple[int, float]]]:
     """Second pass: takes the passage texts (read once, in the order :func:`collect_stats` saw
     them), the queries, their stats and ``k``; returns per query up to ``k`` pairs
     ``(passage number, score)``, best first (ties: the lower passage number first). Only
