@@ -47,7 +47,7 @@ def _own_flags(action):
 def test_every_flag_of_every_command_takes_its_help_from_one_table():
     parsers = _parsers()
     assert set(parsers) == {"train", "demo", "eval", "generate", "export", "plot", "dashboard",
-                            "plan", "launch", "profile"}
+                            "rag-data", "plan", "launch", "profile"}
     used = set()
     for command, parser in parsers.items():
         assert command_name(parser) == command

@@ -1,4 +1,4 @@
-"""``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard | launch`` (also ``python -m spmd_lora``).
+"""``spmd-lora train | eval | export | generate | demo | plan | plot | dashboard | rag-data | launch`` (also ``python -m spmd_lora``).
 
 User mistakes (bad paths, malformed data, impossible configs, NaN loss) print one clear
 ``error:`` line and exit with status 2; no traceback. In a multi-process run (``spmd-lora
@@ -39,6 +39,7 @@ from ..tokenizer import load_tokenizer
 from ..train import train
 from .launch import main as launch_main
 from .plan import main as plan_main
+from .rag_data import add_parser as add_rag_data_parser
 
 DEMO_DIR = "spmd_lora_demo"
 
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flag(p, "--new-runs-dir", default="spmd_lora_runs")
     p.set_defaults(func=cmd_dashboard)
 
+    add_rag_data_parser(sub)
     p = sub.add_parser("plan", help="per-device memory plan (no weights needed)", add_help=False)
     p.set_defaults(func=None)
     p = sub.add_parser("launch", add_help=False,

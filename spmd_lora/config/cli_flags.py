@@ -47,6 +47,27 @@ CLI_HELP: dict[str, str] = {
     "--host": "address to bind",
     "--port": "0 picks a free port",
     "--new-runs-dir": "where runs started from the page's form go",
+    # rag-data
+    "--passages": "passage collection: a .jsonl file of {\"id\", \"text\"} objects (optional "
+                  "\"title\"), or a directory of .txt / .md files cut into --chunk-tokens "
+                  "passages (ids FILE#i)",
+    "--qa": "QA rows (.jsonl): question, answer, oracle (a passage id or a list of ids), "
+            "optional id and cot_answer (the training answer when present)",
+    "rag-data --output": "JSONL file of rag-template rows (question, contexts, answer, "
+                         "oracle_index, id); the eval split goes beside it with .eval before "
+                         "the suffix",
+    "--distractors": "non-oracle passages per row",
+    "--hard-distractors": "distractors are the BM25 best non-oracle passages for the question "
+                          "instead of random ones",
+    "--oracle-prob": "probability that a row includes its oracle passages (else distractors "
+                     "only, as in RAFT)",
+    "rag-data --seed": "seed of the distractors, the oracle draw, the passage order and the "
+                       "eval split",
+    "rag-data --eval-fraction": "fraction of the rows written to the eval file instead "
+                                "(0 = none)",
+    "--chunk-tokens": "with a --passages directory: tokens (of --model's tokenizer) per passage",
+    "rag-data --model": "model directory whose tokenizer cuts a --passages directory into "
+                        "passages",
     # plan / tools/profile.py
     "--target": "compile for this GPU without one (deviceless XLA:GPU; needs the CUDA plugin: "
                 "pip install -e \".[cuda12]\")",

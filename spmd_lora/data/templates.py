@@ -4,7 +4,8 @@
   no-input prompt), ``output``; the standard Stanford Alpaca prompts
   (:data:`PROMPT_TEMPLATES` ``["alpaca"]``).
 * ``rag``: fields ``question``, ``contexts`` (list of strings or ``{"title", "text"}``
-  objects), ``answer``. Prompt = header, numbered passages (``[1] Title\\ntext``), the
+  objects), ``answer``, optional ``oracle_index`` (positions in ``contexts`` of the passages
+  that hold the answer: kept longest when the prompt is too long, see :mod:`.rag_fit`). Prompt = header, numbered passages (``[1] Title\\ntext``), the
   question, then ``"### Answer:\\n"``. Rendered as a chat (``chat_template`` set), the same
   header and passages followed by :data:`RAG_CHAT_QUESTION` are the user turn.
 * ``text``: field ``text``.

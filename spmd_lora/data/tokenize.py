@@ -23,7 +23,9 @@ Per template (fields: :mod:`.templates`)
 * ``rag``: when too long, passages are dropped from the end; the first passage that does not
   fit whole is kept truncated (its leading tokens) if at least
   :data:`~.templates.MIN_PARTIAL_PASSAGE_TOKENS` of it fit. The question and answer are never
-  truncated: if they alone do not fit, the example is skipped (counted warning). With a
+  truncated: if they alone do not fit, the example is skipped (counted warning). A record
+  with ``oracle_index`` drops its non-oracle passages first (last first), and only then drops /
+  truncates oracle passages as above; kept passages are renumbered [1..n]. With a
   ``chat_template`` the prompt is the user turn and the answer the assistant turn of a chat.
 * ``text``: loss on every token but BOS. Long texts are **split into chunks** of
   ``max_seq_len`` tokens (each chunk starts with BOS; only the last one ends with EOS).
@@ -42,7 +44,7 @@ from ..errors import ConfigError, DataError
 from .chat import ChatRenderer, chat_messages
 from .examples import (ChunkResult, DataWarning, Example, encode_texts, make_example,
                        special_ids)
-from .rag_fit import fit_rag_prompt, tokenize_rag
+from .rag_fit import fit_rag_prompt, rag_oracle_index, tokenize_rag
 from .records import load_records
 from .rows import where_of
 from .templates import (alpaca_prompt, format_prompt, get_str, rag_passages,
@@ -227,7 +229,8 @@ def encode_prompt(record: dict, tokenizer, template: str = "auto",
             return ids
         empty = encode_texts(tokenizer, [rag_prompt(question, [], chat=True)])[0]
         fit = fit_rag_prompt(tokenizer, question, passages,
-                             int(max_len) - (len(ids_for([])) - len(empty)), chat=True)
+                             int(max_len) - (len(ids_for([])) - len(empty)), chat=True,
+                             oracle_index=rag_oracle_index(record, where, len(passages)))
         if fit is None or len(ids_for(fit[1])) > max_len:
             raise DataError(f"{where}: the question alone is longer than {max_len} tokens")
         return ids_for(fit[1])
@@ -235,8 +238,9 @@ def encode_prompt(record: dict, tokenizer, template: str = "auto",
     head = [] if bos is None else [bos]
     if template == "rag" and max_len is not None:
         question = get_str(record, "question", where, "rag")
-        fit = fit_rag_prompt(tokenizer, question, rag_passages(record, where),
-                             int(max_len) - len(head))
+        passages = rag_passages(record, where)
+        fit = fit_rag_prompt(tokenizer, question, passages, int(max_len) - len(head),
+                             oracle_index=rag_oracle_index(record, where, len(passages)))
         if fit is None:
             raise DataError(f"{where}: the question alone is longer than {max_len} tokens")
         return head + fit[0]
