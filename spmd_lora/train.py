@@ -9,7 +9,10 @@ are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 * ``adapter/`` - the final adapter in PEFT format (written atomically, last);
 * ``config.yaml`` - the resolved ``TrainConfig`` (``config_file.py``);
 * ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s)
-  and per evaluation (eval_loss);
+  and per evaluation (eval_loss; with ``eval_generate`` on rag data also eval_em, eval_f1,
+  eval_cite_rate, eval_citation_accuracy and their oracle splits, ``rag_eval.py``);
+* ``eval_samples.jsonl`` - with ``eval_generate``: per evaluation its step, the generation
+  metrics and a few (question, generated answer, reference) rows;
 * ``checkpoints/step_N/`` - LoRA params, optimizer state, step, data position, RNG seed;
   ``resume=True`` continues from the newest complete one, ending bit-for-bit where an
   uninterrupted run would (refused when a result-changing field or the data differ).
@@ -41,6 +44,8 @@ from .engine.step import lr_schedule
 from .analysis.run_budget import resolve_run_memory
 from .api import Model
 from .evaluate import evaluate
+from .rag_eval import (EVAL_MAX_NEW_TOKENS, check_eval_generate, evaluate_generation,
+                       records_of_examples)
 from .plots import write_loss_plot
 from .weights.hf import load_hf_params
 from .weights.peft import save_adapter
@@ -85,6 +90,18 @@ def _prepare_data(cfg: TrainConfig, tokenizer):
     return train_ex, eval_ex, examples.meta
 
 
+def _eval_records(cfg: TrainConfig, tokenizer, n_examples: int, template: str) -> list:
+    """The raw records of the first ``eval_generate`` held-out examples (the same split as
+    :func:`_prepare_data`'s: the same permutation of the example positions), or [] when
+    ``eval_generate`` is 0."""
+    if not cfg.eval_generate:
+        return []
+    check_eval_generate(cfg.eval_generate, template)
+    _, eval_idx = data.split_train_eval(list(range(n_examples)), cfg.eval_fraction, cfg.seed)
+    return records_of_examples(cfg.data, eval_idx[:cfg.eval_generate], tokenizer,
+                               cfg.max_seq_len, cfg.train_on_inputs, cfg.chat_template)
+
+
 def _check_output_dir(cfg: TrainConfig) -> Path:
     """``output_dir``, refused when it holds another run's checkpoints (without ``resume``) or
     when this process, if it is the one that writes there (process 0), cannot create or write
@@ -111,6 +128,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
+    eval_records = _eval_records(cfg, tokenizer, len(train_ex) + len(eval_ex),
+                                 data_meta.get("template", cfg.template))
     mesh = mesh_for(cfg)
     check_attention_devices(cfg.attention, mesh)
     notes = []
@@ -175,8 +194,13 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     with _no_empty_file(metrics_path), open(metrics_path, "a") as metrics_file:
         reporter = reporting.MetricsReporter(metrics_file, out, cfg.report_to if is_main else "none")
         log = reporter.log
+        samples = _SamplesFile(out / SAMPLES_FILE if is_main else None, start_step)
+
+        def _eval(step):
+            return _evaluate(model, eval_ex, cfg, tokenizer, eval_records, samples, step)
+
         if eval_ex and start_step == 0:
-            log({"step": 0, **_eval(model, eval_ex, cfg)})          # the "before" of the curve
+            log({"step": 0, **_eval(0)})          # the "before" of the curve
 
         def prepare():
             """The next step's micro-batches on the devices, their token count and the data
@@ -229,7 +253,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                 pending = None
             if do_eval:
                 model.lora = lora
-                log({"step": step, **_eval(model, eval_ex, cfg)})
+                log({"step": step, **_eval(step)})
             if do_save:
                 checkpoints.save_checkpoint(ckpt_root, step, lora, opt_state,
                                             {"data": data_state, "seed": cfg.seed,
@@ -238,7 +262,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
                                             keep=cfg.keep_checkpoints)
         if eval_ex:
             model.lora = lora
-            ev = _eval(model, eval_ex, cfg)
+            ev = _eval(total_steps)
             log({"step": total_steps, **ev})
             last = {**last, **ev}
         reporter.close()
@@ -261,9 +285,45 @@ def _no_empty_file(path: Path):
         raise
 
 
-def _eval(model, examples, cfg: TrainConfig) -> dict:
+def _evaluate(model, examples, cfg: TrainConfig, tokenizer, records: list, samples,
+              step: int) -> dict:
+    """The eval metrics of the model as it is now: ``eval_loss`` / ``eval_perplexity`` over the
+    held-out ``examples``; with ``records`` (``eval_generate``) also the generated answers'
+    ``eval_em``, ``eval_f1``, ``eval_cite_rate``, ``eval_citation_accuracy`` and their
+    oracle present / absent splits (``spmd_lora.rag_eval``), the sample table going to
+    ``samples``."""
     result = evaluate(model, examples, batch_size=cfg.batch_size)
-    return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+    out = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+    if records:
+        metrics, table = evaluate_generation(model, tokenizer, records,
+                                             max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                             max_prompt_tokens=cfg.max_seq_len,
+                                             chat_template=cfg.chat_template)
+        out.update({f"eval_{k}": v for k, v in metrics.items() if not k.startswith("n")})
+        samples.add({"step": step, **metrics, "samples": table})
+    return out
+
+
+SAMPLES_FILE = "eval_samples.jsonl"
+
+
+class _SamplesFile:
+    """``eval_samples.jsonl``: one JSON line per evaluation with generation (step, metrics, the
+    sample table), rewritten atomically after each; on resume the lines of steps after the
+    checkpoint are dropped. ``path`` None (not process 0): nothing is written."""
+
+    def __init__(self, path: Path | None, start_step: int):
+        self.path, self.lines = path, []
+        if path is not None and path.is_file():
+            self.lines = [line for line in path.read_text().splitlines()
+                          if line.strip() and json.loads(line).get("step", 0) <= start_step]
+
+    def add(self, entry: dict) -> None:
+        if self.path is None:
+            return
+        self.lines = [line for line in self.lines if json.loads(line)["step"] != entry["step"]]
+        self.lines.append(json.dumps(entry))
+        write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

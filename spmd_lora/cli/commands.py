@@ -28,6 +28,9 @@ from ..config.train_config import TrainConfig
 from ..dashboard.server import serve
 from ..engine.generate import generate_text
 from ..evaluate import evaluate
+from ..data.templates import resolve_template
+from ..rag_eval import (EVAL_MAX_NEW_TOKENS, check_eval_generate, evaluate_generation,
+                        records_of_examples)
 from ..paths import check_writable_dir, ensure_writable_dir
 from ..export import export_merged
 from ..gguf_export import OUTTYPES, export_gguf, export_gguf_lora
@@ -205,6 +208,17 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """Loss / perplexity of ``--data``; with ``--generate N`` (rag) also the generated answers'
+    metrics of its first N examples, as training's ``--eval-generate`` computes them."""
+    check_eval_generate(args.generate, "rag", flag="--generate")        # >= 0
+    records = None
+    if args.generate:
+        if args.cp > 1:
+            raise ConfigError(f"--generate needs --cp 1 (generation holds whole sequences), got "
+                              f"--cp {args.cp}")
+        records = data.load_records(args.data)
+        check_eval_generate(args.generate, resolve_template(args.template, records),
+                            flag="--generate")
     model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
                        sequence_parallel=args.sequence_parallel,
                        mlp_chunk_tokens=args.mlp_chunk_tokens,
@@ -213,7 +227,17 @@ def cmd_eval(args) -> int:
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs,
                                      chat_template=args.chat_template)
-    _print_main(json.dumps(evaluate(model, examples, batch_size=args.batch_size)))
+    result = evaluate(model, examples, batch_size=args.batch_size)
+    if records is not None:
+        chosen = records_of_examples(args.data, range(min(args.generate, len(examples))),
+                                     tokenizer, args.max_seq_len, args.train_on_inputs,
+                                     args.chat_template)
+        metrics, samples = evaluate_generation(model, tokenizer, chosen,
+                                               max_new_tokens=args.max_new_tokens,
+                                               max_prompt_tokens=args.max_seq_len,
+                                               chat_template=args.chat_template)
+        result.update(metrics, samples=samples)
+    _print_main(json.dumps(result))
     return 0
 
 
@@ -300,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("template", "max_seq_len", "batch_size", "train_on_inputs", "sequence_parallel",
                  "mlp_chunk_tokens", "chat_template", "cp", "cp_impl"):
         add_field_flag(p, name)
+    add_cli_flag(p, "--generate", type=int, default=0)
+    add_cli_flag(p, "--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge an adapter into a HF checkpoint, or write "

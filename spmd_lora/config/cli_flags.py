@@ -35,7 +35,10 @@ CLI_HELP: dict[str, str] = {
     "--outtype": "GGUF type of the 2-D weights: f32, f16, bf16 or q8_0 (default: f16 for gguf, "
                  "f32 for gguf-lora)",
     "--prompt": "prompt text; repeat for a batch",
-    "--max-new-tokens": "tokens to generate per prompt",
+    "--max-new-tokens": "tokens to generate per prompt (eval --generate: per answer, as "
+                        "training's --eval-generate)",
+    "--generate": "rag only: also answer the first N examples by greedy generation and print "
+                  "their exact match, token F1, citation accuracy and a few samples (0 = off)",
     "--temperature": "sampling temperature; 0 = greedy",
     "--top-k": "sample only from the k most likely tokens; 0 = off",
     "--top-p": "nucleus sampling: only from the most likely tokens whose probabilities add up "

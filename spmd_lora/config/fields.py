@@ -79,6 +79,10 @@ FIELD_HELP: dict[str, str] = {
     "train_on_inputs": "the loss also covers the prompt tokens, not only the response",
     "eval_fraction": "fraction of the data held out for evaluation (0 = no eval)",
     "eval_every": "evaluate every N steps (0 = before and after training only)",
+    "eval_generate": "rag only: at each evaluation also answer the first N held-out examples "
+                     "by greedy generation and log their exact match, token F1 and citation "
+                     "accuracy (eval_em, eval_f1, ...; samples in OUTPUT/eval_samples.jsonl; "
+                     "0 = off)",
     "save_every": "write a checkpoint every N steps (0 = only at the end)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "resume": "continue from the newest complete checkpoint in the output directory",

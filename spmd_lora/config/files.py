@@ -32,6 +32,7 @@ class ConfigFileError(ConfigError):
 
 EXECUTION_ONLY_FIELDS = frozenset({
     "output_dir", "resume", "log_every", "save_every", "keep_checkpoints", "eval_every",
+    "eval_generate",
     "allow_pickle", "tp", "dp", "remat", "attention", "ce_chunk_tokens", "data_cache_dir",
     "data_workers", "data", "sequence_parallel", "mlp_chunk_tokens", "cp", "cp_impl",
     "offload_layers", "host_memory"})

@@ -63,6 +63,7 @@ class TrainConfig:
     train_on_inputs: bool = False
     eval_fraction: float = 0.0
     eval_every: int = 0                    # steps; 0 = only at the end (when there is eval data)
+    eval_generate: int = 0                 # rag: held-out examples answered by generation at each eval; 0 = off
     save_every: int = 0                    # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False
@@ -96,7 +97,7 @@ class TrainConfig:
         check_offload_layers(self.offload_layers, self.remat)
         if self.host_memory is not None:
             parse_size(self.host_memory, "host_memory")
-        for name in ("save_every", "eval_every", "warmup_steps", "data_workers"):
+        for name in ("save_every", "eval_every", "eval_generate", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = {'never' if name == 'data_workers' else 'off'}"
                                   f"), got {getattr(self, name)}")
@@ -112,6 +113,16 @@ class TrainConfig:
             check_choice(name, getattr(self, name))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_generate > 0:
+            if self.template not in ("rag", "auto"):
+                raise ConfigError(f"eval_generate {self.eval_generate} scores generated RAG "
+                                  f"answers and needs template rag, not {self.template}")
+            if self.eval_fraction == 0.0:
+                raise ConfigError(f"eval_generate {self.eval_generate} answers held-out examples: "
+                                  f"set eval_fraction > 0")
+            if self.cp > 1:
+                raise ConfigError(f"eval_generate {self.eval_generate} generates, which needs "
+                                  f"cp = 1, got cp={self.cp}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         for name, ok, rule in (("weight_decay", self.weight_decay >= 0, ">= 0"),
