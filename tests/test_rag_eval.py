@@ -8,6 +8,7 @@ import string
 import sys
 from collections import Counter
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +294,29 @@ def test_bad_eval_generate_is_one_error_line(run, tmp_path, capsys):
     line = _one_error(capsys, ev + ["--generate", "2"])
     assert "--generate" in line and "rag" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_readme_worked_example_runs_on_the_bundled_collection(tmp_path):
+    """The README's RAG loop on the bundled rag_passages / rag_qa (fewer steps): rag-data ->
+    train --eval-generate -> eval --generate, each as a user types it."""
+    from spmd_lora.tiny import asset_path, build_tiny_llama
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Worked example: RAG data")[1].split("```bash")[1].split("```")[0]
+    commands = [c.split() for c in re.sub(r"\\\n\s*", "", block).splitlines()
+                if c.startswith("spmd-lora ")]
+    assert [c[1] for c in commands] == ["demo", "rag-data", "train", "eval"]
+    model = build_tiny_llama(tmp_path / "demo" / "tiny_llama", num_hidden_layers=1)
+    swap = {"spmd_lora/assets/rag_passages.jsonl": str(asset_path("rag_passages.jsonl")),
+            "spmd_lora/assets/rag_qa.jsonl": str(asset_path("rag_qa.jsonl")),
+            "demo/tiny_llama": str(model), "40": "2", "20": "1"}
+    for argv in commands[1:]:
+        argv = [swap.get(a, a) for a in argv[1:]]
+        argv = [str(tmp_path / a) if a.startswith("rag/") else a for a in argv]
+        got = _main_json(argv)
+        if argv[0] == "rag-data":
+            assert got[-1]["rows"] == 72 and got[-1]["eval_rows"] == 8
+        elif argv[0] == "eval":
+            assert got[-1]["n"] == 8 and 0.0 <= got[-1]["f1"] <= 1.0 and got[-1]["samples"]
+    rows = [json.loads(x) for x in (tmp_path / "rag" / "run" / "metrics.jsonl").open()]
+    assert all(k in rows[-1] for k in GEN_KEYS)

@@ -9,6 +9,10 @@ so the output is deterministic and free of third-party content:
 * ``rag_sample.jsonl``    32 question / contexts / answer rows about invented towns; contexts
                          are plain strings or ``{"title", "text"}`` objects.
 * ``text_sample.jsonl``   32 ``{"text": ...}`` paragraphs.
+* ``rag_passages.jsonl``  a passage collection for ``spmd-lora rag-data``: 40 invented towns
+                         and 20 prose notes, ``{"id", "title", "text"}``.
+* ``rag_qa.jsonl``        80 question / answer rows about those towns, ``oracle`` = the id of
+                         the town's passage.
 
 The files are committed; this script only documents (and can reproduce) how they were made.
 """
@@ -378,6 +382,28 @@ def make_rag(n: int = 32, seed: int = 2) -> list[dict]:
     return rows
 
 
+def make_rag_collection(n_towns: int = 40, n_notes: int = 20, seed: int = 4
+                        ) -> tuple[list[dict], list[dict]]:
+    """(passages, qa): a passage collection for ``spmd-lora rag-data`` (``{"id", "title",
+    "text"}``: one passage per invented town, plus general prose notes) and QA rows about the
+    towns (``{"question", "answer", "oracle"}``, the oracle being the town's passage id); each
+    town answers two of :data:`QUESTIONS`."""
+    r = random.Random(seed)
+    used: set = set()
+    towns = [_town_fact(r, used) for _ in range(n_towns)]
+    passages = [{"id": f"town-{i:02d}", "title": t["name"], "text": _town_passage(t)}
+                for i, t in enumerate(towns)]
+    makers = [_science, _history]
+    passages += [{"id": f"note-{i:02d}", "title": "Notes", "text": makers[i % 2](r)}
+                 for i in range(n_notes)]
+    qa = []
+    for i, t in enumerate(towns):
+        for q, a in r.sample(QUESTIONS, 2):
+            qa.append({"question": q.format(name=t["name"]), "answer": a(t),
+                       "oracle": f"town-{i:02d}"})
+    return passages, qa
+
+
 def make_text(n: int = 32, seed: int = 3) -> list[dict]:
     r = random.Random(seed)
     makers = [_science, _history, _cooking, _geography, _daily]
@@ -396,6 +422,9 @@ def main(out: Path = HERE) -> None:
     _write_jsonl(out / "alpaca_sample.jsonl", make_alpaca())
     _write_jsonl(out / "rag_sample.jsonl", make_rag())
     _write_jsonl(out / "text_sample.jsonl", make_text())
+    passages, qa = make_rag_collection()
+    _write_jsonl(out / "rag_passages.jsonl", passages)
+    _write_jsonl(out / "rag_qa.jsonl", qa)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..paths import ensure_writable_dir
 from . import bm25
 from .records import iter_json_records
 from .rows import json_type
@@ -223,8 +224,7 @@ def build_rag_data(passages, qa, output, *, distractors: int = 3, hard: bool = F
             raise ConfigError(f"{t} already exists; pass --overwrite to replace it")
         if t.is_dir():
             raise ConfigError(f"{t} is a directory; --output must be a file path")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent}: the output's directory does not exist; create it")
+    ensure_writable_dir(out.parent, "--output's directory")
     source = PassageSource(passages, chunk_tokens, tokenizer)
 
     # pass 1: ids (and the first BM25 pass)
