@@ -219,6 +219,9 @@ def test_train_eval_generate_writes_metrics_and_samples(run):
         assert [x["question"] for x in s["samples"]] == [h["question"] for h in held_out]
         assert [x["reference"] for x in s["samples"]] == [h["answer"] for h in held_out]
         assert all(isinstance(x["generated"], str) for x in s["samples"])
+    # the dashboard's run panel shows the newest table
+    from spmd_lora.dashboard import runs
+    assert runs.summary(run["out"])["eval_samples"] == {"step": 2, "samples": samples[-1]["samples"]}
 
 
 def _held_out(rows):

@@ -117,8 +117,26 @@ def summary(run_dir, child_running: bool = False) -> dict:
         "checkpoints": checkpoints_on_disk(run_dir),
         "adapter": (run_dir / "adapter").is_dir(),
         "export_commands": export_commands(run_dir, (run_config or {}).get("train")),
+        "eval_samples": latest_eval_samples(run_dir),
         "loss_png": (run_dir / "loss.png").is_file(),
     }
+
+
+def latest_eval_samples(run_dir: Path) -> dict | None:
+    """The newest evaluation of ``run_dir/eval_samples.jsonl`` (``--eval-generate``): ``{"step",
+    "samples": [{"question", "generated", "reference"}, ...]}``; None without one (a line cut
+    by a writer, or not JSON, is skipped)."""
+    path = Path(run_dir) / "eval_samples.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("samples"), list):
+            return {"step": row.get("step"), "samples": row["samples"]}
+    return None
 
 
 def read_log(run_dir, offset: int = 0, limit: int = 65536) -> dict:

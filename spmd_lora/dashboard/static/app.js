@@ -146,6 +146,12 @@ function renderInfo(run, s) {
       ["phase", r => r.phase], ["source", r => r.source]]));
     box.appendChild(all);
   }
+  if (s.eval_samples && s.eval_samples.samples.length) {
+    const ev = el("div"); ev.appendChild(el("h3", {}, `generated answers at step ${s.eval_samples.step}`));
+    ev.appendChild(rowsTable(s.eval_samples.samples, [["question", r => r.question],
+      ["answer", r => r.generated], ["reference", r => r.reference]]));
+    box.appendChild(ev);
+  }
   if (s.export_commands && s.export_commands.length) {
     const ex = el("div", { class: "export" }); ex.appendChild(el("h3", {}, "take it elsewhere"));
     for (const c of s.export_commands) ex.append(el("p", {}, c.what), el("pre", {}, c.command));
