@@ -80,11 +80,11 @@ class PassageSource:
                             ".jsonl file or a directory of .txt / .md files)")
         self.is_dir = self.path.is_dir()
         if self.is_dir:
-            if tokenizer is None or not chunk_tokens:
+            if chunk_tokens is not None and chunk_tokens < 1:
+                raise ConfigError(f"--chunk-tokens must be at least 1, got {chunk_tokens}")
+            if tokenizer is None or chunk_tokens is None:
                 raise ConfigError(f"{self.path} is a directory: cutting its files into passages "
                                   "needs --chunk-tokens N and --model DIR (for the tokenizer)")
-            if chunk_tokens < 1:
-                raise ConfigError(f"--chunk-tokens must be at least 1, got {chunk_tokens}")
             self.files = sorted(p for p in self.path.rglob("*")
                                 if p.is_file() and p.suffix.lower() in DIR_SUFFIXES)
             if not self.files:
