@@ -60,7 +60,7 @@ def test_local_processes_from_the_environment(monkeypatch):
 
 def test_sizes_and_config_fields():
     assert parse_size("1.9TB") == int(1.9 * 1024 ** 4) and parse_size("512GiB") == 512 * GiB
-    with pytest.raises(ConfigError, match="host_memory: not a size"):
+    with pytest.raises(ConfigError, match="host_memory is not a size"):
         TrainConfig(model="m", data="d", output_dir="o", host_memory="lots")
     with pytest.raises(ConfigError, match="offload_layers applies to remat offload"):
         TrainConfig(model="m", data="d", output_dir="o", remat="full", offload_layers=2)

@@ -435,7 +435,7 @@ def parse_bytes(text: str) -> int:
     try:
         return parse_size(text)
     except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size is ")) from None
 
 
 def format_bytes(n: int) -> str:

@@ -19,7 +19,7 @@ def parse_size(text, what: str = "size") -> int:
         return text
     m = _SIZE.fullmatch(str(text))
     if not m:
-        raise ConfigError(f"{what}: not a size: {text!r} (e.g. 80GB, 1.9TB, 512GiB, 24000MB)")
+        raise ConfigError(f"{what} is not a size: {text!r} (e.g. 80GB, 1.9TB, 512GiB, 24000MB)")
     mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}[m.group(2).upper()]
     return int(float(m.group(1)) * mult)
 
