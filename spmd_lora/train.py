@@ -8,7 +8,9 @@ are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 
 * ``adapter/`` - the final adapter in PEFT format (written atomically, last);
 * ``config.yaml`` - the resolved ``TrainConfig`` (``config_file.py``);
-* ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s)
+* ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s;
+  with ``objective="dpo"`` also TRL's rewards/chosen, rewards/rejected, rewards/accuracies,
+  rewards/margins, logps/chosen, logps/rejected, means over the step's pairs)
   and per evaluation (eval_loss; with ``eval_generate`` on rag data also eval_em, eval_f1,
   eval_cite_rate, eval_citation_accuracy and their oracle splits, ``rag_eval.py``);
 * ``eval_samples.jsonl`` - with ``eval_generate``: per evaluation its step, the generation
@@ -49,6 +51,7 @@ from .rag_eval import (EVAL_MAX_NEW_TOKENS, check_eval_generate, evaluate_genera
 from .plots import write_loss_plot
 from .weights.hf import load_hf_params
 from .weights.peft import save_adapter
+from .model import PREFERENCE_METRICS
 
 
 class Progress:
@@ -127,15 +130,27 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     out = _check_output_dir(cfg)
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
-    eval_records = _eval_records(cfg, tokenizer, len(train_ex) + len(eval_ex),
-                                 data_meta.get("template", cfg.template))
+    dpo = cfg.objective == "dpo"
+    if dpo:     # preference pairs, tokenized in memory (spmd_lora.data.preference)
+        train_ex, eval_ex = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len), []
+        data_meta = {"data_digest": data.cache.data_digest(cfg.data), "template": "dpo"}
+        eval_records = []
+    else:
+        train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)
+        eval_records = _eval_records(cfg, tokenizer, len(train_ex) + len(eval_ex),
+                                     data_meta.get("template", cfg.template))
     mesh = mesh_for(cfg)
     check_attention_devices(cfg.attention, mesh)
     notes = []
     cfg = resolve_run_memory(cfg, model_cfg, mesh, say=notes.append)
-    batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
-                                 pack=cfg.pack, seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
+    if dpo:
+        batches = data.PairBatchIterator(train_ex, batch_size=cfg.batch_size,
+                                         max_seq_len=cfg.max_seq_len, seed=cfg.seed,
+                                         pad_id=data.pad_token_id(tokenizer))
+    else:
+        batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size,
+                                     max_seq_len=cfg.max_seq_len, pack=cfg.pack, seed=cfg.seed,
+                                     pad_id=data.pad_token_id(tokenizer))
     steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum_steps
     if steps_per_epoch < 1 and cfg.max_steps is None:
         raise DataError(f"{cfg.data}: {batches.steps_per_epoch} batches per epoch is fewer than "
@@ -222,6 +237,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
                     "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
                     "tokens_per_s": seq_tokens / elapsed}
+            last.update((k, m[k]) for k in PREFERENCE_METRICS if k in m)   # objective dpo
             peak = reporting.device_peak_bytes(mesh)
             if peak is not None:
                 last["peak_bytes"] = peak

@@ -13,6 +13,10 @@ so the output is deterministic and free of third-party content:
                          and 20 prose notes, ``{"id", "title", "text"}``.
 * ``rag_qa.jsonl``        80 question / answer rows about those towns, ``oracle`` = the id of
                          the town's passage.
+* ``dpo_sample.jsonl``    32 preference rows ``{"prompt", "chosen", "rejected"}`` from the
+                         Alpaca rows: the instruction (and input) as the prompt, the row's own
+                         output chosen, another row's output rejected (``train --objective
+                         dpo``).
 
 The files are committed; this script only documents (and can reproduce) how they were made.
 """
@@ -410,6 +414,18 @@ def make_text(n: int = 32, seed: int = 3) -> list[dict]:
     return [{"text": makers[i % len(makers)](r)} for i in range(n)]
 
 
+def make_dpo(alpaca: list[dict], n: int = 32, shift: int = 7) -> list[dict]:
+    """Preference rows from Alpaca rows: row i's answer is chosen, row (i + shift)'s (a
+    different task) rejected."""
+    rows = []
+    for i in range(n):
+        rec = alpaca[i]
+        prompt = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "") + "\nAnswer:"
+        rows.append({"prompt": prompt, "chosen": " " + rec["output"],
+                     "rejected": " " + alpaca[(i + shift) % len(alpaca)]["output"]})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -425,6 +441,7 @@ def main(out: Path = HERE) -> None:
     passages, qa = make_rag_collection()
     _write_jsonl(out / "rag_passages.jsonl", passages)
     _write_jsonl(out / "rag_qa.jsonl", qa)
+    _write_jsonl(out / "dpo_sample.jsonl", make_dpo(make_alpaca()))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "report_to": ("none", "tensorboard"),
     "base_quant": ("none", "int8", "nf4"),
     "cp_impl": ("ring", "allgather"),
+    "objective": ("sft", "dpo"),
+    "loss_type": ("sigmoid", "ipo"),
 }
 
 #: One sentence per field: what it does (units, when it applies). Defaults are added by the CLI.
@@ -102,6 +104,14 @@ FIELD_HELP: dict[str, str] = {
     "data_cache_dir": "tokenized-data cache directory (default: $SPMD_LORA_CACHE or "
                       "~/.cache/spmd_lora/tokenized)",
     "data_workers": "tokenizer processes that build the cache (0 = min(cpus, 8))",
+    "objective": "sft (next-token loss on the responses) or dpo (Direct Preference "
+                 "Optimization on prompt/chosen/rejected rows against the base model without "
+                 "LoRA as the reference)",
+    "beta": "dpo: the inverse temperature of the implicit reward beta*log(pi/pi_ref); larger "
+            "keeps the policy closer to the reference",
+    "loss_type": "dpo loss: sigmoid (DPO) or ipo (squared margin of per-token mean log-ratios)",
+    "label_smoothing": "dpo sigmoid: assumed probability that a pair's preference is flipped "
+                       "(conservative DPO), in [0, 0.5)",
 }
 
 

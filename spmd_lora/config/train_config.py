@@ -79,6 +79,10 @@ class TrainConfig:
     data_workers: int = 0                  # tokenizer processes for the cache; 0 = min(cpus, 8)
     report_to: str = "none"                # none | tensorboard
     census: bool = True                    # write census.json at start-up (--no-census)
+    objective: str = "sft"                 # sft | dpo (preference pairs: prompt/chosen/rejected)
+    beta: float = 0.1                      # dpo: strength of the reference-model regularisation
+    loss_type: str = "sigmoid"             # dpo: sigmoid | ipo
+    label_smoothing: float = 0.0           # dpo sigmoid: assumed fraction of flipped labels (cDPO)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -132,6 +136,30 @@ class TrainConfig:
                                                                   "by alpha/r)")):
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.objective == "dpo":
+            self._check_dpo()
+
+    def _check_dpo(self):
+        """objective dpo (phase 1): pairs on adjacent rows of every dp shard, cp 1, no
+        packing, no held-out evaluation; label smoothing only with the sigmoid loss."""
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
+        if self.batch_size % (2 * self.dp):
+            raise ConfigError(f"objective dpo puts each pair on two adjacent rows: batch_size="
+                              f"{self.batch_size} must be a multiple of 2*dp={2 * self.dp}")
+        for name, bad, why in (("cp", self.cp > 1, "cp = 1"),
+                               ("pack", self.pack, "no packing (pack=False)"),
+                               ("eval_fraction", self.eval_fraction > 0, "eval_fraction 0"),
+                               ("train_on_inputs", self.train_on_inputs,
+                                "the loss on the completions only")):
+            if bad:
+                raise ConfigError(f"objective dpo needs {why} for now, got {name}="
+                                  f"{getattr(self, name)}")
 
     @property
     def host_memory_bytes(self) -> int | None:

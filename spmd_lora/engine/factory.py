@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ..config.lora_config import LoraConfig
 from ..errors import ConfigError
 from ..kernels import resolve_impl
-from ..model import ForwardOptions
+from ..model import ForwardOptions, PreferenceLoss
 from ..parallel.mesh import CP, TP, make_mesh
 from ..parallel.placement import MICRO_BATCH_SPEC, replicate
 from ..parallel.zigzag import BATCH_FIELDS, padded_seq_len
@@ -154,12 +154,14 @@ class TrainStep:
 
 
 def build_train_step(model_cfg, settings=None, *, mesh=None, optimizer=None,
-                     lora: LoraConfig | None = None, **fields) -> TrainStep:
+                     lora: LoraConfig | None = None, preference=None, **fields) -> TrainStep:
     """The train step of ``model_cfg`` with its ForwardOptions (:func:`forward_options`), mesh
     (given, and then its tp and cp are the step's unless ``fields`` name them; else
     :func:`mesh_for` of the same settings) and optimizer: a
     ``GradientTransformation``, an :class:`OptimizerConfig`, or None for OptimizerConfig's
-    defaults. ``lora`` defaults to ``settings.lora_config``, else ``LoraConfig()``."""
+    defaults. ``lora`` defaults to ``settings.lora_config``, else ``LoraConfig()``.
+    ``preference``: a :class:`~spmd_lora.model.PreferenceLoss` for the DPO step; default
+    :func:`preference_loss` of the settings (None for objective sft)."""
     if mesh is None:
         mesh = mesh_for(settings, **fields)
     else:                               # the step's tp and cp are the mesh's
@@ -170,4 +172,14 @@ def build_train_step(model_cfg, settings=None, *, mesh=None, optimizer=None,
     if optimizer is None or isinstance(optimizer, OptimizerConfig):
         optimizer = make_optimizer(optimizer or OptimizerConfig())
     return TrainStep(opts=opts, mesh=mesh, optimizer=optimizer,
-                     step=make_train_step(opts, mesh, optimizer))
+                     step=make_train_step(opts, mesh, optimizer,
+                                          preference or preference_loss(settings)))
+
+
+def preference_loss(settings) -> PreferenceLoss | None:
+    """The DPO loss of settings with ``objective="dpo"`` (``beta``, ``loss_type``,
+    ``label_smoothing``), or None (objective sft, or settings without an objective)."""
+    if getattr(settings, "objective", "sft") != "dpo":
+        return None
+    return PreferenceLoss(beta=settings.beta, loss_type=settings.loss_type,
+                          label_smoothing=settings.label_smoothing)

@@ -54,7 +54,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation):
+def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation,
+                    preference: model.PreferenceLoss | None = None):
     """Returns jitted step(params, lora, opt_state, batches, key) -> (lora, opt_state, metrics).
 
     ``batches``: dict of int32 arrays [A, B, S] (A micro-batches of B rows, B split over dp, S
@@ -68,7 +69,11 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
     to varying over (dp, cp, tp): the backward then emits no LoRA-gradient collective at all, the
     micro-batch gradients accumulate locally, and ONE psum over the mesh per step reduces them
     (instead of one per layer and micro-batch).
+
+    ``preference`` (objective dpo): the step is :func:`make_preference_step`'s instead.
     """
+    if preference is not None:
+        return make_preference_step(opts, mesh, optimizer, preference)
     use_dropout = opts.lora is not None and opts.lora.dropout > 0.0
 
     def accumulate(params, lora, batches, key):
@@ -108,6 +113,76 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        return lora, opt_state, metrics
+
+    replicated = NamedSharding(mesh, REPLICATED)
+    return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated, replicated, replicated))
+
+
+def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation,
+                         preference: model.PreferenceLoss):
+    """The DPO train step: ``step(params, lora, opt_state, batches, key) -> (lora, opt_state,
+    metrics)``, the same arguments and shardings as :func:`make_train_step`'s (cp = 1).
+
+    ``batches`` [A, B, S]: each micro-batch holds B/2 preference pairs on adjacent rows
+    (chosen, rejected; :mod:`spmd_lora.model.preference`), B/dp rows per dp shard (even, so a
+    pair never straddles two shards). The loss is the MEAN over every pair of the step: each
+    micro-batch's gradient of the SUM of its pair losses is accumulated per device, ONE psum
+    over the mesh reduces them, and the sum is divided by the step's pair count, so every pair
+    weighs the same whichever micro-batch it is in (per pair, not per token nor per
+    micro-batch). metrics: loss (pair mean), grad_norm, tokens (completion tokens of the
+    policy rows), pairs, and the means over pairs of ``model.PREFERENCE_METRICS``
+    (TRL's ``rewards/*`` and ``logps/*``)."""
+    if opts.cp > 1:
+        raise ValueError("the DPO step needs cp = 1 (a pair's log-probs are summed on one device)")
+    use_dropout = opts.lora is not None and opts.lora.dropout > 0.0
+    names = model.PREFERENCE_METRICS
+
+    def accumulate(params, lora, batches, key):
+        """Per device: (LoRA gradients of the summed pair loss, loss sum, pair count, token
+        count, metric sums), all summed over the mesh."""
+        lora_v = jax.lax.pcast(lora, MESH_AXES, to="varying")
+        varying = lambda x, axes: jax.lax.pcast(x, axes, to="varying")
+
+        def micro(carry, xs):
+            grad_acc, loss_acc, pairs_acc, tokens_acc, metric_acc = carry
+            batch, index = xs
+            micro_key = jax.random.fold_in(key, index) if use_dropout else None
+            (total, (sums, pairs)), grads = jax.value_and_grad(
+                lambda lp: model.preference_sums(params, lp, batch, opts, preference, micro_key),
+                has_aux=True)(lora_v)
+            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+            tokens = jnp.sum(batch["target_weights"].astype(jnp.float32))
+            metric_acc = {k: metric_acc[k] + sums[k] for k in names}
+            return (grad_acc, loss_acc + total, pairs_acc + pairs, tokens_acc + tokens,
+                    metric_acc), None
+
+        n_micro = batches["tokens"].shape[0]
+        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), MESH_AXES), lora)
+        scalar0 = lambda: varying(jnp.zeros((), jnp.float32), (DP, CP))  # noqa: E731
+        init = (zeros, scalar0(), scalar0(), scalar0(), {k: scalar0() for k in names})
+        (grads, total, pairs, tokens, sums), _ = jax.lax.scan(
+            micro, init, (batches, jnp.arange(n_micro)))
+        reduce = lambda x: jax.lax.psum(x, (DP, CP))  # noqa: E731
+        return (jax.lax.psum(grads, MESH_AXES), reduce(total), reduce(pairs), reduce(tokens),
+                {k: reduce(v) for k, v in sums.items()})
+
+    def step(params, lora, opt_state, batches, key):
+        batches = sharded.prepared_batch(batches, opts)
+        per_device = jax.shard_map(
+            accumulate, mesh=mesh,
+            in_specs=(param_specs(params), lora_specs(lora),
+                      {k: MICRO_BATCH_SPEC for k in batches}, REPLICATED),
+            out_specs=(lora_specs(lora), REPLICATED, REPLICATED, REPLICATED,
+                       {k: REPLICATED for k in names}),
+            check_vma=True)
+        grads, total, pairs, tokens, sums = per_device(params, lora, batches, key)
+        pairs = jnp.maximum(pairs, 1.0)
+        grads = jax.tree.map(lambda g: g / pairs, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        metrics = {"loss": total / pairs, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
+                   "pairs": pairs, **{k: v / pairs for k, v in sums.items()}}
         return lora, opt_state, metrics
 
     replicated = NamedSharding(mesh, REPLICATED)

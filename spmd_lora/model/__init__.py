@@ -29,14 +29,17 @@ the weight dtype (the rotation itself, as in HF, in the activations' dtype).
 Modules: :mod:`.options` (``ForwardOptions``), :mod:`.layers` (RMS norm, rotary embeddings,
 vocab-parallel embedding), :mod:`.lora_linear` (column / row linears with LoRA), :mod:`.dropout`
 (LoRA dropout masks), :mod:`.remat` (the layer scan's checkpoint policy), :mod:`.llama` (the
-layer and the stack), :mod:`.loss` (LM head and vocab-parallel cross-entropy).
+layer and the stack), :mod:`.loss` (LM head and vocab-parallel cross-entropy, per-row sequence log-probs),
+:mod:`.preference` (the DPO loss of adjacent chosen / rejected rows).
 """
 from .layers import apply_rope, embed, rms_norm, rope_tables
 from .llama import hidden_states, loss_sum, mlp_residual
 from .lora_linear import column_linear, row_linear
-from .loss import cross_entropy_sum, local_logits
+from .loss import cross_entropy_sum, local_logits, sequence_logps
 from .options import REMAT_POLICIES, ForwardOptions
+from .preference import PREFERENCE_METRICS, PreferenceLoss, preference_sums
 
 __all__ = ["REMAT_POLICIES", "ForwardOptions", "apply_rope", "column_linear", "cross_entropy_sum",
            "embed", "hidden_states", "local_logits", "loss_sum", "mlp_residual", "rms_norm",
-           "rope_tables", "row_linear"]
+           "rope_tables", "row_linear", "sequence_logps", "PREFERENCE_METRICS", "PreferenceLoss",
+           "preference_sums"]

@@ -160,3 +160,96 @@ def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
     per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs),
                             (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
     return jnp.sum(per_chunk), count
+
+
+def _token_logp_forward(h, head, targets, opts: ForwardOptions):
+    """(log p(target) of every row [N], replicated over tp; its gradient w.r.t. h [N, D]) of
+    one chunk: h [N, D] (the same rows on every tp device), head [D, Vl] local columns,
+    targets [N] global ids. The log-softmax normaliser is reduced over tp (``pmax`` of the row
+    maxima, ``psum`` of the sum-exp and of the target logit), as in :func:`_ce_forward`."""
+    with jax.named_scope("lm_head"):
+        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
+        logits = _mask_padded_vocab(logits, opts)
+    vl = logits.shape[-1]
+    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
+    e = jnp.exp(logits - m[:, None])
+    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
+    local_t = targets - jax.lax.axis_index(TP) * vl
+    here = (local_t >= 0) & (local_t < vl)
+    t_col = jnp.clip(local_t, 0, vl - 1)
+    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
+    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
+    logp = target_logit - m - jnp.log(sum_exp)                               # [N]
+    # d logp / dh = head[:, target]^T - softmax @ head^T (this device's vocab slice; summed
+    # over tp by like_vma when h is the same on every tp device).
+    head_t = jnp.take(head, t_col, axis=1).T.astype(F32)                     # [N, D]
+    dh = (jnp.where(here, 1.0, 0.0)[:, None] * head_t
+          - jnp.einsum("nv,dv->nd", e.astype(head.dtype), head, preferred_element_type=F32)
+          / sum_exp[:, None])
+    return logp, like_vma(dh, h).astype(h.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_token_logp(h, head, targets, opts: ForwardOptions):
+    return _token_logp_forward(h, head, targets, opts)[0]
+
+
+def _fused_token_logp_fwd(h, head, targets, opts):
+    if head.perturbed:
+        raise NotImplementedError("sequence_logps differentiates the hidden rows only (LoRA "
+                                  "training; the LM head is frozen)")
+    logp, dh = _token_logp_forward(h.value, head.value, targets.value, opts)
+    return logp, dh
+
+
+def _fused_token_logp_bwd(opts, dh, g):
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    return dh * g.astype(dh.dtype)[:, None], None, None
+
+
+_fused_token_logp.defvjp(_fused_token_logp_fwd, _fused_token_logp_bwd, symbolic_zeros=True)
+
+
+@jax.named_scope("loss")
+def sequence_logps(h, targets, weights, params, opts: ForwardOptions):
+    """Per-row sums of target-token log-probabilities (DPO's sequence log-probs).
+
+    h [B, R, D] local residual rows (``opts.layout``); targets, weights [B, S] (the prepared
+    batch's ``targets`` / ``target_weights``; weight 1 on the completion tokens, 0 elsewhere).
+    Returns [B] float32 ``sum_t weights[b, t] * log p(targets[b, t])``, replicated over tp and
+    local to this dp shard (cp = 1: a row's tokens are all on this device).
+
+    The same vocab-parallel chunks as :func:`cross_entropy_sum` (``ce_chunk_tokens`` rows at a
+    time, gathered over tp under sequence parallelism, the log-softmax reduced over tp), but
+    each chunk returns its per-token log-probs, which are summed into their rows (a segment
+    sum by row index); the chunk's forward keeps only d logp / dh [N, D] for the backward."""
+    b, s = targets.shape
+    layout = opts.layout(s)
+    rows, d = h.shape[1], h.shape[2]
+    targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
+    n = b * rows
+    g = layout.gather_factor
+    chunk = opts.ce_chunk_rows(layout, n)
+    n_chunks = -(-n // chunk)
+    hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
+    head = _head_local(params)
+
+    def chunk_sums(h_chunk, j):
+        """[B]: the weighted log-prob sums of local flat rows [j*chunk, (j+1)*chunk)."""
+        flat = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        bi, local = flat // rows, flat % rows
+        seq_idx = (jnp.arange(g, dtype=jnp.int32)[:, None] * rows + local[None, :]).reshape(-1)
+        bi = jnp.tile(jnp.minimum(bi, b - 1), g)                             # [g*c]
+        valid = jnp.tile(flat < n, g)
+        t = targets[bi, seq_idx]
+        w = jnp.where(valid, weights[bi, seq_idx], 0.0)
+        hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
+        logp = _fused_token_logp(hg, head, t, opts)                          # [g*c]
+        return jax.ops.segment_sum(w * logp, bi, num_segments=b)             # [B]
+
+    if n_chunks == 1:
+        return chunk_sums(hf, 0)
+    per_chunk = jax.lax.map(lambda xs: chunk_sums(*xs),
+                            (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
+    return jnp.sum(per_chunk, axis=0)
