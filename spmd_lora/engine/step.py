@@ -80,7 +80,6 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
         """Per device. Returns (LoRA gradients of the summed token loss, loss sum, token count),
         all summed over the mesh."""
         lora_v = jax.lax.pcast(lora, MESH_AXES, to="varying")
-        varying = lambda x, axes: jax.lax.pcast(x, axes, to="varying")
 
         def micro(carry, xs):
             grad_acc, loss_acc, count_acc = carry
@@ -93,28 +92,54 @@ def make_train_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransfo
             return (grad_acc, loss_acc + total, count_acc + count), None
 
         n_micro = batches["tokens"].shape[0]
-        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), MESH_AXES), lora)
-        scalar0 = varying(jnp.zeros((), jnp.float32), (DP, CP))
         (grads, total, count), _ = jax.lax.scan(
-            micro, (zeros, scalar0, scalar0), (batches, jnp.arange(n_micro)))
+            micro, (_zero_grads(lora), _scalar0(), _scalar0()), (batches, jnp.arange(n_micro)))
         return (jax.lax.psum(grads, MESH_AXES), jax.lax.psum(total, (DP, CP)),
                 jax.lax.psum(count, (DP, CP)))
 
     def step(params, lora, opt_state, batches, key):
         batches = sharded.prepared_batch(batches, opts)
-        per_device = jax.shard_map(
-            accumulate, mesh=mesh,
-            in_specs=(param_specs(params), lora_specs(lora),
-                      {k: MICRO_BATCH_SPEC for k in batches}, REPLICATED),
-            out_specs=(lora_specs(lora), REPLICATED, REPLICATED), check_vma=True)
-        grads, total, count = per_device(params, lora, batches, key)
+        grads, total, count = _on_every_device(accumulate, mesh, (REPLICATED, REPLICATED),
+                                               params, lora, batches, key)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
+        lora, opt_state = _apply_update(optimizer, grads, opt_state, lora)
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return lora, opt_state, metrics
 
+    return _jit_step(step, mesh)
+
+
+def _zero_grads(lora):
+    """Zero LoRA-gradient accumulators, varying over the whole mesh (the scan carry's type)."""
+    return jax.tree.map(
+        lambda x: jax.lax.pcast(jnp.zeros(x.shape, x.dtype), MESH_AXES, to="varying"), lora)
+
+
+def _scalar0():
+    """A float32 zero varying over (dp, cp): a per-shard sum's initial value."""
+    return jax.lax.pcast(jnp.zeros((), jnp.float32), (DP, CP), to="varying")
+
+
+def _on_every_device(accumulate, mesh, out_tail, params, lora, batches, key):
+    """``accumulate(params, lora, batches, key)`` per device under ``shard_map``: params and
+    LoRA in their specs, batches as micro-batches, the key replicated; it returns the LoRA
+    gradients (LoRA specs) followed by outputs with the specs ``out_tail``."""
+    return jax.shard_map(
+        accumulate, mesh=mesh,
+        in_specs=(param_specs(params), lora_specs(lora),
+                  {k: MICRO_BATCH_SPEC for k in batches}, REPLICATED),
+        out_specs=(lora_specs(lora), *out_tail), check_vma=True)(params, lora, batches, key)
+
+
+def _apply_update(optimizer, grads, opt_state, lora):
+    """One optimizer update of the LoRA factors: (lora, opt_state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state
+
+
+def _jit_step(step, mesh):
+    """``step`` jitted with LoRA and optimizer state donated and every output replicated."""
     replicated = NamedSharding(mesh, REPLICATED)
     return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated, replicated, replicated))
 
@@ -142,7 +167,6 @@ def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTr
         """Per device: (LoRA gradients of the summed pair loss, loss sum, pair count, token
         count, metric sums), all summed over the mesh."""
         lora_v = jax.lax.pcast(lora, MESH_AXES, to="varying")
-        varying = lambda x, axes: jax.lax.pcast(x, axes, to="varying")
 
         def micro(carry, xs):
             grad_acc, loss_acc, pairs_acc, tokens_acc, metric_acc = carry
@@ -158,9 +182,8 @@ def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTr
                     metric_acc), None
 
         n_micro = batches["tokens"].shape[0]
-        zeros = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype), MESH_AXES), lora)
-        scalar0 = lambda: varying(jnp.zeros((), jnp.float32), (DP, CP))  # noqa: E731
-        init = (zeros, scalar0(), scalar0(), scalar0(), {k: scalar0() for k in names})
+        init = (_zero_grads(lora), _scalar0(), _scalar0(), _scalar0(),
+                {k: _scalar0() for k in names})
         (grads, total, pairs, tokens, sums), _ = jax.lax.scan(
             micro, init, (batches, jnp.arange(n_micro)))
         reduce = lambda x: jax.lax.psum(x, (DP, CP))  # noqa: E731
@@ -169,21 +192,14 @@ def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTr
 
     def step(params, lora, opt_state, batches, key):
         batches = sharded.prepared_batch(batches, opts)
-        per_device = jax.shard_map(
-            accumulate, mesh=mesh,
-            in_specs=(param_specs(params), lora_specs(lora),
-                      {k: MICRO_BATCH_SPEC for k in batches}, REPLICATED),
-            out_specs=(lora_specs(lora), REPLICATED, REPLICATED, REPLICATED,
-                       {k: REPLICATED for k in names}),
-            check_vma=True)
-        grads, total, pairs, tokens, sums = per_device(params, lora, batches, key)
+        grads, total, pairs, tokens, sums = _on_every_device(
+            accumulate, mesh, (REPLICATED, REPLICATED, REPLICATED, {k: REPLICATED for k in names}),
+            params, lora, batches, key)
         pairs = jnp.maximum(pairs, 1.0)
         grads = jax.tree.map(lambda g: g / pairs, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
+        lora, opt_state = _apply_update(optimizer, grads, opt_state, lora)
         metrics = {"loss": total / pairs, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
                    "pairs": pairs, **{k: v / pairs for k, v in sums.items()}}
         return lora, opt_state, metrics
 
-    replicated = NamedSharding(mesh, REPLICATED)
-    return jax.jit(step, donate_argnums=(1, 2), out_shardings=(replicated, replicated, replicated))
+    return _jit_step(step, mesh)

@@ -9,6 +9,7 @@ keeps only an [N, D] per chunk, never logits.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,38 @@ def _mask_padded_vocab(logits, opts: ForwardOptions):
     return jnp.where(col < opts.cfg.vocab_size, logits, jnp.finfo(F32).min)
 
 
+class _VocabSoftmax(NamedTuple):
+    """One chunk's softmax over the tp-sharded vocab (see :func:`_vocab_softmax`)."""
+
+    m: jax.Array            # [N] the row max over the WHOLE vocab (pmax over tp)
+    e: jax.Array            # [N, Vl] exp(logits - m) over this device's vocab slice
+    sum_exp: jax.Array      # [N] the sum of exp(logits - m) over the WHOLE vocab (psum over tp)
+    target_logit: jax.Array  # [N] the target's logit, replicated over tp
+    here: jax.Array         # [N] bool: the target's column is on this device
+    t_col: jax.Array        # [N] the target's local column (clipped into range when not here)
+
+
+def _vocab_softmax(h, head, targets, opts: ForwardOptions) -> _VocabSoftmax:
+    """The vocab-parallel log-softmax of one chunk, shared by the cross-entropy and the
+    sequence log-probs: h [N, D] (the same rows on every tp device), head [D, Vl] local
+    columns, targets [N] global ids. The row max is reduced over tp with ``pmax``, the sum-exp
+    and the target's logit with ``psum``; the full logits are never gathered."""
+    with jax.named_scope("lm_head"):
+        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
+        logits = _mask_padded_vocab(logits, opts)
+    vl = logits.shape[-1]
+    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
+    e = jnp.exp(logits - m[:, None])
+    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
+    local_t = targets - jax.lax.axis_index(TP) * vl                          # out of range: not here
+    here = (local_t >= 0) & (local_t < vl)                                   # [N]
+    t_col = jnp.clip(local_t, 0, vl - 1)
+    # The target's logit by gather (O(N)), not by a one-hot pass over [N, Vl].
+    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
+    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
+    return _VocabSoftmax(m, e, sum_exp, target_logit, here, t_col)
+
+
 def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
     """Vocab-parallel cross-entropy of one chunk. h [N, D] (the same rows on every tp device);
     targets, weights [N]. Returns the weighted sum of per-token losses (replicated over tp).
@@ -60,20 +93,10 @@ def _ce_chunk(h, targets, weights, params, opts: ForwardOptions):
 def _ce_forward(h, head, targets, weights, opts: ForwardOptions, head_grad: bool = False):
     """(weighted loss sum, its gradient w.r.t. h, and w.r.t. the head when ``head_grad``, else
     None) of one chunk; see :func:`_ce_chunk`."""
-    with jax.named_scope("lm_head"):
-        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
-        logits = _mask_padded_vocab(logits, opts)
-    vl = logits.shape[-1]
-    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
-    e = jnp.exp(logits - m[:, None])
-    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
-    local_t = targets - jax.lax.axis_index(TP) * vl                          # out of range: not here
-    here = (local_t >= 0) & (local_t < vl)                                   # [N]
-    t_col = jnp.clip(local_t, 0, vl - 1)
-    # The target's logit and head column by gather (O(N)), not by a one-hot pass over [N, Vl].
-    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
-    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
-    loss = jnp.sum((jnp.log(sum_exp) + m - target_logit) * weights)
+    sm = _vocab_softmax(h, head, targets, opts)
+    e, sum_exp, here, t_col = sm.e, sm.sum_exp, sm.here, sm.t_col
+    vl = e.shape[-1]
+    loss = jnp.sum((jnp.log(sum_exp) + sm.m - sm.target_logit) * weights)
     # dL/dlogits = e * scale - onehot * w (rows scaled: scale = w / sum_exp), so
     # dL/dh = (e @ head^T) * scale - w * head[:, target]^T: no [N, Vl] pass besides the matmul.
     scale = weights / sum_exp
@@ -132,19 +155,30 @@ def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
     logits of only one chunk are ever live. Under sequence parallelism a chunk is gathered from
     every tp device's rows (all_gather; reduce-scatter of its gradient), so each token's loss is
     computed once and the LM head is never gathered."""
-    b, s = targets.shape
-    layout = opts.layout(s)
-    rows, d = h.shape[1], h.shape[2]
+    layout = opts.layout(targets.shape[1])
     targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
-    count = jnp.sum(weights)
+    loss = _sum_over_chunks(h, targets, weights, layout, opts,
+                            lambda hg, t, w, bi: _ce_chunk(hg, t, w, params, opts))
+    return loss, jnp.sum(weights)
+
+
+def _sum_over_chunks(h, targets, weights, layout, opts: ForwardOptions, chunk_fn):
+    """The sum over chunks of ``chunk_fn(hg, t, w, bi)``, the one chunk loop of the loss and
+    the sequence log-probs. h [B, R, D] local residual rows; targets, weights [B, S_pad]
+    (padded by ``layout``). A chunk is ``opts.ce_chunk_rows`` local flat rows, gathered from
+    every tp device's rows under sequence parallelism (all_gather; reduce-scatter of its
+    gradient): hg [g*c, D], its targets t and weights w [g*c] (0 past the last row), and bi
+    [g*c] the batch row of each. More than one chunk runs under ``lax.map``, so the [tokens,
+    Vl] logits of only one chunk are ever live."""
+    b, rows, d = h.shape
     n = b * rows                                                              # local rows
     g = layout.gather_factor
     chunk = opts.ce_chunk_rows(layout, n)
     n_chunks = -(-n // chunk)
     hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
 
-    def chunk_loss(h_chunk, j):
-        """Loss of local flat rows [j*chunk, (j+1)*chunk), gathered over tp when SP."""
+    def one_chunk(h_chunk, j):
+        """Local flat rows [j*chunk, (j+1)*chunk), gathered over tp when SP."""
         flat = j * chunk + jnp.arange(chunk, dtype=jnp.int32)                # [c]
         bi, local = flat // rows, flat % rows
         seq_idx = (jnp.arange(g, dtype=jnp.int32)[:, None] * rows + local[None, :]).reshape(-1)
@@ -153,13 +187,13 @@ def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
         t = targets[bi, seq_idx]
         w = jnp.where(valid, weights[bi, seq_idx], 0.0)
         hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
-        return _ce_chunk(hg, t, w, params, opts)
+        return chunk_fn(hg, t, w, bi)
 
     if n_chunks == 1:
-        return chunk_loss(hf, 0), count
-    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs),
+        return one_chunk(hf, 0)
+    per_chunk = jax.lax.map(lambda xs: one_chunk(*xs),
                             (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
-    return jnp.sum(per_chunk), count
+    return jnp.sum(per_chunk, axis=0)
 
 
 def _token_logp_forward(h, head, targets, opts: ForwardOptions):
@@ -167,25 +201,14 @@ def _token_logp_forward(h, head, targets, opts: ForwardOptions):
     one chunk: h [N, D] (the same rows on every tp device), head [D, Vl] local columns,
     targets [N] global ids. The log-softmax normaliser is reduced over tp (``pmax`` of the row
     maxima, ``psum`` of the sum-exp and of the target logit), as in :func:`_ce_forward`."""
-    with jax.named_scope("lm_head"):
-        logits = jnp.einsum("nd,dv->nv", h, head, preferred_element_type=F32)  # [N, Vl]
-        logits = _mask_padded_vocab(logits, opts)
-    vl = logits.shape[-1]
-    m = jax.lax.pmax(jnp.max(logits, axis=-1), TP)                           # [N]
-    e = jnp.exp(logits - m[:, None])
-    sum_exp = jax.lax.psum(jnp.sum(e, axis=-1), TP)
-    local_t = targets - jax.lax.axis_index(TP) * vl
-    here = (local_t >= 0) & (local_t < vl)
-    t_col = jnp.clip(local_t, 0, vl - 1)
-    picked = jnp.take_along_axis(logits, t_col[:, None], axis=1)[:, 0]
-    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), TP)
-    logp = target_logit - m - jnp.log(sum_exp)                               # [N]
+    sm = _vocab_softmax(h, head, targets, opts)
     # d logp / dh = head[:, target]^T - softmax @ head^T (this device's vocab slice; summed
     # over tp by like_vma when h is the same on every tp device).
-    head_t = jnp.take(head, t_col, axis=1).T.astype(F32)                     # [N, D]
-    dh = (jnp.where(here, 1.0, 0.0)[:, None] * head_t
-          - jnp.einsum("nv,dv->nd", e.astype(head.dtype), head, preferred_element_type=F32)
-          / sum_exp[:, None])
+    head_t = jnp.take(head, sm.t_col, axis=1).T.astype(F32)                  # [N, D]
+    dh = (jnp.where(sm.here, 1.0, 0.0)[:, None] * head_t
+          - jnp.einsum("nv,dv->nd", sm.e.astype(head.dtype), head, preferred_element_type=F32)
+          / sm.sum_exp[:, None])
+    logp = sm.target_logit - sm.m - jnp.log(sm.sum_exp)                      # [N]
     return logp, like_vma(dh, h).astype(h.dtype)
 
 
@@ -224,32 +247,14 @@ def sequence_logps(h, targets, weights, params, opts: ForwardOptions):
     time, gathered over tp under sequence parallelism, the log-softmax reduced over tp), but
     each chunk returns its per-token log-probs, which are summed into their rows (a segment
     sum by row index); the chunk's forward keeps only d logp / dh [N, D] for the backward."""
-    b, s = targets.shape
-    layout = opts.layout(s)
-    rows, d = h.shape[1], h.shape[2]
+    b = targets.shape[0]
+    layout = opts.layout(targets.shape[1])
     targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
-    n = b * rows
-    g = layout.gather_factor
-    chunk = opts.ce_chunk_rows(layout, n)
-    n_chunks = -(-n // chunk)
-    hf = jnp.pad(h.reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
     head = _head_local(params)
 
-    def chunk_sums(h_chunk, j):
-        """[B]: the weighted log-prob sums of local flat rows [j*chunk, (j+1)*chunk)."""
-        flat = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        bi, local = flat // rows, flat % rows
-        seq_idx = (jnp.arange(g, dtype=jnp.int32)[:, None] * rows + local[None, :]).reshape(-1)
-        bi = jnp.tile(jnp.minimum(bi, b - 1), g)                             # [g*c]
-        valid = jnp.tile(flat < n, g)
-        t = targets[bi, seq_idx]
-        w = jnp.where(valid, weights[bi, seq_idx], 0.0)
-        hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
+    def chunk_sums(hg, t, w, bi):
+        """[B]: the chunk's weighted log-prob sums, a segment sum by batch row."""
         logp = _fused_token_logp(hg, head, t, opts)                          # [g*c]
-        return jax.ops.segment_sum(w * logp, bi, num_segments=b)             # [B]
+        return jax.ops.segment_sum(w * logp, bi, num_segments=b)
 
-    if n_chunks == 1:
-        return chunk_sums(hf, 0)
-    per_chunk = jax.lax.map(lambda xs: chunk_sums(*xs),
-                            (hf.reshape(n_chunks, chunk, d), jnp.arange(n_chunks, dtype=jnp.int32)))
-    return jnp.sum(per_chunk, axis=0)
+    return _sum_over_chunks(h, targets, weights, layout, opts, chunk_sums)
