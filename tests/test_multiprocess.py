@@ -182,7 +182,8 @@ def test_launcher_quotes_error_lines_and_folds_gloo_notes():
     tail = " is connected to 7 peer ranks. Expected number of connected peer ranks is : 7"
     _, shown = rank_after(["[Gloo] Rank [Gloo] Rank 1" + tail.replace("7", "3"),
                            "0" + tail.replace("7", "3"), "[Gloo] Rank 1[Gloo] Rank 2" + tail, tail,
-                           "[Gloo] Rank ", "step 1/2", "[Gloo] Rank 3" + tail.replace(": 7", ": 8"),
+                           "[Gloo] Rank ", "[Gloo] Rank 2 is connected to [Gloo] Rank 0" + tail,
+                           "step 1/2", "[Gloo] Rank 3" + tail.replace(": 7", ": 8"),
                            "12", "loss [Gloo] Rank 1"])
     assert shown == ["gloo: connected to its peers (further notes of this kind hidden)",
                      "step 1/2", "[Gloo] Rank 3" + tail.replace(": 7", ": 8"), "12",

@@ -41,11 +41,13 @@ from ..errors import ConfigError
 
 _JAX_PEER_ABORT = "JAX distributed service detected fatal errors"
 # Gloo's note, one per communicator; several communicators of a process write theirs from
-# their own threads at once, so notes arrive cut and interleaved ("[Gloo] Rank [Gloo] Rank 1 is
-# connected ...", "0 is connected ..."): a line made only of notes and their pieces is folded.
+# their own threads at once, so notes arrive cut anywhere and interleaved ("[Gloo] Rank 2 is
+# connected to [Gloo] Rank 0 is connected ..."): a line with a note or its "[Gloo]" marker
+# whose every word is a piece of the note's text is folded.
 _GLOO_NOTE = re.compile(r"is connected to (\d+) peer ranks\. "
                         r"Expected number of connected peer ranks is : (\d+)")
-_GLOO_PIECES = re.compile(r"(\[Gloo\] Rank|\d+|\s)*")
+_GLOO_TEXT = ("[Gloo] Rank N is connected to N peer ranks. Expected number of connected peer "
+              "ranks is : N")
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
@@ -133,9 +135,11 @@ class _Rank:
         """The line as printed (None: folded away). Gloo's connection notes, one per
         communicator, become one line per process; a short-handed one is shown as is."""
         notes = _GLOO_NOTE.findall(line)
-        rest = _GLOO_NOTE.sub("", line)
-        if not (notes or "[Gloo]" in rest) or not _GLOO_PIECES.fullmatch(rest) or any(
-                have != want for have, want in notes):
+        if not (notes or "[Gloo]" in line) or any(have != want for have, want in notes):
+            return line
+        # a piece ends where the next note's "[Gloo]" begins, with or without a space
+        words = re.split(r"\s+|(?=\[Gloo\])", line)
+        if not all(re.sub(r"\d+", "N", word) in _GLOO_TEXT for word in words):
             return line
         if self.gloo_noted:
             return None
