@@ -188,7 +188,6 @@ def test_cli_dpo_run_on_the_bundled_sample_raises_reward_accuracy(tmp_path, caps
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--objective", "dpo", "--batch-size", "3", "--dp", "2"], "must be a multiple of dp=2"),
     (["--objective", "dpo", "--attention", "tokamax"], "--dpo-layout separate"),
     (["--objective", "dpo", "--batch-size", "2", "--pack"], "objective dpo needs no packing"),
     (["--beta", "0"], "beta must be > 0"),

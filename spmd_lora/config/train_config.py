@@ -146,14 +146,11 @@ class TrainConfig:
             self._check_dpo()
 
     def _check_dpo(self):
-        """objective dpo: batch_size counts pairs, each dp shard holds whole pairs; no
-        packing, no held-out evaluation; label smoothing only with the sigmoid loss; the
+        """objective dpo (batch_size counts pairs, whole pairs per dp shard as the batch
+        check says): no packing, no held-out evaluation; label smoothing only with the sigmoid loss; the
         shared-prefix layout needs one of our own attention kernels."""
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
-        if self.batch_size % self.dp:
-            raise ConfigError(f"objective dpo splits whole preference pairs over dp: batch_size="
-                              f"{self.batch_size} (pairs) must be a multiple of dp={self.dp}")
         if self.dpo_layout == "shared-prefix" and self.attention in ("cudnn", "tokamax"):
             raise ConfigError(f"attention {self.attention} cannot mask the shared-prefix layout "
                               f"(answers that see the prompt but not each other); use attention "
