@@ -270,3 +270,22 @@ def test_cudnn_with_shared_prefix_is_a_config_error():
     from spmd_lora.errors import ConfigError
     with pytest.raises(ConfigError, match="dpo-layout separate"):
         TrainConfig(model="m", data="d", output_dir="o", objective="dpo", attention="cudnn")
+
+
+def test_layout_benchmark_runs_and_counts_the_prompt_once():
+    """tools/bench_dpo_layouts.py at a toy size: the shared row holds the prompt once, and
+    XLA's FLOP count of the compiled step is lower than the two-row layout's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_dpo_layouts.py"
+    p = subprocess.run([sys.executable, str(tool), "--prompt", "96", "--answer", "8",
+                        "--layers", "1", "--hidden", "64", "--steps", "1", "--warmup", "0",
+                        "--no-trl"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {line.split("  ")[0].strip(): line for line in p.stdout.splitlines()
+            if line.startswith("ours")}
+    sep, shared = rows["ours, separate"], rows["ours, shared-prefix"]
+    assert " tokens    208 " in sep and " tokens    113 " in shared, p.stdout
+    assert float(sep.split("XLA flops")[1].split("G")[0]) > float(
+        shared.split("XLA flops")[1].split("G")[0]), p.stdout
