@@ -39,7 +39,8 @@ from .health import DivergenceGuard, lora_norm
 from .paths import check_writable_dir, write_text_atomic
 from .config.train_config import TrainConfig
 from .weights.lora import init_lora
-from .engine.factory import build_train_step, check_attention_devices, mesh_for, optimizer_config
+from .engine.factory import (build_train_step, check_attention_devices, mesh_for,
+                             optimizer_config, preference_loss)
 from .tokenizer import load_tokenizer
 from .parallel.placement import place_micro_batches, replicate
 from .engine.step import lr_schedule
@@ -146,8 +147,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     cfg = resolve_run_memory(cfg, model_cfg, mesh, say=notes.append)
     if dpo:
         batches = data.PairBatchIterator(train_ex, batch_size=cfg.batch_size,
-                                         max_seq_len=cfg.max_seq_len, seed=cfg.seed,
-                                         pad_id=data.pad_token_id(tokenizer))
+                                         max_seq_len=cfg.max_seq_len, pack=cfg.pack,
+                                         seed=cfg.seed, pad_id=data.pad_token_id(tokenizer))
     else:
         batches = data.BatchIterator(train_ex, batch_size=cfg.batch_size,
                                      max_seq_len=cfg.max_seq_len, pack=cfg.pack, seed=cfg.seed,
@@ -162,7 +163,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     params = load_hf_params(cfg.model, model_cfg, mesh, cfg.dtype, allow_pickle=cfg.allow_pickle,
                             base_quant=cfg.base_quant)
     opt_cfg = optimizer_config(cfg, total_steps)
-    built = build_train_step(model_cfg, cfg, mesh=mesh, optimizer=opt_cfg)
+    built = build_train_step(model_cfg, cfg, mesh=mesh, optimizer=opt_cfg,
+                             preference=preference_loss(cfg, getattr(batches, "pairs_per_row", 1)))
     optimizer, step_fn = built.optimizer, built.step
     schedule = lr_schedule(opt_cfg)
     base_key = jax.random.key(cfg.seed)
@@ -238,7 +240,7 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
             last = {"step": step, "loss": m["loss"], "lr": float(schedule(step - 1)),
                     "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]),
                     "tokens_per_s": seq_tokens / elapsed}
-            last.update((k, m[k]) for k in PREFERENCE_METRICS if k in m)   # objective dpo
+            last.update((k, m[k]) for k in ("pairs", *PREFERENCE_METRICS) if k in m)   # dpo
             peak = reporting.device_peak_bytes(mesh)
             if peak is not None:
                 last["peak_bytes"] = peak

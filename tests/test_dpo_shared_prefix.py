@@ -130,8 +130,12 @@ def test_shared_row_layout():
     t, w = next_token_targets(row["tokens"], row["loss_mask"])
     scored = [int(x) for x, y in zip(t, w) if y]
     assert scored == chosen + rejected
-    batch = collate_shared([pair, None], 12, pad_id=0)
+    batch = collate_shared([[pair], []], 12, pad_id=0)
     assert batch["tokens"].shape == (2, 12) and batch["segment_ids"][1].tolist() == [0] * 12
+    packed = collate_shared([[pair, pair]], 20)
+    assert (packed["segment_ids"][0, 10:] - branch_segment(1, 0)).tolist() == [0, 0, 0, 1, 1,
+                                                                                1, 1, 2, 2, 2]
+    assert packed["positions"][0, 10:].tolist() == row["positions"].tolist()
 
 
 def test_tokenized_pairs_fit_max_seq_len_by_layout(tmp_path):
@@ -165,7 +169,9 @@ def _pair_batches(vocab, n_pairs, seq, seed):
             rows.append(make_example(tokens[r, :n].tolist(), mask[r, :n].tolist(), "t"))
         pairs.append(Pair(*rows, int(np.flatnonzero(mask[2 * i])[0]), f"pair {i}"))
     width = max(len(p) for p in pairs) + 3          # a ragged width: padding at the end
-    return tokens, mask, collate_shared(pairs, width)
+    packed_width = max(len(a) + len(b) for a, b in zip(pairs[0::2], pairs[1::2])) + 1
+    return (tokens, mask, collate_shared([[p] for p in pairs], width),
+            collate_shared([pairs[0::2], pairs[1::2]], packed_width))
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +180,12 @@ def step_setup(hf_models, tmp_path_factory):
     path, hf = hf_models("gqa4")
     adapter_dir = tmp_path_factory.mktemp("dpo_shared_adapter")
     make_peft_adapter(hf, adapter_dir)
-    tokens, mask, shared = _pair_batches(hf.config.vocab_size, 4, 19, 3)
-    return path, adapter_dir, tokens, mask, shared
+    tokens, mask, shared, packed = _pair_batches(hf.config.vocab_size, 4, 19, 3)
+    return path, adapter_dir, tokens, mask, shared, packed
 
 
-def _step(path, adapter_dir, batch, shared, tp=1, dp=1, cp=1, micro=1, **options):
+def _step(path, adapter_dir, batch, shared, tp=1, dp=1, cp=1, micro=1, pairs_per_row=1,
+          **options):
     """(metrics, LoRA gradients) of one DPO step (sigmoid, beta 0.5) on ``batch``."""
     import spmd_lora
     from spmd_lora.engine.step import make_train_step
@@ -192,7 +199,8 @@ def _step(path, adapter_dir, batch, shared, tp=1, dp=1, cp=1, micro=1, **options
     lora = replicate(lora, model.mesh)
     state = replicate(opt.init(lora), model.mesh)
     step = make_train_step(ForwardOptions(model.config, tp, lcfg, cp=cp, **options), model.mesh,
-                           opt, preference=PreferenceLoss(beta=0.5, shared_prefix=shared))
+                           opt, preference=PreferenceLoss(beta=0.5, shared_prefix=shared,
+                                                          pairs_per_row=pairs_per_row))
     rows = batch["tokens"].shape[0] // micro
     batch = {k: np.asarray(v).reshape(micro, rows, -1).astype(np.int32) for k, v in batch.items()}
     _, state, m = step(model.params, lora, state, shard_micro_batches(batch, model.mesh),
@@ -218,7 +226,7 @@ def _assert_same(got, want, tol=1e-4):
 
 @pytest.fixture(scope="module")
 def separate_reference(step_setup):
-    path, adapter_dir, tokens, mask, _ = step_setup
+    path, adapter_dir, tokens, mask, _, _ = step_setup
     return _step(path, adapter_dir, {"tokens": tokens, "loss_mask": mask}, False)
 
 
@@ -226,7 +234,7 @@ def separate_reference(step_setup):
 def test_shared_prefix_equals_separate_rows(step_setup, separate_reference, attention_impl):
     """One row per pair gives the separate layout's loss, TRL metrics and every LoRA
     gradient, whichever of our kernels runs the attention."""
-    path, adapter_dir, _, _, shared = step_setup
+    path, adapter_dir, _, _, shared, _ = step_setup
     got = _step(path, adapter_dir, shared, True, attention_impl=attention_impl)
     _assert_same(got, separate_reference)
     assert got[0]["pairs"] == 4 and got[0]["loss"] > 0
@@ -239,8 +247,18 @@ def test_shared_prefix_layouts_equal_tp1(step_setup, separate_reference, layout)
     """tp (more devices than kv heads at tp 4), sequence parallelism on and off, dp, cp
     (ring attention, the prompt over several chunks), micro-batches: all equal tp = 1
     (checked through the separate layout, which equals the shared one at tp = 1)."""
-    path, adapter_dir, _, _, shared = step_setup
+    path, adapter_dir, _, _, shared, _ = step_setup
     _assert_same(_step(path, adapter_dir, shared, True, **layout), separate_reference)
+
+
+@pytest.mark.parametrize("layout", [{}, {"cp": 2, "tp": 2}, {"dp": 2}])
+def test_packed_pairs_equal_separate_rows(step_setup, separate_reference, layout):
+    """Two pairs packed into one row (each answer sees only its own prompt), alone and under
+    cp + tp and dp: the separate layout's loss, metrics and gradients."""
+    path, adapter_dir, _, _, _, packed = step_setup
+    got = _step(path, adapter_dir, packed, True, pairs_per_row=2, **layout)
+    _assert_same(got, separate_reference)
+    assert got[0]["pairs"] == 4
 
 
 def test_cli_layouts_train_alike(tmp_path, capsys):
@@ -263,6 +281,24 @@ def test_cli_layouts_train_alike(tmp_path, capsys):
         for k in ("loss", "rewards/margins", "logps/chosen"):
             assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])), (k, a[k], b[k])
         assert a["tokens"] == b["tokens"]      # completion tokens: the same in both layouts
+
+
+def test_cli_packed_pairs(tmp_path, capsys):
+    """`train --objective dpo --pack`: more pairs than rows per step, TRL's metrics logged."""
+    from spmd_lora import cli
+    from spmd_lora.tiny import asset_path, build_tiny_llama
+    model = build_tiny_llama(tmp_path / "tiny", num_hidden_layers=1)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--model", str(model), "--data", str(asset_path("dpo_sample.jsonl")),
+                   "--output-dir", str(out), "--objective", "dpo", "--pack", "--max-seq-len",
+                   "256", "--batch-size", "2", "--max-steps", "2", "--no-census"])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["pairs"] > 2 for m in lines) and "rewards/accuracies" in lines[0], lines
+    rc = cli.main(["train", "--model", str(model), "--data", "x.jsonl", "--output-dir",
+                   str(tmp_path / "o"), "--objective", "dpo", "--pack", "--dpo-layout",
+                   "separate"])
+    assert rc == 2 and "needs --dpo-layout shared-prefix" in capsys.readouterr().err
 
 
 def test_cudnn_with_shared_prefix_is_a_config_error():

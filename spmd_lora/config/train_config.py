@@ -147,7 +147,7 @@ class TrainConfig:
 
     def _check_dpo(self):
         """objective dpo (batch_size counts pairs, whole pairs per dp shard as the batch
-        check says): no packing, no held-out evaluation; label smoothing only with the sigmoid loss; the
+        check says): packing only in the shared-prefix layout, no held-out evaluation; label smoothing only with the sigmoid loss; the
         shared-prefix layout needs one of our own attention kernels."""
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
@@ -155,7 +155,9 @@ class TrainConfig:
             raise ConfigError(f"attention {self.attention} cannot mask the shared-prefix layout "
                               f"(answers that see the prompt but not each other); use attention "
                               f"auto, pallas, blockwise or xla, or --dpo-layout separate")
-        for name, bad, why in (("pack", self.pack, "no packing (pack=False)"),
+        if self.pack and self.dpo_layout != "shared-prefix":
+            raise ConfigError("packing preference pairs (pack) needs dpo_layout shared-prefix")
+        for name, bad, why in (
                                ("eval_fraction", self.eval_fraction > 0, "eval_fraction 0"),
                                ("train_on_inputs", self.train_on_inputs,
                                 "the loss on the completions only")):

@@ -20,6 +20,9 @@ Two batch layouts (:mod:`spmd_lora.model.preference`), ``batch_size`` PAIRS per 
   answer. The row is ``len(chosen) + len(rejected) - prompt + 1`` tokens;
 * separate: pair i on rows 2i (chosen) and 2i+1 (rejected), each as long as its example.
 
+With packing (shared prefix only) several pairs share a row, pair k of the row in branch
+segments of group k, each seeing only its own prompt.
+
 A pair whose row (shared prefix) or longer row (separate) exceeds ``max_seq_len`` is skipped
 (one counted :class:`DataWarning`, as the other templates). Pairs are tokenized in memory
 (not through the tokenized-data cache).
@@ -65,13 +68,14 @@ class Pair:
         """Tokens of its batch rows (not padding)."""
         return len(self) if self.shared_prefix else len(self.chosen) + len(self.rejected)
 
-    def shared_row(self) -> dict[str, np.ndarray]:
+    def shared_row(self, group: int = 0) -> dict[str, np.ndarray]:
         """The pair as ONE row: ``tokens``, ``loss_mask``, ``segment_ids``, ``positions``
         (np.int32 [len(self)]). The prompt less its last token is segment
-        ``branch_segment(0, 0)``; each answer, led by a copy of the prompt's last token (whose
-        output predicts the answer's first token), is ``branch_segment(0, 1)`` (chosen) /
-        ``(0, 2)`` (rejected), its positions continuing the prompt's. An answer's first token
-        is never a target (as at the start of a separate row)."""
+        ``branch_segment(group, 0)``; each answer, led by a copy of the prompt's last token
+        (whose output predicts the answer's first token), is ``branch_segment(group, 1)``
+        (chosen) / ``(group, 2)`` (rejected), its positions continuing the prompt's. An
+        answer's first token is never a target (as at the start of a separate row).
+        ``group``: the pair's index in a packed row."""
         cut = max(self.prompt_len - 1, 0)
         parts, masks, segs, pos = [], [], [], []
         for role, ex in enumerate((None, self.chosen, self.rejected)):
@@ -84,7 +88,7 @@ class Pair:
                 start = cut
             parts.append(ids)
             masks.append(mask)
-            segs.append(np.full(len(ids), branch_segment(0, role), np.int32))
+            segs.append(np.full(len(ids), branch_segment(group, role), np.int32))
             pos.append(np.arange(start, start + len(ids), dtype=np.int32))
         return {"tokens": np.concatenate(parts), "loss_mask": np.concatenate(masks),
                 "segment_ids": np.concatenate(segs), "positions": np.concatenate(pos)}
@@ -141,59 +145,66 @@ def load_pairs(path, tokenizer, max_seq_len: int, shared_prefix: bool = True) ->
     return tokenize_pairs(load_records(path), tokenizer, max_seq_len, shared_prefix)
 
 
-def collate_shared(pairs: Sequence[Pair | None], max_seq_len: int, pad_id: int = 0):
-    """One batch of shared-prefix rows (:meth:`Pair.shared_row`, None: an all-padding row):
-    ``tokens``, ``loss_mask``, ``segment_ids``, ``positions`` np.int32 [len(pairs),
-    max_seq_len], padding with segment 0 (a plain segment no answer sees)."""
-    out = {"tokens": np.full((len(pairs), max_seq_len), pad_id, np.int32),
-           **{k: np.zeros((len(pairs), max_seq_len), np.int32)
+def collate_shared(rows: Sequence[Sequence[Pair]], max_seq_len: int, pad_id: int = 0):
+    """One batch of shared-prefix rows, each the pairs of ``rows[r]`` one after the other
+    (:meth:`Pair.shared_row` with group = the pair's index in its row; an empty row is all
+    padding): ``tokens``, ``loss_mask``, ``segment_ids``, ``positions`` np.int32
+    [len(rows), max_seq_len], padding with segment 0 (a plain segment no answer sees)."""
+    out = {"tokens": np.full((len(rows), max_seq_len), pad_id, np.int32),
+           **{k: np.zeros((len(rows), max_seq_len), np.int32)
               for k in ("loss_mask", "segment_ids", "positions")}}
-    for r, pair in enumerate(pairs):
-        if pair is None:
-            continue
-        row = pair.shared_row()
-        n = len(row["tokens"])
-        if n > max_seq_len:
-            raise DataError(f"preference pair {pair.source} needs {n} tokens, more than "
-                            f"max_seq_len={max_seq_len}")
-        for k, v in row.items():
-            out[k][r, :n] = v
+    for r, pairs in enumerate(rows):
+        off = 0
+        for group, pair in enumerate(pairs):
+            row = pair.shared_row(group)
+            n = len(row["tokens"])
+            if off + n > max_seq_len:
+                raise DataError(f"preference pairs of row {r} need {off + n} tokens, more than "
+                                f"max_seq_len={max_seq_len}")
+            for k, v in row.items():
+                out[k][r, off:off + n] = v
+            off += n
     return out
 
 
 class PairBatchIterator(BatchIterator):
-    """:class:`BatchIterator` over :class:`Pair` s: ``batch_size`` PAIRS per batch, in the
-    pairs' layout: one row each (shared prefix: ``batch_size`` rows), or pair i on rows 2i
-    (chosen) and 2i+1 (rejected) (separate: ``2 * batch_size`` rows). The pairs are shuffled
-    every epoch (``default_rng(seed + epoch)``), the last incomplete batch dropped.
-    ``state()`` / ``restore()`` as BatchIterator's (positions count pairs)."""
+    """:class:`BatchIterator` over :class:`Pair` s, in the pairs' layout: ``batch_size`` pairs
+    per batch, one row each (shared prefix: ``batch_size`` rows), or pair i on rows 2i
+    (chosen) and 2i+1 (rejected) (separate: ``2 * batch_size`` rows); with ``pack`` (shared
+    prefix only) ``batch_size`` rows of pairs packed first-fit up to ``max_seq_len`` (as SFT
+    packing; :attr:`pairs_per_row` the most in one row). The rows are shuffled every epoch
+    (``default_rng(seed + epoch)``), the last incomplete batch dropped. ``state()`` /
+    ``restore()`` as BatchIterator's (positions count rows of pairs)."""
 
     def __init__(self, pairs: Sequence[Pair], batch_size: int, max_seq_len: int, *,
-                 pad_id: int = 0, shuffle: bool = True, seed: int = 0,
+                 pad_id: int = 0, pack: bool = False, shuffle: bool = True, seed: int = 0,
                  epochs: int | None = None):
-        super().__init__(pairs, batch_size, max_seq_len, pad_id=pad_id, shuffle=shuffle,
-                         seed=seed, epochs=epochs)
-        self.shared_prefix = bool(pairs[0].shared_prefix)
-        self.pairs_per_batch = int(batch_size)
-        self.batch_size = self.pairs_per_batch * (1 if self.shared_prefix else 2)   # rows
+        self.shared_prefix = bool(pairs[0].shared_prefix) if pairs else True
+        if pack and not self.shared_prefix:
+            raise DataError("packing preference pairs needs the shared-prefix layout")
+        super().__init__(pairs, batch_size, max_seq_len, pad_id=pad_id, pack=pack,
+                         shuffle=shuffle, seed=seed, epochs=epochs)
+        self.rows_per_batch = int(batch_size)                # rows of pairs
+        self.batch_size = self.rows_per_batch * (1 if self.shared_prefix else 2)   # rows
+        self.pairs_per_row = max(map(len, self.rows)) if pack else 1
 
-    def _pairs(self, epoch: int, index: int) -> np.ndarray:
-        k = self.pairs_per_batch
-        return self._order(epoch)[index * k:(index + 1) * k]
+    def _pair_rows(self, epoch: int, index: int) -> list[list[int]]:
+        k = self.rows_per_batch
+        return [self.rows[int(r)] for r in self._order(epoch)[index * k:(index + 1) * k]]
 
     def batch(self, epoch: int, index: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Batch ``index`` of ``epoch``: ``batch_size`` rows, ``rows`` only these of them."""
-        order = self._pairs(epoch, index)
+        pair_rows = self._pair_rows(epoch, index)
         want = range(self.batch_size) if rows is None else rows
         if self.shared_prefix:
-            return collate_shared([self.examples[int(order[j])] for j in want],
+            return collate_shared([[self.examples[i] for i in pair_rows[j]] for j in want],
                                   self.max_seq_len, self.pad_id)
         picked = []
         for j in want:
-            pair = self.examples[int(order[j // 2])]
+            pair = self.examples[pair_rows[j // 2][0]]
             picked.append([pair.rejected if j % 2 else pair.chosen])
         return collate(picked, self.max_seq_len, self.pad_id, batch_size=len(want))
 
     def batch_tokens(self, epoch: int, index: int) -> int:
         """Tokens (not padding) of the batch's rows."""
-        return int(sum(self.examples[int(i)].tokens for i in self._pairs(epoch, index)))
+        return int(sum(self.examples[i].tokens for r in self._pair_rows(epoch, index) for i in r))

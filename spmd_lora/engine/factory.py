@@ -176,11 +176,13 @@ def build_train_step(model_cfg, settings=None, *, mesh=None, optimizer=None,
                                           preference or preference_loss(settings)))
 
 
-def preference_loss(settings) -> PreferenceLoss | None:
+def preference_loss(settings, pairs_per_row: int = 1) -> PreferenceLoss | None:
     """The DPO loss of settings with ``objective="dpo"`` (``beta``, ``loss_type``,
-    ``label_smoothing``, ``dpo_layout``), or None (objective sft, or settings without an objective)."""
+    ``label_smoothing``, ``dpo_layout``; ``pairs_per_row`` the most pairs a packed row holds),
+    or None (objective sft, or settings without an objective)."""
     if getattr(settings, "objective", "sft") != "dpo":
         return None
     return PreferenceLoss(beta=settings.beta, loss_type=settings.loss_type,
                           label_smoothing=settings.label_smoothing,
-                          shared_prefix=settings.dpo_layout == "shared-prefix")
+                          shared_prefix=settings.dpo_layout == "shared-prefix",
+                          pairs_per_row=pairs_per_row)

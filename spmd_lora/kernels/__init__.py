@@ -19,7 +19,7 @@ Context parallelism: :func:`ring_attention` (:mod:`.ring_attention`), called ins
 over a cp mesh axis, with explicit global token indices for the causal mask.
 """
 from . import registry
-from ._masks import BRANCH_ROLES, branch_segment
+from ._masks import BRANCH_ROLES, BRANCH_SEGMENT_BASE, branch_segment
 from .blockwise import blockwise_attention
 from .cudnn import cudnn_attention
 from .flash_attention import BlockSizes, flash_attention
@@ -64,4 +64,4 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
 
 __all__ = ["attention", "reference_attention", "blockwise_attention", "flash_attention",
            "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS",
-           "cp_bytes_per_device", "branch_segment", "BRANCH_ROLES"]
+           "cp_bytes_per_device", "branch_segment", "BRANCH_ROLES", "BRANCH_SEGMENT_BASE"]

@@ -40,6 +40,7 @@ INDEX_PAD_K = int(np.iinfo(np.int32).max)     # padded keys are seen by no query
 SEGMENT_PAD = -1                              # position masking: padded rows' segment id
 BRANCH_SEGMENT_BASE = 1 << 24                 # segment ids >= this: shared prefix + branches
 BRANCH_ROLES = 4                              # role 0 the shared prefix, 1..3 its branches
+                                              # (a power of two: role = id & (ROLES - 1))
 
 # Tile kinds, the branch index of a (q tile, k tile) pair: nothing visible, some keys hidden
 # from some rows, every key visible to every row.

@@ -35,7 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..kernels import BRANCH_ROLES
+from ..kernels import BRANCH_ROLES, BRANCH_SEGMENT_BASE
 from ..parallel.mesh import CP
 from .llama import hidden_states
 from .loss import sequence_logps
@@ -60,6 +60,12 @@ class PreferenceLoss:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     shared_prefix: bool = False
+    pairs_per_row: int = 1
+
+    def __post_init__(self):
+        if self.pairs_per_row < 1 or (self.pairs_per_row > 1 and not self.shared_prefix):
+            raise ValueError(f"pairs_per_row={self.pairs_per_row}: more than one pair per row "
+                             f"needs the shared-prefix layout, and at least one")
 
 
 def pair_losses(policy, reference, counts, pref: PreferenceLoss):
@@ -94,12 +100,14 @@ def pair_losses(policy, reference, counts, pref: PreferenceLoss):
     return losses * valid, {k: v * valid for k, v in metrics.items()}, valid
 
 
-def answer_slots(segment_ids):
-    """Shared-prefix layout: [B, S] int32, 0 on the chosen answer's tokens and 1 on the
-    rejected one's (from the role bits of their branch segments; 0 on the prompt and padding,
-    which carry no loss weight)."""
+def answer_slots(segment_ids, pairs_per_row: int = 1):
+    """Shared-prefix layout: [B, S] int32, the completion slot of each token of its row, 2k on
+    the chosen answer of the row's pair k and 2k + 1 on its rejected one (from the group and
+    role of their branch segments, ``kernels.branch_segment(k, role)``); prompt and padding
+    tokens carry no loss weight, their slot is any in range."""
     role = jnp.bitwise_and(segment_ids, BRANCH_ROLES - 1)
-    return jnp.clip(role - 1, 0, 1)
+    group = jnp.right_shift(segment_ids - BRANCH_SEGMENT_BASE, 2)       # BRANCH_ROLES = 4
+    return jnp.clip(2 * group + role - 1, 0, 2 * pairs_per_row - 1)
 
 
 def preference_sums(params, lora, batch: dict, opts: ForwardOptions, pref: PreferenceLoss,
@@ -107,14 +115,16 @@ def preference_sums(params, lora, batch: dict, opts: ForwardOptions, pref: Prefe
     """Per device: (sum of this shard's pair losses, (metric sums dict, number of pairs)).
 
     batch: this device's shard of the prepared batch, [B, S] fields as
-    :func:`spmd_lora.model.loss_sum` reads them, in ``pref``'s layout (module docstring): B
-    pairs of one row each (shared prefix), or B/2 pairs on adjacent rows. Two forwards: the
+    :func:`spmd_lora.model.loss_sum` reads them, in ``pref``'s layout (module docstring): up to
+    ``pairs_per_row`` pairs in each of the B rows (shared prefix), or B/2 pairs on adjacent
+    rows. Two forwards: the
     policy (``lora``, dropout ``key``) and the reference (no LoRA, no dropout,
     ``stop_gradient``). The completions' log-probs are summed over cp (a row split into
     chunks); everything returned is tp- and cp-invariant and local to this dp shard."""
     weights = batch["target_weights"]
     if pref.shared_prefix:
-        slots, per_row = answer_slots(batch["segment_ids"]), 2
+        per_row = 2 * pref.pairs_per_row
+        slots = answer_slots(batch["segment_ids"], pref.pairs_per_row)
         opts = dataclasses.replace(opts, branch_segments=True)
     else:
         slots, per_row = None, 1
