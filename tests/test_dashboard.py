@@ -403,3 +403,13 @@ def test_page_in_headless_chromium_draws_the_data(server, demo, tmp_path):
     last_loss = [r["loss"] for r in rows if "loss" in r][-1]
     assert f'data-last="{last_loss}"' in dom
     assert "does not exist (yet)" in dom and "step_8" in dom and "collective census" in dom
+
+
+def test_every_dpo_metric_has_a_chart():
+    """Each metric a DPO run logs (TRL's rewards/* and logps/*) has a chart on the page,
+    shown only when a run logs it (as the rag generation metrics)."""
+    import re
+    from spmd_lora.model import PREFERENCE_METRICS
+    page = (Path(runs.__file__).parent / "static" / "index.html").read_text()
+    charts = dict(re.findall(r'data-key="([^"]+)"( data-optional="1")?', page))
+    assert all(charts.get(k) == ' data-optional="1"' for k in PREFERENCE_METRICS), charts

@@ -46,7 +46,7 @@ function drawChart(fig) {
       .map(r => [r.step, r[key]]),
   })).filter(s => s.pts.length);
   const old = fig.querySelector("svg"); if (old) old.remove();
-  fig.hidden = !series.length && fig.dataset.optional === "1";   // rag generation metrics: only when logged
+  fig.hidden = !series.length && fig.dataset.optional === "1";   // rag generation / dpo metrics: only when logged
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", "data-key": key,
                               "data-series": series.length });
   if (!series.length) {
