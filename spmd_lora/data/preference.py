@@ -1,15 +1,23 @@
 """Preference pairs for DPO: records -> (chosen, rejected) example pairs -> batches of pairs.
 
-Rows (JSON / JSONL / Parquet / ..., as :func:`~.records.iter_records` reads them):
+Rows (JSON / JSONL / Parquet / ..., as :func:`~.records.iter_records` reads them), each
+with ``chosen`` and ``rejected`` answers (strings, or TRL's conversational form: a list of one
+``{"role": "assistant", "content": ...}`` message):
 
 * ``{prompt, chosen, rejected}``: a plain-text prompt, tokenized like the alpaca / text
-  prompts (BOS, then the prompt's tokens);
+  prompts (BOS, then the prompt's tokens), each answer followed by EOS;
 * ``{question, contexts, chosen, rejected}``: the prompt is the rag template's
-  (:func:`~.templates.rag_prompt`, all passages kept; no trimming).
+  (:func:`~.templates.rag_prompt`); when the pair is too long its passages are dropped or cut
+  as for SFT's rag template (:func:`~.rag_fit.fit_rag_prompt`: with ``oracle_index`` the
+  other passages go first);
+* ``{messages, chosen, rejected}``: a conversation ending with the turn the answers reply to;
+  each row is the chat template's rendering with the answer as the assistant's turn,
+  tokenized whole, the loss on the text after the generation prompt (answer and end-of-turn).
 
-Each pair gives two :class:`Example` s, ``BOS + prompt + chosen + EOS`` and ``BOS + prompt +
-rejected + EOS``, with the loss mask on the completion tokens and EOS only. The prompt and
-each completion are tokenized separately, so both rows share the prompt's tokens exactly.
+The loss mask is on the answer tokens (and EOS) only. For prompt / rag rows the prompt and
+each answer are tokenized separately (as TRL does), so both rows share the prompt's tokens
+exactly; for chat rows the shared prompt is the tokens both renderings have in common before
+their first answer token.
 
 Two batch layouts (:mod:`spmd_lora.model.preference`), ``batch_size`` PAIRS per batch in both
 (as TRL's batch size):
@@ -35,10 +43,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..kernels import branch_segment
 from .batching import BatchIterator, collate
+from .chat import ChatRenderer, chat_messages
 from .examples import DataWarning, Example, encode_texts, make_example, special_ids
+from .rag_fit import fit_rag_prompt, rag_oracle_index
 from .records import load_records
 from .rows import where_of
 from .templates import get_str, rag_passages, rag_prompt
@@ -94,35 +104,106 @@ class Pair:
                 "segment_ids": np.concatenate(segs), "positions": np.concatenate(pos)}
 
 
-def _prompt_text(rec: dict, where: str) -> str:
-    if "prompt" in rec:
-        return get_str(rec, "prompt", where, "dpo")
-    if "question" in rec:
-        return rag_prompt(get_str(rec, "question", where, "dpo"), rag_passages(rec, where))
-    raise DataError(f"{where}: a preference row needs 'prompt' (or 'question' and 'contexts'), "
-                    f"'chosen' and 'rejected' (fields present: {sorted(rec)})")
+def _answer_text(rec: dict, field: str, where: str) -> str:
+    """A completion: a string, or (TRL's conversational rows) a list holding one assistant
+    message ``[{"role": "assistant", "content": ...}]``."""
+    value = rec.get(field)
+    if isinstance(value, list):
+        if (len(value) == 1 and isinstance(value[0], dict)
+                and value[0].get("role") == "assistant"
+                and isinstance(value[0].get("content"), str)):
+            return value[0]["content"]
+        raise DataError(f"{where}: field '{field}' must be a string or a list holding one "
+                        f'{{"role": "assistant", "content": ...}} message')
+    return get_str(rec, field, where, "dpo")
+
+
+def _kind(rec: dict, where: str) -> str:
+    for kind, field in (("chat", "messages"), ("text", "prompt"), ("rag", "question")):
+        if field in rec:
+            return kind
+    raise DataError(f"{where}: a preference row needs 'prompt', 'messages' or 'question' (with "
+                    f"'contexts'), and 'chosen' and 'rejected' (fields present: {sorted(rec)})")
+
+
+def _chat_rows(rec, where, renderer: ChatRenderer, answers):
+    """A ``messages`` row: (ids and loss mask of each answer's whole conversation, shared
+    prompt length). Each conversation is rendered by the chat template with the answer as the
+    assistant's turn and tokenized whole (as SFT's chat template); the loss covers the tokens
+    of the text after the generation prompt (the answer and the template's end-of-turn); the
+    prompt is the tokens both renderings share before their first answer token."""
+    msgs = chat_messages(rec, where, training=False)
+    if msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'messages' must end with the turn the answers reply "
+                        f"to (a user turn), not an assistant turn")
+    cut = len(renderer.render(msgs, add_generation_prompt=True))
+    texts = [renderer.render(msgs + [{"role": "assistant", "content": a}]) for a in answers]
+    if any(not t.startswith(renderer.render(msgs, add_generation_prompt=True)) for t in texts):
+        raise ConfigError("the chat template renders a conversation differently from its "
+                          "beginning (it is not prefix-stable), so the answers cannot be "
+                          "split from the prompt; use a built-in chat_template (llama2, "
+                          "llama3, chatml) or fix the template")
+    rows, firsts = [], []
+    for ids, offsets in renderer.encode_texts(texts):
+        mask = [int(e > cut) for _, e in offsets]
+        rows.append((list(ids), mask))
+        firsts.append(mask.index(1) if 1 in mask else len(ids))
+    (a, _), (b, _) = rows
+    common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return rows, min(common, *firsts)
+
+
+def _fit_rag(rec, where, tokenizer, budget):
+    """A ``question`` / ``contexts`` row's prompt ids in at most ``budget`` tokens, passages
+    dropped or cut as the SFT rag template does (:func:`~.rag_fit.fit_rag_prompt`, oracle
+    passages kept longest); (ids, shortened) or None when the question alone does not fit."""
+    passages = rag_passages(rec, where)
+    question = get_str(rec, "question", where, "dpo")
+    fit = fit_rag_prompt(tokenizer, question, passages, budget,
+                         oracle_index=rag_oracle_index(rec, where, len(passages)))
+    return None if fit is None else (fit[0], fit[2])
+
+
+def _pair_len(n_prompt: int, answers, shared_prefix: bool) -> int:
+    """Tokens of a pair's longest row: one shared row, or the longer separate one."""
+    if shared_prefix:   # the prompt's last token leads each answer's segment
+        return n_prompt + sum(len(a) for a in answers) + min(n_prompt, 1)
+    return n_prompt + max(len(a) for a in answers)
 
 
 def tokenize_pairs(records: Sequence[dict], tokenizer, max_seq_len: int,
-                   shared_prefix: bool = True) -> list[Pair]:
-    """Records -> :class:`Pair` s (module docstring) for the layout ``shared_prefix``;
-    over-long pairs skipped with one DataWarning, a DataError when none fits."""
+                   shared_prefix: bool = True, chat_template: str | None = None) -> list[Pair]:
+    """Records -> :class:`Pair` s (module docstring) for the layout ``shared_prefix``. A rag
+    row too long for ``max_seq_len`` has its passages fitted (as SFT's rag template); other
+    over-long pairs are skipped with one DataWarning, a DataError when none fits.
+    ``chat_template``: for ``messages`` rows (default: the tokenizer's)."""
     bos, eos = special_ids(tokenizer)
     head = [] if bos is None else [bos]
-    wheres = [where_of(rec, i) for i, rec in enumerate(records)]
-    prompts = [_prompt_text(rec, w) for rec, w in zip(records, wheres)]
-    completions = {f: [get_str(rec, f, w, "dpo") for rec, w in zip(records, wheres)]
-                   for f in PAIR_FIELDS}
-    p_ids = encode_texts(tokenizer, prompts)
-    c_ids = {f: encode_texts(tokenizer, completions[f]) for f in PAIR_FIELDS}
-    pairs, too_long = [], []
-    for i, (where, p) in enumerate(zip(wheres, p_ids)):
-        rows = []
-        n_prompt = len(head) + len(p)
-        for f in PAIR_FIELDS:
-            ids = head + p + c_ids[f][i] + [eos]
-            rows.append(make_example(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt),
-                                     f"{where} ({f})"))
+    renderer = None
+    pairs, too_long, shortened = [], [], 0
+    for i, rec in enumerate(records):
+        where = where_of(rec, i)
+        kind = _kind(rec, where)
+        texts = [_answer_text(rec, f, where) for f in PAIR_FIELDS]
+        if kind == "chat":
+            renderer = renderer or ChatRenderer(tokenizer, chat_template)
+            rows, n_prompt = _chat_rows(rec, where, renderer, texts)
+        else:
+            answers = [a + [eos] for a in encode_texts(tokenizer, texts)]
+            if kind == "text":
+                prompt = head + encode_texts(tokenizer, [get_str(rec, "prompt", where, "dpo")])[0]
+            else:
+                prompt = head + encode_texts(tokenizer, [rag_prompt(
+                    get_str(rec, "question", where, "dpo"), rag_passages(rec, where))])[0]
+                if _pair_len(len(prompt), answers, shared_prefix) > max_seq_len:
+                    room = max_seq_len - _pair_len(1, answers, shared_prefix) + 1 - len(head)
+                    fit = _fit_rag(rec, where, tokenizer, room) if room > 0 else None
+                    if fit is not None:
+                        prompt, shortened = head + fit[0], shortened + fit[1]
+            rows = [(prompt + a, [0] * len(prompt) + [1] * len(a)) for a in answers]
+            n_prompt = len(prompt)
+        rows = [make_example(ids, mask, f"{where} ({f})")
+                for f, (ids, mask) in zip(PAIR_FIELDS, rows)]
         pair = Pair(rows[0], rows[1], n_prompt, where, shared_prefix)
         if len(pair) > max_seq_len:
             too_long.append((where, len(pair)))
@@ -137,12 +218,18 @@ def tokenize_pairs(records: Sequence[dict], tokenizer, max_seq_len: int,
         warnings.warn(f"skipped {len(too_long)} of {len(records)} preference pairs longer than "
                       f"max_seq_len={max_seq_len} ({shown}{' ...' if len(too_long) > 3 else ''})",
                       DataWarning, stacklevel=2)
+    if shortened:
+        warnings.warn(f"shortened the passages of {shortened} of {len(records)} rag preference "
+                      f"rows to fit max_seq_len={max_seq_len} (oracle passages kept longest)",
+                      DataWarning, stacklevel=2)
     return pairs
 
 
-def load_pairs(path, tokenizer, max_seq_len: int, shared_prefix: bool = True) -> list[Pair]:
+def load_pairs(path, tokenizer, max_seq_len: int, shared_prefix: bool = True,
+               chat_template: str | None = None) -> list[Pair]:
     """The preference pairs of a dataset file (:func:`tokenize_pairs` of its records)."""
-    return tokenize_pairs(load_records(path), tokenizer, max_seq_len, shared_prefix)
+    return tokenize_pairs(load_records(path), tokenizer, max_seq_len, shared_prefix,
+                          chat_template)
 
 
 def collate_shared(rows: Sequence[Sequence[Pair]], max_seq_len: int, pad_id: int = 0):
