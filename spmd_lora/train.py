@@ -11,8 +11,10 @@ are read after the next step is dispatched. It writes into ``cfg.output_dir``:
 * ``metrics.jsonl`` - one JSON line per step (step, loss, lr, grad_norm, tokens, tokens_per_s;
   with ``objective="dpo"`` also TRL's rewards/chosen, rewards/rejected, rewards/accuracies,
   rewards/margins, logps/chosen, logps/rejected, means over the step's pairs)
-  and per evaluation (eval_loss; with ``eval_generate`` on rag data also eval_em, eval_f1,
-  eval_cite_rate, eval_citation_accuracy and their oracle splits, ``rag_eval.py``);
+  and per evaluation (eval_loss, eval_perplexity; with ``eval_generate`` on rag data also
+  eval_em, eval_f1, eval_cite_rate, eval_citation_accuracy and their oracle splits,
+  ``rag_eval.py``; with ``objective="dpo"`` eval_loss, the DPO loss over the held-out pairs,
+  and eval_rewards/chosen, ..., eval_logps/rejected);
 * ``eval_samples.jsonl`` - with ``eval_generate``: per evaluation its step, the generation
   metrics and a few (question, generated answer, reference) rows;
 * ``checkpoints/step_N/`` - LoRA params, optimizer state, step, data position, RNG seed;
@@ -46,7 +48,7 @@ from .parallel.placement import place_micro_batches, replicate
 from .engine.step import lr_schedule
 from .analysis.run_budget import resolve_run_memory
 from .api import Model
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_preference
 from .rag_eval import (EVAL_MAX_NEW_TOKENS, check_eval_generate, evaluate_generation,
                        records_of_examples)
 from .plots import write_loss_plot
@@ -132,10 +134,11 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     dpo = cfg.objective == "dpo"
-    if dpo:     # preference pairs, tokenized in memory (spmd_lora.data.preference)
-        train_ex, eval_ex = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len,
-                                            cfg.dpo_layout == "shared-prefix",
-                                            cfg.chat_template), []
+    if dpo:     # preference pairs, tokenized in memory (spmd_lora.data.preference), split
+        # into train / eval pairs as SFT splits its examples (the same seed, a pair whole)
+        pairs = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len,
+                                cfg.dpo_layout == "shared-prefix", cfg.chat_template)
+        train_ex, eval_ex = data.split_train_eval(pairs, cfg.eval_fraction, cfg.seed)
         data_meta = {"data_digest": data.cache.data_digest(cfg.data), "template": "dpo"}
         eval_records = []
     else:
@@ -311,7 +314,15 @@ def _evaluate(model, examples, cfg: TrainConfig, tokenizer, records: list, sampl
     held-out ``examples``; with ``records`` (``eval_generate``) also the generated answers'
     ``eval_em``, ``eval_f1``, ``eval_cite_rate``, ``eval_citation_accuracy`` and their
     oracle present / absent splits (``spmd_lora.rag_eval``), the sample table going to
-    ``samples``."""
+    ``samples``. With objective dpo (``examples`` are preference pairs): ``eval_loss``, the
+    DPO loss (mean over the held-out pairs), and TRL's metrics as TRL names them in
+    evaluation, ``eval_rewards/chosen``, ..., ``eval_logps/rejected``."""
+    if cfg.objective == "dpo":
+        result = evaluate_preference(model, examples, preference_loss(cfg),
+                                     batch_size=cfg.batch_size,
+                                     pad_id=data.pad_token_id(tokenizer))
+        return {"eval_loss": result["loss"],
+                **{f"eval_{k}": result[k] for k in PREFERENCE_METRICS}}
     result = evaluate(model, examples, batch_size=cfg.batch_size)
     out = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
     if records:

@@ -147,8 +147,9 @@ class TrainConfig:
 
     def _check_dpo(self):
         """objective dpo (batch_size counts pairs, whole pairs per dp shard as the batch
-        check says): packing only in the shared-prefix layout, no held-out evaluation; label smoothing only with the sigmoid loss; the
-        shared-prefix layout needs one of our own attention kernels."""
+        check says): packing only in the shared-prefix layout, no generation at evaluation
+        (held-out pairs are scored by the DPO loss); label smoothing only with the sigmoid
+        loss; the shared-prefix layout needs one of our own attention kernels."""
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
         if self.dpo_layout == "shared-prefix" and self.attention in ("cudnn", "tokamax"):
@@ -157,8 +158,8 @@ class TrainConfig:
                               f"auto, pallas, blockwise or xla, or --dpo-layout separate")
         if self.pack and self.dpo_layout != "shared-prefix":
             raise ConfigError("packing preference pairs (pack) needs dpo_layout shared-prefix")
-        for name, bad, why in (
-                               ("eval_fraction", self.eval_fraction > 0, "eval_fraction 0"),
+        for name, bad, why in (("eval_generate", self.eval_generate > 0,
+                                "eval_generate 0 (held-out pairs are scored by the DPO loss)"),
                                ("train_on_inputs", self.train_on_inputs,
                                 "the loss on the completions only")):
             if bad:

@@ -48,6 +48,31 @@ def loss_sum_fn(opts: model.ForwardOptions, mesh):
     return f
 
 
+def preference_sums_fn(opts: model.ForwardOptions, mesh, pref: model.PreferenceLoss):
+    """Returns f(params, lora, batch) -> (sum of DPO pair losses, {metric: sum over pairs},
+    number of pairs), scalars summed over the whole global batch: the forward of the DPO step
+    (:func:`model.preference_sums`: policy and LoRA-off reference) without gradients or
+    dropout, for held-out evaluation. ``batch`` as for :func:`loss_sum_fn`, the pairs in
+    ``pref``'s layout (one row each, or two adjacent rows; whole pairs on every dp shard);
+    all-padding pairs count for nothing."""
+    names = model.PREFERENCE_METRICS
+
+    def per_device(params, lora, batch):
+        total, (sums, pairs) = model.preference_sums(params, lora, batch, opts, pref)
+        over_dp = lambda x: jax.lax.psum(x, DP)  # noqa: E731  (pair sums: cp-invariant)
+        return over_dp(total), {k: over_dp(sums[k]) for k in names}, over_dp(pairs)
+
+    def f(params, lora, batch):
+        batch = prepared_batch(batch, opts)
+        mapped = jax.shard_map(
+            per_device, mesh=mesh,
+            in_specs=(param_specs(params), lora_specs(lora), {k: BATCH_SPEC for k in batch}),
+            out_specs=(REPLICATED, {k: REPLICATED for k in names}, REPLICATED), check_vma=True)
+        return mapped(params, lora, batch)
+
+    return f
+
+
 def logits_fn(opts: model.ForwardOptions, mesh):
     """Returns f(params, lora, batch) -> [B, S, V] float32 logits, gathered, in the batch's
     layout (zig-zag with cp > 1: see ``zigzag.from_zigzag``); for inspection and
