@@ -189,7 +189,8 @@ def test_cli_dpo_run_on_the_bundled_sample_raises_reward_accuracy(tmp_path, caps
 
 @pytest.mark.parametrize("args,msg", [
     (["--objective", "dpo", "--attention", "tokamax"], "--dpo-layout separate"),
-    (["--objective", "dpo", "--batch-size", "2", "--pack"], "objective dpo needs no packing"),
+    (["--objective", "dpo", "--batch-size", "2", "--pack", "--dpo-layout", "separate"],
+     "needs --dpo-layout shared-prefix"),
     (["--beta", "0"], "beta must be > 0"),
     (["--objective", "dpo", "--batch-size", "2", "--loss-type", "ipo",
       "--label-smoothing", "0.1"],
