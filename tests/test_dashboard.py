@@ -412,4 +412,5 @@ def test_every_dpo_metric_has_a_chart():
     from spmd_lora.model import PREFERENCE_METRICS
     page = (Path(runs.__file__).parent / "static" / "index.html").read_text()
     charts = dict(re.findall(r'data-key="([^"]+)"( data-optional="1")?', page))
-    assert all(charts.get(k) == ' data-optional="1"' for k in PREFERENCE_METRICS), charts
+    keys = [*PREFERENCE_METRICS, "eval_rewards/accuracies", "eval_rewards/margins"]
+    assert all(charts.get(k) == ' data-optional="1"' for k in keys), charts
