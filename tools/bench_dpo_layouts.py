@@ -83,7 +83,7 @@ def ours(args, shared: bool) -> dict:
                                                       max_grad_norm=None, total_steps=10 ** 6))
     pair = dataclasses.replace(_pair(args), shared_prefix=shared)
     if shared:
-        batch = collate_shared([pair], len(pair))
+        batch = collate_shared([[pair]], len(pair))
     else:
         batch = collate([[pair.chosen], [pair.rejected]], len(pair))
     batch = {k: v[None] for k, v in batch.items()}
