@@ -61,6 +61,7 @@ from spmd_lora.engine.step import (OptimizerConfig, lr_schedule, make_optimizer,
 from spmd_lora.model import ForwardOptions, PreferenceLoss  # noqa: E402
 from spmd_lora.parallel.placement import replicate, shard_micro_batches  # noqa: E402
 from spmd_lora.weights.peft import load_adapter  # noqa: E402
+from test_dpo import _pairs  # noqa: E402
 
 STEPS = 5
 BETA = 0.1
@@ -71,23 +72,6 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chose
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOL = 1e-4
 WEIGHT_TOL = {"pretrained": 1e-4, "fresh": 1e-3}     # max-abs, relative to max |W| (docstring)
-
-
-def _pairs(vocab, n_pairs, seq, seed):
-    """tokens, loss_mask [2P, S]: pair i on rows 2i (chosen), 2i+1 (rejected), a shared random
-    prompt, completions of different tokens and lengths, padding (0, mask 0) at the end."""
-    rng = np.random.RandomState(seed)
-    tokens = np.zeros((2 * n_pairs, seq), np.int64)
-    mask = np.zeros((2 * n_pairs, seq), np.int32)
-    for i in range(n_pairs):
-        p = rng.randint(3, seq // 2)
-        prompt = rng.randint(1, vocab, p)
-        for j in range(2):
-            n = rng.randint(p + 2, seq + 1)
-            tokens[2 * i + j, :p] = prompt
-            tokens[2 * i + j, p:n] = rng.randint(1, vocab, n - p)
-            mask[2 * i + j, p:n] = 1
-    return tokens, mask
 
 
 def _trl_rows(tokens, mask):
