@@ -132,7 +132,8 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     dpo = cfg.objective == "dpo"
     if dpo:     # preference pairs, tokenized in memory (spmd_lora.data.preference)
-        train_ex, eval_ex = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len), []
+        train_ex, eval_ex = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len,
+                                            cfg.dpo_layout == "shared-prefix"), []
         data_meta = {"data_digest": data.cache.data_digest(cfg.data), "template": "dpo"}
         eval_records = []
     else:

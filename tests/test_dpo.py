@@ -188,7 +188,7 @@ def test_cli_dpo_run_on_the_bundled_sample_raises_reward_accuracy(tmp_path, caps
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--objective", "dpo", "--batch-size", "3"], "multiple of 2*dp"),
+    (["--objective", "dpo", "--attention", "tokamax"], "--dpo-layout separate"),
     (["--objective", "dpo", "--batch-size", "2", "--pack"], "objective dpo needs no packing"),
     (["--beta", "0"], "beta must be > 0"),
     (["--objective", "dpo", "--batch-size", "2", "--loss-type", "ipo",

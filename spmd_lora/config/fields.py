@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cp_impl": ("ring", "allgather"),
     "objective": ("sft", "dpo"),
     "loss_type": ("sigmoid", "ipo"),
+    "dpo_layout": ("shared-prefix", "separate"),
 }
 
 #: One sentence per field: what it does (units, when it applies). Defaults are added by the CLI.
@@ -110,6 +111,9 @@ FIELD_HELP: dict[str, str] = {
     "beta": "dpo: the inverse temperature of the implicit reward beta*log(pi/pi_ref); larger "
             "keeps the policy closer to the reference",
     "loss_type": "dpo loss: sigmoid (DPO) or ipo (squared margin of per-token mean log-ratios)",
+    "dpo_layout": "dpo batch rows: shared-prefix (one row per pair, the prompt computed once, "
+                  "each answer attending to the prompt and itself) or separate (prompt+chosen "
+                  "and prompt+rejected rows)",
     "label_smoothing": "dpo sigmoid: assumed probability that a pair's preference is flipped "
                        "(conservative DPO), in [0, 0.5)",
 }

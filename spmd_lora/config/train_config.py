@@ -83,6 +83,7 @@ class TrainConfig:
     beta: float = 0.1                      # dpo: strength of the reference-model regularisation
     loss_type: str = "sigmoid"             # dpo: sigmoid | ipo
     label_smoothing: float = 0.0           # dpo sigmoid: assumed fraction of flipped labels (cDPO)
+    dpo_layout: str = "shared-prefix"      # dpo: shared-prefix (one row per pair) | separate
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -145,15 +146,16 @@ class TrainConfig:
             self._check_dpo()
 
     def _check_dpo(self):
-        """objective dpo (phase 1): pairs on adjacent rows of every dp shard, cp 1, no
-        packing, no held-out evaluation; label smoothing only with the sigmoid loss."""
+        """objective dpo (batch_size counts pairs, whole pairs per dp shard as the batch
+        check says): no packing, no held-out evaluation; label smoothing only with the sigmoid loss; the
+        shared-prefix layout needs one of our own attention kernels."""
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
-        if self.batch_size % (2 * self.dp):
-            raise ConfigError(f"objective dpo puts each pair on two adjacent rows: batch_size="
-                              f"{self.batch_size} must be a multiple of 2*dp={2 * self.dp}")
-        for name, bad, why in (("cp", self.cp > 1, "cp = 1"),
-                               ("pack", self.pack, "no packing (pack=False)"),
+        if self.dpo_layout == "shared-prefix" and self.attention in ("cudnn", "tokamax"):
+            raise ConfigError(f"attention {self.attention} cannot mask the shared-prefix layout "
+                              f"(answers that see the prompt but not each other); use attention "
+                              f"auto, pallas, blockwise or xla, or --dpo-layout separate")
+        for name, bad, why in (("pack", self.pack, "no packing (pack=False)"),
                                ("eval_fraction", self.eval_fraction > 0, "eval_fraction 0"),
                                ("train_on_inputs", self.train_on_inputs,
                                 "the loss on the completions only")):

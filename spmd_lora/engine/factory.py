@@ -178,8 +178,9 @@ def build_train_step(model_cfg, settings=None, *, mesh=None, optimizer=None,
 
 def preference_loss(settings) -> PreferenceLoss | None:
     """The DPO loss of settings with ``objective="dpo"`` (``beta``, ``loss_type``,
-    ``label_smoothing``), or None (objective sft, or settings without an objective)."""
+    ``label_smoothing``, ``dpo_layout``), or None (objective sft, or settings without an objective)."""
     if getattr(settings, "objective", "sft") != "dpo":
         return None
     return PreferenceLoss(beta=settings.beta, loss_type=settings.loss_type,
-                          label_smoothing=settings.label_smoothing)
+                          label_smoothing=settings.label_smoothing,
+                          shared_prefix=settings.dpo_layout == "shared-prefix")

@@ -116,9 +116,9 @@ def _zero_grads(lora):
         lambda x: jax.lax.pcast(jnp.zeros(x.shape, x.dtype), MESH_AXES, to="varying"), lora)
 
 
-def _scalar0():
-    """A float32 zero varying over (dp, cp): a per-shard sum's initial value."""
-    return jax.lax.pcast(jnp.zeros((), jnp.float32), (DP, CP), to="varying")
+def _scalar0(axes=(DP, CP)):
+    """A float32 zero varying over ``axes``: a per-shard sum's initial value."""
+    return jax.lax.pcast(jnp.zeros((), jnp.float32), axes, to="varying")
 
 
 def _on_every_device(accumulate, mesh, out_tail, params, lora, batches, key):
@@ -147,19 +147,18 @@ def _jit_step(step, mesh):
 def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTransformation,
                          preference: model.PreferenceLoss):
     """The DPO train step: ``step(params, lora, opt_state, batches, key) -> (lora, opt_state,
-    metrics)``, the same arguments and shardings as :func:`make_train_step`'s (cp = 1).
+    metrics)``, the same arguments and shardings as :func:`make_train_step`'s.
 
-    ``batches`` [A, B, S]: each micro-batch holds B/2 preference pairs on adjacent rows
-    (chosen, rejected; :mod:`spmd_lora.model.preference`), B/dp rows per dp shard (even, so a
-    pair never straddles two shards). The loss is the MEAN over every pair of the step: each
+    ``batches`` [A, B, S]: each micro-batch holds preference pairs in ``preference``'s layout
+    (:mod:`spmd_lora.model.preference`): one row per pair (shared prefix), or two adjacent
+    rows (chosen, rejected), B/dp rows per dp shard (even, so a pair never straddles two
+    shards); a row may be split over cp. The loss is the MEAN over every pair of the step: each
     micro-batch's gradient of the SUM of its pair losses is accumulated per device, ONE psum
     over the mesh reduces them, and the sum is divided by the step's pair count, so every pair
     weighs the same whichever micro-batch it is in (per pair, not per token nor per
     micro-batch). metrics: loss (pair mean), grad_norm, tokens (completion tokens of the
     policy rows), pairs, and the means over pairs of ``model.PREFERENCE_METRICS``
     (TRL's ``rewards/*`` and ``logps/*``)."""
-    if opts.cp > 1:
-        raise ValueError("the DPO step needs cp = 1 (a pair's log-probs are summed on one device)")
     use_dropout = opts.lora is not None and opts.lora.dropout > 0.0
     names = model.PREFERENCE_METRICS
 
@@ -182,13 +181,14 @@ def make_preference_step(opts: ForwardOptions, mesh, optimizer: optax.GradientTr
                     metric_acc), None
 
         n_micro = batches["tokens"].shape[0]
-        init = (_zero_grads(lora), _scalar0(), _scalar0(), _scalar0(),
-                {k: _scalar0() for k in names})
+        per_dp = lambda: _scalar0((DP,))  # noqa: E731  (pair sums: cp-invariant)
+        init = (_zero_grads(lora), per_dp(), per_dp(), _scalar0(), {k: per_dp() for k in names})
         (grads, total, pairs, tokens, sums), _ = jax.lax.scan(
             micro, init, (batches, jnp.arange(n_micro)))
-        reduce = lambda x: jax.lax.psum(x, (DP, CP))  # noqa: E731
-        return (jax.lax.psum(grads, MESH_AXES), reduce(total), reduce(pairs), reduce(tokens),
-                {k: reduce(v) for k, v in sums.items()})
+        # the pair sums are cp-invariant already (model.preference_sums), the tokens are not
+        over_dp = lambda x: jax.lax.psum(x, DP)  # noqa: E731
+        return (jax.lax.psum(grads, MESH_AXES), over_dp(total), over_dp(pairs),
+                jax.lax.psum(tokens, (DP, CP)), {k: over_dp(v) for k, v in sums.items()})
 
     def step(params, lora, opt_state, batches, key):
         batches = sharded.prepared_batch(batches, opts)

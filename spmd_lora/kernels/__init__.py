@@ -19,6 +19,7 @@ Context parallelism: :func:`ring_attention` (:mod:`.ring_attention`), called ins
 over a cp mesh axis, with explicit global token indices for the causal mask.
 """
 from . import registry
+from ._masks import BRANCH_ROLES, branch_segment
 from .blockwise import blockwise_attention
 from .cudnn import cudnn_attention
 from .flash_attention import BlockSizes, flash_attention
@@ -28,16 +29,19 @@ from .registry import IMPLS, resolve_impl
 from .tokamax_attention import tokamax_attention
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_sizes=None):
+def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_sizes=None,
+              branch_segments=False):
     """Multi-head attention. q [B, S, H, D]; k, v [B, S, KV, D]; returns [B, S, H, D].
 
     impl: "auto" | "pallas" | "blockwise" | "xla" | "cudnn" | "tokamax" (ValueError
     otherwise). block_sizes: optional :class:`BlockSizes` overriding the registry's choice
-    (pallas uses all fields, blockwise uses block_q / block_k).
+    (pallas uses all fields, blockwise uses block_q / block_k). branch_segments: the segment
+    ids may hold shared-prefix branches (``_masks.branch_segment``), which only our own
+    kernels (pallas, blockwise, xla) express; auto then never picks cuDNN or tokamax.
     """
     choice = registry.choose(impl, seq_len=q.shape[1], head_dim=q.shape[-1],
                              block_sizes=block_sizes, dtype=q.dtype,
-                             segments=segment_ids is not None)
+                             segments="branches" if branch_segments else segment_ids is not None)
     if choice.impl == "xla":
         return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if choice.impl == "blockwise":
@@ -60,4 +64,4 @@ def attention(q, k, v, *, causal=True, segment_ids=None, impl="auto", block_size
 
 __all__ = ["attention", "reference_attention", "blockwise_attention", "flash_attention",
            "BlockSizes", "IMPLS", "resolve_impl", "registry", "ring_attention", "CP_IMPLS",
-           "cp_bytes_per_device"]
+           "cp_bytes_per_device", "branch_segment", "BRANCH_ROLES"]

@@ -12,6 +12,12 @@ Every kernel walks (q tile, k tile) pairs and asks three questions, answered her
   a per-pair branch, :func:`tile_kind`;
 * the boolean mask of one pair (:func:`tile_mask`), from positions or indices alike.
 
+Segment ids: a key is visible to a query of the same segment. Ids from
+:data:`BRANCH_SEGMENT_BASE` on encode a shared prefix and its branches (DPO's prompt, chosen
+and rejected answers in one row): ``branch_segment(group, role)``, role 0 the prefix, 1..3 the
+branches; a branch also sees its group's prefix, never another branch
+(:func:`segments_visible`). Ids below the base are plain segments (packing).
+
 :class:`Masking` (static, one per kernel call) is the mask provider the kernels are written
 against: it picks the answers for positions or for indices, and :func:`visit_tiles` runs a
 kernel's tile loop from them.
@@ -32,6 +38,8 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)   # finite: exp(MASK_VALUE -
 INDEX_PAD_Q = -1                              # padded q rows see no key
 INDEX_PAD_K = int(np.iinfo(np.int32).max)     # padded keys are seen by no query
 SEGMENT_PAD = -1                              # position masking: padded rows' segment id
+BRANCH_SEGMENT_BASE = 1 << 24                 # segment ids >= this: shared prefix + branches
+BRANCH_ROLES = 4                              # role 0 the shared prefix, 1..3 its branches
 
 # Tile kinds, the branch index of a (q tile, k tile) pair: nothing visible, some keys hidden
 # from some rows, every key visible to every row.
@@ -74,6 +82,21 @@ def pad_block_ids(q_index, k_index, q_seg, k_seg, sq_pad: int, sk_pad: int):
 
 # ----------------------------------------------------------------------------- masks
 
+def branch_segment(group, role):
+    """The segment id of ``role`` (0 the shared prefix, 1..BRANCH_ROLES-1 a branch) of prefix
+    group ``group`` (>= 0): ``BRANCH_SEGMENT_BASE + BRANCH_ROLES * group + role``."""
+    return BRANCH_SEGMENT_BASE + BRANCH_ROLES * group + role
+
+
+def segments_visible(q_seg, k_seg):
+    """Boolean [..., bq, bk] from q_seg [..., bq], k_seg [..., bk] (int32): a key is visible to
+    a query of its own segment, and a branch segment's query (id >= BRANCH_SEGMENT_BASE) also
+    sees the shared prefix of its group (the id with the role bits cleared)."""
+    q, k = q_seg[..., :, None], k_seg[..., None, :]
+    prefix = jnp.bitwise_and(q, jnp.int32(-BRANCH_ROLES))       # role bits cleared
+    return (q == k) | ((q >= BRANCH_SEGMENT_BASE) & (k == prefix))
+
+
 def tile_mask(q_pos, k_pos, q_seg, k_seg, *, causal: bool, kv_len: int | None = None):
     """Boolean [..., bq, bk] mask of one tile, or None when nothing is masked.
 
@@ -87,7 +110,7 @@ def tile_mask(q_pos, k_pos, q_seg, k_seg, *, causal: bool, kv_len: int | None = 
         m = jnp.broadcast_to(k_pos[..., None, :] < kv_len, (*q_pos.shape, k_pos.shape[-1]))
         mask = m if mask is None else mask & m
     if q_seg is not None:
-        m = q_seg[..., :, None] == k_seg[..., None, :]
+        m = segments_visible(q_seg, k_seg)
         mask = m if mask is None else mask & m
     return mask
 

@@ -5,13 +5,16 @@ Materialises the full [B, H, S, S] score matrix, so memory is quadratic in S.
 import jax
 import jax.numpy as jnp
 
+from ._masks import segments_visible
+
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None):
     """Softmax attention in float32.
 
     q: [B, S, H, D]; k, v: [B, S, KV, D] with H a multiple of KV (q head h uses kv head
     h // (H // KV), as in HF transformers); segment_ids: optional [B, S] int32, tokens attend
-    only within their own segment. Returns [B, S, H, D] in q's dtype.
+    only within their own segment (and a branch segment also
+    sees its shared prefix: :func:`~._masks.segments_visible`). Returns [B, S, H, D] in q's dtype.
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
@@ -24,7 +27,7 @@ def reference_attention(q, k, v, *, causal=True, segment_ids=None):
     if causal:
         mask = mask & jnp.tril(jnp.ones((s, s), dtype=bool))[None, None, None]
     if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        same = segments_visible(segment_ids, segment_ids)
         mask = mask & same[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

@@ -36,6 +36,7 @@ from .target import program_device
 
 IMPLS = ("auto", "pallas", "blockwise", "xla", "cudnn", "tokamax")
 GPU_ONLY = ("cudnn", "tokamax")
+BRANCH_SEGMENT_IMPLS_MISSING = ("cudnn", "tokamax")   # no shared-prefix (DPO) segment mask
 TABLE_ENV = "SPMD_LORA_KERNEL_TABLE"
 TABLE_FORMAT = "spmd_lora kernel table"
 # Measurements shipped with the package (tools/gpu_suite.py --table kernels/kernel_table.json
@@ -323,9 +324,13 @@ def measured_entry(device_kind: str) -> MeasuredEntry | None:
     return load_table().get((device_kind or "").lower())
 
 
-def supports(impl: str, *, dtype=None, head_dim: int, seq_len: int, segments: bool,
+def supports(impl: str, *, dtype=None, head_dim: int, seq_len: int, segments,
              compute_capability=None):
-    """(ok, reason): whether ``impl`` takes a call with these features on a GPU."""
+    """(ok, reason): whether ``impl`` takes a call with these features on a GPU. ``segments``:
+    False, True (segment ids), or "branches" (shared-prefix branch segments, which only our
+    own kernels express)."""
+    if segments == "branches" and impl in BRANCH_SEGMENT_IMPLS_MISSING:
+        return False, f"{impl} has no mask for shared-prefix branch segments"
     if impl == "cudnn":
         return _cudnn.supports(dtype=dtype or "bfloat16", head_dim=head_dim, seq_len=seq_len,
                                segments=segments, compute_capability=compute_capability)
@@ -345,16 +350,21 @@ def _measured_auto(entry: MeasuredEntry, **features):
 def choose(impl: str = "auto", *, seq_len: int, head_dim: int,
            block_sizes: BlockSizes | None = None, backend: str | None = None,
            device_kind: str | None = None, compute_capability=None, dtype=None,
-           segments: bool = False) -> KernelChoice:
+           segments=False) -> KernelChoice:
     """Implementation and block sizes for one attention call (pure apart from reading the
     kernel table; inputs default to the program's devices, :func:`device_info`). ``dtype`` /
-    ``segments`` describe the call, for picking among measured implementations."""
+    ``segments`` (False, True, or "branches": see :func:`supports`) describe the call, for
+    picking among measured implementations."""
     if backend is None or (backend == "gpu" and device_kind is None):
         b, kind, cc = device_info()
         backend = backend or b
         device_kind = kind if device_kind is None else device_kind
         compute_capability = cc if compute_capability is None else compute_capability
     concrete = resolve_impl(impl, backend=backend)
+    if segments == "branches" and concrete in BRANCH_SEGMENT_IMPLS_MISSING:
+        raise ValueError(f"attention {concrete!r} cannot mask shared-prefix branch segments "
+                         f"(objective dpo's shared-prefix layout); use pallas, blockwise or "
+                         f"xla, or the separate layout")
     measured = measured_entry(device_kind) if backend == "gpu" else None
     reason = None
     if impl == "auto" and measured is not None and measured.ranking:

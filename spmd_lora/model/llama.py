@@ -104,7 +104,7 @@ def attention_block(x, p, lora, seq: SequenceInputs, opts: ForwardOptions, key=N
                                kv_segment_ids=seq.segment_ids, impl=opts.cp_impl, kernel=kernel)
         else:
             o = attention(q, k, v, causal=True, segment_ids=seq.segment_ids,
-                          impl=opts.attention_impl)
+                          impl=opts.attention_impl, branch_segments=opts.branch_segments)
     o = o.reshape(b, s, -1)
     with jax.named_scope("o_proj"):
         if tile is None:

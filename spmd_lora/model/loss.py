@@ -162,14 +162,15 @@ def cross_entropy_sum(h, targets, weights, params, opts: ForwardOptions):
     return loss, jnp.sum(weights)
 
 
-def _sum_over_chunks(h, targets, weights, layout, opts: ForwardOptions, chunk_fn):
-    """The sum over chunks of ``chunk_fn(hg, t, w, bi)``, the one chunk loop of the loss and
-    the sequence log-probs. h [B, R, D] local residual rows; targets, weights [B, S_pad]
+def _sum_over_chunks(h, targets, weights, layout, opts: ForwardOptions, chunk_fn, extra=None):
+    """The sum over chunks of ``chunk_fn(hg, t, w, bi)`` (``chunk_fn(hg, t, w, bi, e)`` with
+    ``extra``), the one chunk loop of the loss and the sequence log-probs. h [B, R, D] local
+    residual rows; targets, weights (and ``extra``, any per-token int array) [B, S_pad]
     (padded by ``layout``). A chunk is ``opts.ce_chunk_rows`` local flat rows, gathered from
     every tp device's rows under sequence parallelism (all_gather; reduce-scatter of its
-    gradient): hg [g*c, D], its targets t and weights w [g*c] (0 past the last row), and bi
-    [g*c] the batch row of each. More than one chunk runs under ``lax.map``, so the [tokens,
-    Vl] logits of only one chunk are ever live."""
+    gradient): hg [g*c, D], its targets t, weights w (0 past the last row) and extra e [g*c],
+    and bi [g*c] the batch row of each. More than one chunk runs under ``lax.map``, so the
+    [tokens, Vl] logits of only one chunk are ever live."""
     b, rows, d = h.shape
     n = b * rows                                                              # local rows
     g = layout.gather_factor
@@ -187,7 +188,9 @@ def _sum_over_chunks(h, targets, weights, layout, opts: ForwardOptions, chunk_fn
         t = targets[bi, seq_idx]
         w = jnp.where(valid, weights[bi, seq_idx], 0.0)
         hg = layout.gather(h_chunk, axis=0) if layout.sp else h_chunk        # [g*c, D]
-        return chunk_fn(hg, t, w, bi)
+        if extra is None:
+            return chunk_fn(hg, t, w, bi)
+        return chunk_fn(hg, t, w, bi, extra[bi, seq_idx])
 
     if n_chunks == 1:
         return one_chunk(hf, 0)
@@ -235,26 +238,32 @@ _fused_token_logp.defvjp(_fused_token_logp_fwd, _fused_token_logp_bwd, symbolic_
 
 
 @jax.named_scope("loss")
-def sequence_logps(h, targets, weights, params, opts: ForwardOptions):
-    """Per-row sums of target-token log-probabilities (DPO's sequence log-probs).
+def sequence_logps(h, targets, weights, params, opts: ForwardOptions, slots=None,
+                   slots_per_row: int = 1):
+    """Sums of target-token log-probabilities over each completion (DPO's sequence log-probs).
 
     h [B, R, D] local residual rows (``opts.layout``); targets, weights [B, S] (the prepared
-    batch's ``targets`` / ``target_weights``; weight 1 on the completion tokens, 0 elsewhere).
-    Returns [B] float32 ``sum_t weights[b, t] * log p(targets[b, t])``, replicated over tp and
-    local to this dp shard (cp = 1: a row's tokens are all on this device).
+    batch's ``targets`` / ``target_weights``; weight 1 on the completion tokens, 0 elsewhere);
+    ``slots`` [B, S] int32 in [0, slots_per_row): which of its row's completions a token's
+    log-prob counts for (None: one completion per row). Returns [B * slots_per_row] float32,
+    entry ``b * slots_per_row + j`` = ``sum_t weights[b, t] * log p(targets[b, t])`` over the
+    tokens of completion j of row b; replicated over tp, local to this dp (and cp) shard.
 
     The same vocab-parallel chunks as :func:`cross_entropy_sum` (``ce_chunk_tokens`` rows at a
     time, gathered over tp under sequence parallelism, the log-softmax reduced over tp), but
-    each chunk returns its per-token log-probs, which are summed into their rows (a segment
-    sum by row index); the chunk's forward keeps only d logp / dh [N, D] for the backward."""
+    each chunk returns its per-token log-probs, which are summed into their completions (a
+    segment sum); the chunk's forward keeps only d logp / dh [N, D] for the backward."""
     b = targets.shape[0]
     layout = opts.layout(targets.shape[1])
     targets, weights = layout.pad(targets), layout.pad(weights.astype(F32))  # [B, S_pad]
     head = _head_local(params)
+    n_out = b * slots_per_row
 
-    def chunk_sums(hg, t, w, bi):
-        """[B]: the chunk's weighted log-prob sums, a segment sum by batch row."""
+    def chunk_sums(hg, t, w, bi, slot=None):
+        """[B * slots_per_row]: the chunk's weighted log-prob sums per completion."""
         logp = _fused_token_logp(hg, head, t, opts)                          # [g*c]
-        return jax.ops.segment_sum(w * logp, bi, num_segments=b)
+        index = bi if slot is None else bi * slots_per_row + slot
+        return jax.ops.segment_sum(w * logp, index, num_segments=n_out)
 
-    return _sum_over_chunks(h, targets, weights, layout, opts, chunk_sums)
+    extra = None if slots is None else layout.pad(slots.astype(jnp.int32))
+    return _sum_over_chunks(h, targets, weights, layout, opts, chunk_sums, extra)

@@ -35,6 +35,9 @@ class ForwardOptions:
     memory, each half recomputed in its own backward) | offload-input (only the layer input in
     host memory); ``offload_layers``: with an offload policy, how many layers (the first ones)
     send their saved inputs to the host, the rest keeping them on the device (None: all).
+    ``branch_segments``: the segment ids may hold shared-prefix branches (objective dpo's
+    shared-prefix layout, ``kernels._masks.branch_segment``), which only our own attention
+    kernels mask (not cudnn, not tokamax).
     """
 
     cfg: ModelConfig
@@ -48,6 +51,7 @@ class ForwardOptions:
     cp: int = 1
     cp_impl: str = "ring"
     offload_layers: int | None = None
+    branch_segments: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -65,6 +69,11 @@ class ForwardOptions:
             raise ConfigError(
                 f"attention {self.attention_impl!r} has no context-parallel block kernel (it "
                 f"returns no log-sum-exp); with cp > 1 use one of {', '.join(CP_ATTENTION_IMPLS)}")
+
+        if self.branch_segments and self.attention_impl in ("cudnn", "tokamax"):
+            raise ConfigError(f"attention {self.attention_impl!r} cannot mask the shared-prefix "
+                              f"layout of objective dpo; use attention auto, pallas, blockwise "
+                              f"or xla, or --dpo-layout separate")
 
     def layout(self, seq_len: int) -> SeqLayout:
         """The sequence layout of a batch of ``seq_len`` tokens."""

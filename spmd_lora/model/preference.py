@@ -1,9 +1,18 @@
 """Direct Preference Optimization (DPO) with LoRA, per device (inside ``shard_map``).
 
-Batch layout (phase 1): a preference pair is TWO rows of the same micro-batch, adjacent: row
-2i = prompt + chosen, row 2i+1 = prompt + rejected, with loss weights (``target_weights``) on
-the completion tokens only. A dp shard holds an even number of whole rows, so both halves of a
-pair land on the same device and the pair's loss is computed there without communication.
+Two batch layouts of a preference pair (:class:`PreferenceLoss` ``shared_prefix``):
+
+* shared prefix (one row per pair): the prompt once, then the chosen answer, then the
+  rejected one, in segments ``kernels.branch_segment(pair, role)``: role 0 the prompt (less
+  its last token), 1 the chosen answer, 2 the rejected one, each answer segment starting with
+  a copy of the prompt's last token (whose logits predict the answer's first token) and its
+  positions continuing the prompt's. An answer attends to the prompt and to itself, never to
+  the other answer (the kernels' branch-segment mask), so the prompt is computed once.
+* separate (two rows per pair, adjacent): row 2i = prompt + chosen, row 2i+1 = prompt +
+  rejected; a dp shard holds an even number of whole rows.
+
+Either way a pair's log-probs are summed on one dp shard (over cp when the row is split), and
+the loss weights (``target_weights``) are on the completion tokens only.
 
 The policy is the frozen base plus LoRA; the reference is the same frozen base with the LoRA
 term off (``lora=None``), run in the same step under ``stop_gradient`` (nothing is
@@ -26,6 +35,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ..kernels import BRANCH_ROLES
+from ..parallel.mesh import CP
 from .llama import hidden_states
 from .loss import sequence_logps
 from .options import ForwardOptions
@@ -42,18 +53,20 @@ LOSS_TYPES = ("sigmoid", "ipo")
 @dataclasses.dataclass(frozen=True)
 class PreferenceLoss:
     """The DPO objective's settings: ``beta`` (> 0), ``loss_type`` (sigmoid | ipo),
-    ``label_smoothing`` (sigmoid only, in [0, 0.5))."""
+    ``label_smoothing`` (sigmoid only, in [0, 0.5)), ``shared_prefix`` (the batch layout:
+    one row per pair, or two adjacent rows; module docstring)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    shared_prefix: bool = False
 
 
 def pair_losses(policy, reference, counts, pref: PreferenceLoss):
     """Per-pair DPO losses and metrics from per-row sequence log-probs.
 
-    policy, reference, counts: [2P] float32 (rows 2i chosen, 2i+1 rejected; counts = the
-    completion tokens of each row). Returns (losses [P], metrics: dict name -> [P], valid [P]
+    policy, reference, counts: [2P] float32 (entries 2i chosen, 2i+1 rejected, of pair i;
+    counts = the completion tokens of each). Returns (losses [P], metrics: dict name -> [P], valid [P]
     float32: 1 for a real pair, 0 for an all-padding one, whose loss and metrics are zeroed)."""
     pc, pr = policy[0::2], policy[1::2]
     rc, rr = reference[0::2], reference[1::2]
@@ -81,24 +94,45 @@ def pair_losses(policy, reference, counts, pref: PreferenceLoss):
     return losses * valid, {k: v * valid for k, v in metrics.items()}, valid
 
 
+def answer_slots(segment_ids):
+    """Shared-prefix layout: [B, S] int32, 0 on the chosen answer's tokens and 1 on the
+    rejected one's (from the role bits of their branch segments; 0 on the prompt and padding,
+    which carry no loss weight)."""
+    role = jnp.bitwise_and(segment_ids, BRANCH_ROLES - 1)
+    return jnp.clip(role - 1, 0, 1)
+
+
 def preference_sums(params, lora, batch: dict, opts: ForwardOptions, pref: PreferenceLoss,
                     key=None):
     """Per device: (sum of this shard's pair losses, (metric sums dict, number of pairs)).
 
-    batch: this device's shard of the prepared batch (cp = 1), [B, S] fields as
-    :func:`spmd_lora.model.loss_sum` reads them, B even, pairs on adjacent rows (module
-    docstring). Two forwards: the policy (``lora``, dropout ``key``) and the reference (no
-    LoRA, no dropout, ``stop_gradient``). Everything returned is tp-invariant and local to
-    this dp shard."""
+    batch: this device's shard of the prepared batch, [B, S] fields as
+    :func:`spmd_lora.model.loss_sum` reads them, in ``pref``'s layout (module docstring): B
+    pairs of one row each (shared prefix), or B/2 pairs on adjacent rows. Two forwards: the
+    policy (``lora``, dropout ``key``) and the reference (no LoRA, no dropout,
+    ``stop_gradient``). The completions' log-probs are summed over cp (a row split into
+    chunks); everything returned is tp- and cp-invariant and local to this dp shard."""
     weights = batch["target_weights"]
+    if pref.shared_prefix:
+        slots, per_row = answer_slots(batch["segment_ids"]), 2
+        opts = dataclasses.replace(opts, branch_segments=True)
+    else:
+        slots, per_row = None, 1
 
     def logps(lp, k):
         h = hidden_states(params, lp, batch["tokens"], batch["positions"],
                           batch.get("segment_ids"), opts, k, batch["token_index"])
-        return sequence_logps(h, batch["targets"], weights, params, opts)   # [B]
+        return jax.lax.psum(sequence_logps(h, batch["targets"], weights, params, opts,
+                                           slots, per_row), CP)             # [B * per_row]
 
     policy = logps(lora, key)
     reference = jax.lax.stop_gradient(logps(None, None))
-    counts = jnp.sum(weights.astype(F32), axis=-1)                          # [B]
+    w = weights.astype(F32)
+    if slots is None:
+        counts = jnp.sum(w, axis=-1)                                        # [B]
+    else:
+        counts = jnp.stack([jnp.sum(w * (slots == j), axis=-1) for j in range(per_row)],
+                           axis=-1).reshape(-1)                             # [B * 2]
+    counts = jax.lax.psum(counts, CP)
     losses, metrics, valid = pair_losses(policy, reference, counts, pref)
     return jnp.sum(losses), ({k: jnp.sum(v) for k, v in metrics.items()}, jnp.sum(valid))
