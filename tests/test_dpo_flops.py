@@ -1,6 +1,7 @@
 """The FLOPs of a DPO step (analysis/flops.py: dpo_step_flops) against independent counts: the
-dot_general equations of the jitted DPO step's program (dead code dropped, as the compiler
-does), the attention pairs of the masks counted one by one, and a hand count of the
+dot_general equations of the jitted DPO step's program in both layouts (dead code dropped, as
+the compiler does), the attention pairs of the masks counted one by one (a segment rule
+written here, and the kernels' own on the data pipeline's row), and a hand count of the
 reference forward; and the saving of the shared-prefix layout over the separate one."""
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,10 @@ import pytest
 from spmd_lora.analysis import flops
 from spmd_lora.config.lora_config import LoraConfig
 from spmd_lora.config.model_config import ModelConfig, resolve_model_config
+from spmd_lora.data.examples import make_example
+from spmd_lora.data.preference import Pair
 from spmd_lora.engine.step import make_train_step
+from spmd_lora.kernels._masks import segments_visible
 from spmd_lora.model import ForwardOptions, PreferenceLoss
 from spmd_lora.parallel.mesh import make_mesh
 from spmd_lora.weights.lora import init_lora
@@ -21,17 +25,49 @@ CFG = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_l
                   num_heads=4, num_kv_heads=2, head_dim=32)
 
 
-def _program_flops(opts, pref, rows, seq, micro=1):
-    """Matmul FLOPs of the jitted DPO step's program on [micro, rows, seq] batches."""
+def _program_flops(opts, pref, rows=None, seq=None, batch=None):
+    """Matmul FLOPs of the jitted DPO step's program on a [1, rows, seq] batch (or ``batch``:
+    raw fields [A, B, S])."""
     mesh = make_mesh(1, 1)
     params = random_params(CFG, mesh, "float32")
     lora = init_lora(CFG, opts.lora, jax.random.key(0))
     opt = optax.sgd(1e-3)
     step = make_train_step(opts, mesh, opt, preference=pref)
-    batch = {"tokens": jnp.zeros((micro, rows, seq), jnp.int32),
-             "loss_mask": jnp.ones((micro, rows, seq), jnp.int32)}
+    if batch is None:
+        batch = {"tokens": jnp.zeros((1, rows, seq), jnp.int32),
+                 "loss_mask": jnp.ones((1, rows, seq), jnp.int32)}
     jaxpr = jax.make_jaxpr(step)(params, lora, opt.init(lora), batch, jax.random.key(0))
     return flops.jaxpr_matmul_flops(jaxpr)
+
+
+def _pair(prompt, chosen, rejected):
+    """A tokenized pair as data/preference.py makes it: BOS + prompt (``prompt`` tokens), each
+    answer + EOS (``chosen`` / ``rejected`` tokens)."""
+    rng = np.random.default_rng(prompt + chosen + rejected)
+    head = list(rng.integers(3, 1000, prompt))
+    rows = []
+    for n in (chosen, rejected):
+        ids = head + list(rng.integers(3, 1000, n))
+        rows.append(make_example(ids, [0] * prompt + [1] * n, "test"))
+    return Pair(rows[0], rows[1], prompt, "test", shared_prefix=True)
+
+
+@pytest.mark.parametrize("remat,targets", [("none", "all"), ("full", ("q_proj", "down_proj")),
+                                           ("offload-input", "all")])
+def test_shared_prefix_hardware_flops_match_the_program(remat, targets):
+    """The shared-prefix step (PreferenceLoss shared_prefix, one row per pair with branch
+    segment ids, data/preference.py's row) against its program: the row's matmuls whole
+    (xla attention computes the square; the masks are data)."""
+    p, c, r = 40, 17, 24
+    lc = LoraConfig(rank=4, alpha=8.0, targets=targets)
+    opts = ForwardOptions(cfg=CFG, tp=1, lora=lc, attention_impl="xla", remat=remat)
+    row = _pair(p, c, r).shared_row()
+    assert (1, len(row["tokens"])) == flops.dpo_rows(p, c, r)
+    batch = {k: jnp.asarray(v)[None, None] for k, v in row.items()}
+    counted = _program_flops(opts, PreferenceLoss(shared_prefix=True), batch=batch)
+    expected = flops.dpo_step_flops(CFG, p, c, r, lora_rank=4, lora_targets=lc.targets,
+                                    remat=remat, attention="xla")
+    assert counted == expected.hardware, (counted, expected.as_dict())
 
 
 @pytest.mark.parametrize("remat,targets,prompt,chosen,rejected,pairs", [
@@ -85,6 +121,10 @@ def test_attention_pairs_match_the_masks(prompt, chosen, rejected):
     segments = [0] * (prompt - 1) + [1] * (chosen + 1) + [2] * (rejected + 1)
     assert (rows, seq) == (1, len(segments))
     exact = _mask_pairs(segments)
+    # the same count from the row the data pipeline builds and the kernels' own segment rule
+    real = _pair(prompt, chosen, rejected).shared_row()["segment_ids"]
+    visible = np.asarray(segments_visible(jnp.asarray(real), jnp.asarray(real)))
+    assert int(np.sum(np.tril(visible))) == exact
     # the formula counts a causal block of n tokens as n**2 / 2: half a pair per token less
     assert flops.dpo_attention_pairs(prompt, chosen, rejected) + seq / 2 == exact
     sep = [_mask_pairs([-1] * (prompt + n)) for n in (chosen, rejected)]

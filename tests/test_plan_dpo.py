@@ -71,6 +71,16 @@ def test_shared_prefix_plan_has_segments_and_fits_in_less():
     assert shared["peak"] < sep["peak"]
 
 
+def test_dpo_plan_over_cp():
+    """cp 2 splits the shared-prefix row over two devices (zig-zag, padded to 2*cp*tp): less
+    memory per device than cp 1 at the same prompt."""
+    prompt = 2048
+    one = plan_dpo.plan_dpo_memory(TINY, 1, 1, prompt, completion_len=C, **KW)
+    two = plan_dpo.plan_dpo_memory(TINY, 1, 1, prompt, completion_len=C, cp=2, **KW)
+    assert two["cp"] == 2 and two["max_seq_len"] == one["max_seq_len"] == prompt + 2 * C + 1
+    assert two["peak"] < one["peak"]
+
+
 def _main(argv, capsys):
     rc = plan_cli.main(argv)
     out = capsys.readouterr()
@@ -88,7 +98,7 @@ def test_cli_shared_prefix_fits_a_longer_prompt_than_separate(tmp_path, capsys):
                                "--dpo-layout", layout, "--completion-len", str(C),
                                "--dtype", "float32", "--remat", "full", "--attention",
                                "blockwise", "--lora-rank", "4", "--lora-targets", "all",
-                               "--device-memory", "34MB", "--find-max-seq-len", "--json",
+                               "--device-memory", "42MB", "--find-max-seq-len", "--json",
                                str(out)], capsys)
         assert rc == 0, err
         res = json.loads(out.read_text())

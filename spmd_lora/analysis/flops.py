@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..config.fields import CHOICES
 from ..config.model_config import ModelConfig
 from ..config.projections import (BLOCKS, PROJECTIONS as PROJECTION_TABLE, ROW_PARALLEL,
                                   TARGETS as PROJECTIONS, projection_dims)
@@ -190,7 +191,7 @@ def step_flops(cfg: ModelConfig, seq_len: int, rows: int = 1, *, lora_rank: int 
 
 #: The batch layouts of a DPO pair (``--dpo-layout``): one row holding the prompt once and both
 #: answers (the default), or two rows, prompt + chosen and prompt + rejected.
-DPO_LAYOUTS = ("shared-prefix", "separate")
+DPO_LAYOUTS = CHOICES["dpo_layout"]
 
 
 def _check_dpo_layout(layout: str) -> None:

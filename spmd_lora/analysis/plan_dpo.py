@@ -30,7 +30,7 @@ def dpo_preference(layout: str) -> PreferenceLoss:
     the defaults stand for them."""
     if layout not in DPO_LAYOUTS:
         raise ConfigError(f"dpo_layout {layout!r}: one of {', '.join(DPO_LAYOUTS)}")
-    return PreferenceLoss(shared_prefix=True) if layout == "shared-prefix" else PreferenceLoss()
+    return PreferenceLoss(shared_prefix=layout == "shared-prefix")
 
 
 def dpo_row_len(prompt_len: int, completion_len: int, layout: str) -> int:

@@ -18,8 +18,7 @@ from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_ma
                              print_plan, remat_label)
 from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..analysis.buffers import format_peak
-from ..analysis.plan_dpo import (DPO_LAYOUTS, dpo_preference, dpo_prompt_len, dpo_row_len,
-                                 plan_dpo_memory)
+from ..analysis.plan_dpo import dpo_preference, dpo_prompt_len, dpo_row_len, plan_dpo_memory
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
 from ..config.fields import with_flag_names
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flag(ap, "--buffers", type=int, default=0, metavar="N")
     add_cli_flag(ap, "--json", default=None)
     add_field_flag(ap, "objective")
-    add_cli_flag(ap, "--dpo-layout", choices=DPO_LAYOUTS, default="shared-prefix")
+    add_field_flag(ap, "dpo_layout")
     add_cli_flag(ap, "--completion-len", type=int, default=512, metavar="N")
     return ap
 

@@ -98,8 +98,6 @@ CLI_HELP: dict[str, str] = {
     "--completion-len": "objective dpo: tokens of each answer (chosen and rejected, EOS "
                         "included); the prompt is what --max-seq-len leaves, or with "
                         "--find-max-seq-len the longest that fits",
-    "--dpo-layout": "objective dpo: shared-prefix (one row per pair: the prompt once, then "
-                    "both answers) or separate (two rows: prompt+chosen, prompt+rejected)",
     "plan --max-seq-len": "tokens per row; objective dpo: a pair's row (shared-prefix) or "
                           "longer row (separate), as in training: the prompt takes what the "
                           "answers leave",
