@@ -38,6 +38,7 @@ def _program_flops(remat, ce_chunk_tokens, targets, rank=4, rows=1):
     ("full", 4096, "all", 1),
     ("full", 32, ("q_proj", "v_proj"), 1),
     ("save-dots", 4096, ("o_proj", "down_proj"), 1),
+    ("save-dots", 4096, ("v_proj",), 1),   # no LoRA on o_proj: P V not recomputed
     ("offload", 4096, "all", 1),
     ("offload", 4096, ("v_proj",), 1),
     ("offload-input", 4096, "all", 1),

@@ -121,18 +121,33 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
                      ce_chunk_tokens: int = 4096, sequence_parallel: bool = True,
                      mlp_chunk_tokens: int = 0, mesh=None, optimizer=None,
                      base_quant="none", cp: int = 1, cp_impl: str = "ring",
-                     offload_layers: int | None = None):
+                     offload_layers: int | None = None, preference=None,
+                     segments: bool = False):
     """Lower the real train step (:func:`spmd_lora.engine.factory.build_train_step`) on
-    abstract inputs on a (dp, cp, tp) mesh. Returns (lowered, mesh, args)."""
+    abstract inputs on a (dp, cp, tp) mesh. ``preference``: a
+    :class:`~spmd_lora.model.PreferenceLoss` for the DPO step (objective dpo; ``batch`` rows
+    then hold its pairs, :mod:`spmd_lora.analysis.plan_dpo`); ``segments``: the batch has
+    ``segment_ids`` too (packed rows, DPO's shared prefix). Returns (lowered, mesh, args)."""
 
     cfg.check_tp(tp)
     mesh = mesh or plan_mesh(dp, tp, cp)
-    step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
-                            cp_impl=cp_impl, attention=attention, remat=remat,
-                            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
-                            mlp_chunk_tokens=mlp_chunk_tokens, offload_layers=offload_layers)
-    args = step.abstract_args(max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches,
-                              dtype=dtype, base_quant=base_quant)
+    try:
+        step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
+                                cp_impl=cp_impl, attention=attention, remat=remat,
+                                ce_chunk_tokens=ce_chunk_tokens,
+                                sequence_parallel=sequence_parallel,
+                                mlp_chunk_tokens=mlp_chunk_tokens, offload_layers=offload_layers,
+                                preference=preference)
+    except ValueError as e:      # the DPO step refuses a layout it cannot run (e.g. cp > 1)
+        if preference is None:
+            raise
+        raise ConfigError(f"objective dpo: {e}") from None
+    params, lora_p, opt_state, batches, key = step.abstract_args(
+        max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches, dtype=dtype,
+        base_quant=base_quant)
+    if segments:                                 # int32 [A, B, S] as the other fields
+        batches = {**batches, "segment_ids": batches["tokens"]}
+    args = (params, lora_p, opt_state, batches, key)
     return step.lower(*args), mesh, args
 
 
@@ -240,7 +255,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
                 base_quant: str = "none", cp: int = 1, cp_impl: str = "ring",
                 target: str | None = None, hosts: int = 1,
                 autotune_results: str | None = None, offload_layers: int | None = None,
-                buffers: int = 0) -> dict:
+                buffers: int = 0, preference=None, segments: bool = False) -> dict:
     """Per-device memory (bytes) of one train step. Keys: weights, lora, optimizer, batch
     (analytic, per device), arguments, outputs, aliased, temporaries (XLA memory analysis),
     activations (= temporaries: activations, saved residuals, attention/CE workspaces,
@@ -273,6 +288,11 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
     ``buffers`` N > 0: the compile also dumps XLA's buffer assignment (into a temporary
     folder) and ``buffers`` holds the device temporaries' peak and the N largest buffers live
     at it (:meth:`spmd_lora.analysis.buffers.Peak.to_dict`).
+
+    ``preference`` (a :class:`~spmd_lora.model.PreferenceLoss`): the DPO step instead of the
+    SFT one, on ``batch`` rows of ``max_seq_len`` tokens (``objective`` "dpo";
+    :func:`spmd_lora.analysis.plan_dpo.plan_dpo_memory` plans it by prompt length), with
+    ``segment_ids`` in the batch when ``segments``.
     """
     if mlp_chunk_tokens is None:
         mlp_chunk_tokens = DEFAULT_MLP_CHUNK_TOKENS
@@ -294,7 +314,8 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
                 remat=remat, attention=attention, micro_batches=micro_batches,
                 ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
                 mlp_chunk_tokens=mlp_chunk_tokens, mesh=mesh, compiler_options=options or None,
-                base_quant=base_quant, cp=cp, cp_impl=cp_impl, offload_layers=offload_layers)
+                base_quant=base_quant, cp=cp, cp_impl=cp_impl, offload_layers=offload_layers,
+                preference=preference, segments=segments)
         except Exception as e:  # noqa: BLE001 - XLA reports a bad autotune file as a runtime error
             if autotune_results and "autotune" in str(e).lower():
                 raise ConfigError(f"--autotune-results {autotune_results}: XLA cannot use it "
@@ -320,6 +341,7 @@ def plan_memory(cfg, tp: int, dp: int = 1, max_seq_len: int = 4096, batch: int =
         "host_temporaries": int(getattr(ma, "host_temp_size_in_bytes", 0) or 0),
         "code": int(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
         "compile_s": round(compile_s, 2), "base_quant": base_quant,
+        "objective": "sft" if preference is None else "dpo",
         **quant_weight_bytes(params),
     }
     out["activations"] = out["temporaries"]
@@ -503,6 +525,11 @@ def print_plan(p: dict, budget: int | None, file=None, key: str = "peak",
           f"sequence_parallel={'on' if p.get('sequence_parallel') else 'off'} "
           f"mlp_chunk_tokens={p.get('mlp_chunk_tokens')} "
           f"lora r={p['lora_rank']} on {','.join(p['lora_targets'] or [])}", file=file)
+    if p.get("objective") == "dpo" and "prompt_len" in p:
+        print(f"  objective dpo, layout {p['dpo_layout']}: {p['pairs']} pair(s) per "
+              f"micro-batch, a prompt of {p['prompt_len']} + answers of "
+              f"{p['completion_len']} tokens in {p['rows_per_pair']} row(s) of "
+              f"{p['max_seq_len']} per pair; policy and reference forwards", file=file)
     print(f"  {compiled_for_line(p['compiled_for'])}, {p['compile_s']} s", file=file)
     if p.get("weights_packed") is not None:
         print(f"  base_quant={p['base_quant']}: {p['quant_bytes_per_param']:.4f} bytes per "

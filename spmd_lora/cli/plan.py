@@ -18,6 +18,7 @@ from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_ma
                              print_plan, remat_label)
 from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..analysis.buffers import format_peak
+from ..analysis.plan_dpo import dpo_preference, dpo_prompt_len, dpo_row_len, plan_dpo_memory
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
 from ..config.fields import with_flag_names
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flag(ap, "--find-max-seq-len", action="store_true")
     add_cli_flag(ap, "--buffers", type=int, default=0, metavar="N")
     add_cli_flag(ap, "--json", default=None)
+    add_field_flag(ap, "objective")
+    add_field_flag(ap, "dpo_layout")
+    add_cli_flag(ap, "--completion-len", type=int, default=512, metavar="N")
     return ap
 
 
@@ -105,19 +109,34 @@ def main(argv: list[str] | None = None) -> int:
         budget = int(args.device_memory * args.usable_fraction) if args.device_memory else None
         key = "peak_gpu_estimate" if args.gpu_estimate else "peak"
         budgets = Budgets(device=budget, host=args.host_memory, key=key) if budget else None
+        dpo = args.objective == "dpo"
+        if dpo:                    # bad DPO settings: one error line before any compile
+            dpo_preference(args.dpo_layout)
+            if args.batch % args.dp:
+                raise SpmdLoraError(f"--objective dpo splits whole pairs over dp: --batch-size "
+                                    f"{args.batch} (pairs) must be a multiple of --dp {args.dp}")
+            if args.completion_len < 1:
+                raise SpmdLoraError(f"--completion-len must be >= 1 (tokens of each answer, "
+                                    f"EOS included), got {args.completion_len}")
+            if not args.find_max_seq_len:
+                dpo_prompt_len(args.max_seq_len, args.completion_len, args.dpo_layout)
 
         def plan_at(s, remat=args.remat, offload_layers=args.offload_layers):
-            return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, lora=lora,
-                               dtype=args.dtype, remat=remat, attention=args.attention,
-                               micro_batches=args.micro_batches,
-                               ce_chunk_tokens=args.ce_chunk_tokens,
-                               sequence_parallel=args.sequence_parallel,
-                               mlp_chunk_tokens=args.mlp_chunk_tokens,
-                               devices_per_host=args.devices_per_host,
-                               base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl,
-                               target=args.target, hosts=args.hosts,
-                               autotune_results=args.autotune_results,
-                               offload_layers=offload_layers, buffers=args.buffers)
+            """The plan at rows of s tokens (objective dpo: the prompt that fills them)."""
+            kw = dict(lora=lora, dtype=args.dtype, remat=remat, attention=args.attention,
+                      micro_batches=args.micro_batches, ce_chunk_tokens=args.ce_chunk_tokens,
+                      sequence_parallel=args.sequence_parallel,
+                      mlp_chunk_tokens=args.mlp_chunk_tokens,
+                      devices_per_host=args.devices_per_host, base_quant=args.base_quant,
+                      cp=args.cp, cp_impl=args.cp_impl, target=args.target, hosts=args.hosts,
+                      autotune_results=args.autotune_results, offload_layers=offload_layers,
+                      buffers=args.buffers)
+            if dpo:
+                return plan_dpo_memory(
+                    cfg, args.tp, args.dp, dpo_prompt_len(s, args.completion_len, args.dpo_layout),
+                    completion_len=args.completion_len, layout=args.dpo_layout, pairs=args.batch,
+                    **kw)
+            return plan_memory(cfg, args.tp, args.dp, s, batch=args.batch, **kw)
 
         def line(p):
             mark = "fits" if budgets.fits(p) else "too big"
@@ -125,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     if p.get("host_offload") else "")
             est = (f"GPU estimate {format_bytes(p['peak_gpu_estimate'])}, "
                    if p["cpu_upcast_allowance"] else "")
-            return (f"S={p['max_seq_len']:8d} {remat_label(p):32s}: peak "
+            prompt = f"prompt={p['prompt_len']:8d} " if dpo else ""
+            return (f"{prompt}S={p['max_seq_len']:8d} {remat_label(p):32s}: peak "
                     f"{format_bytes(p['peak'])} ({est}activations+temp "
                     f"{format_bytes(p['temporaries'])}{host}, compile {p['compile_s']} s) {mark}")
 
@@ -143,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
               + (f" --target {args.target}" + (f" --hosts {args.hosts}" if args.hosts > 1 else "")
                  if args.target else "")
               + (f" --host-memory {format_bytes(args.host_memory).strip()}"
-                 if args.host_memory is not None else ""))
+                 if args.host_memory is not None else "")
+              + (f" --objective dpo --dpo-layout {args.dpo_layout} --completion-len "
+                 f"{args.completion_len} (--batch-size counts pairs)" if dpo else ""))
         host_budget = args.host_memory
         if not args.find_max_seq_len:
             if args.remat == "auto":
@@ -163,32 +185,44 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(p, f, indent=1)
             return 0 if budgets is None or budgets.fits(p) else 1
 
+        # objective dpo searches the prompt length n, on rows of its pair (row_of(n) tokens)
+        row_of = ((lambda n: dpo_row_len(n, args.completion_len, args.dpo_layout)) if dpo
+                  else (lambda n: n))
         if args.remat == "auto":   # the longest length any policy fits: the leanest one's
-            search_at = lambda s: fit_offload_layers(  # noqa: E731
-                lambda remat, k: plan_at(s, remat, k), "offload-input", cfg.num_layers, budgets)
+            search_at = lambda n: fit_offload_layers(  # noqa: E731
+                lambda remat, k: plan_at(row_of(n), remat, k), "offload-input", cfg.num_layers,
+                budgets)
         else:
-            search_at = plan_at
+            search_at = lambda n: plan_at(row_of(n))  # noqa: E731
         best, tried = find_max_seq_len(search_at, budgets.fits,
                                        log=lambda s, p: print(f"  {line(p)}", flush=True))
-        if best is None:
-            print(f"no max_seq_len >= 1024 fits in {format_bytes(budget)} per device"
+        what = "prompt" if dpo else "max_seq_len"
+        within = (f"within {format_bytes(budget)} per device"
                   + (f" and {format_bytes(host_budget).strip()} of host memory per host"
                      if host_budget is not None else ""))
+        if best is None:
+            print(f"no {what} >= 1024 fits {within}")
         else:
             result = tried[best]
             if args.remat == "auto":
-                print(f"remat auto at {best}: the cheapest policy that fits")
-                result = chosen_at(best) or result
-            print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
-                  f"within {format_bytes(budget)} per device"
-                  + (f" and {format_bytes(host_budget).strip()} of host memory per host"
-                     if host_budget is not None else "")
-                  + f", remat {remat_label(result)}")
+                print(f"remat auto at {what} {best}: the cheapest policy that fits")
+                result = chosen_at(row_of(best)) or result
+            if dpo:
+                print(f"longest prompt: {best} tokens (multiple of 1024, within 1 %) with two "
+                      f"answers of {args.completion_len} tokens, layout {args.dpo_layout} "
+                      f"(--max-seq-len {row_of(best)}), {within}, remat {remat_label(result)}")
+            else:
+                print(f"longest trainable max_seq_len: {best} (multiple of 1024, within 1 %) "
+                      f"{within}, remat {remat_label(result)}")
             print_plan(result, budget, key=key, host_budget=host_budget)
             tried[best] = result
         if args.json:
+            found = {"max_seq_len": best}
+            if dpo:
+                found = {"max_seq_len": best and row_of(best), "max_prompt_len": best,
+                         "dpo_layout": args.dpo_layout, "completion_len": args.completion_len}
             with open(args.json, "w") as f:
-                json.dump({"max_seq_len": best, "budget": budget, "host_budget": host_budget,
+                json.dump({**found, "budget": budget, "host_budget": host_budget,
                            "plans": {str(k): v for k, v in sorted(tried.items())}}, f, indent=1)
         return 0 if best else 1
     except SpmdLoraError as e:

@@ -84,7 +84,8 @@ CLI_HELP: dict[str, str] = {
                          "context, allocator fragmentation, NCCL buffers)",
     "--gpu-estimate": "on CPU, judge fit by peak minus XLA:CPU's f32 weight copies (absent on "
                       "GPU) instead of the conservative raw peak",
-    "--find-max-seq-len": "search the longest --max-seq-len that fits (powers of two up to "
+    "--find-max-seq-len": "search the longest --max-seq-len (objective dpo: the longest "
+                          "prompt) that fits (powers of two up to "
                           "32M, then bisection on multiples of 1024 to within 1 %%); needs "
                           "--device-memory",
     "--buffers": "after the plan, the N largest device buffers live at the temporaries' peak, "
@@ -94,6 +95,14 @@ CLI_HELP: dict[str, str] = {
                           "must fit it too (remat offload / offload-input keep the saved layer "
                           "inputs there); default: no host limit",
     "plan --json": "also write the plan(s) as JSON here",
+    "--completion-len": "objective dpo: tokens of each answer (chosen and rejected, EOS "
+                        "included); the prompt is what --max-seq-len leaves, or with "
+                        "--find-max-seq-len the longest that fits",
+    "plan --max-seq-len": "tokens per row; objective dpo: a pair's row (shared-prefix) or "
+                          "longer row (separate), as in training: the prompt takes what the "
+                          "answers leave",
+    "plan --batch-size": "rows per micro-batch, global (split over dp); objective dpo: "
+                         "preference pairs",
     "profile --json": "write census, totals and timings here",
     "--time": "time each distinct collective",
     "--time-iters": "timed runs of each collective",
