@@ -385,3 +385,10 @@ def test_dashboard_run_dir_that_is_a_file(tmp_path, capsys):
     rc = cli.main(["dashboard", str(f), "--port", "0"])
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "is a file, not a run directory" in line, line
+
+
+def test_plan_gpu_only_attention_without_target_is_one_line(capsys):
+    """--attention cudnn (a CUDA-only kernel) planned on this CPU machine without --target."""
+    assert cli.main(["plan", "--model", "llama3-8b", "--attention", "cudnn", "--max-seq-len",
+                     "4096"]) == 2
+    assert "--attention cudnn runs on CUDA GPUs only" in _one_error_line(capsys.readouterr().err)

@@ -19,6 +19,7 @@ from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_ma
 from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..analysis.buffers import format_peak
 from ..analysis.plan_dpo import dpo_preference, dpo_prompt_len, dpo_row_len, plan_dpo_memory
+from ..kernels.registry import GPU_ONLY
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
 from ..config.fields import with_flag_names
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         quiet_xla_warnings()
     import json
 
-
     try:
         cfg = resolve_model_config(args.model)
         cfg.check_tp(args.tp)
@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             require_cuda_plugin()
             if args.device_memory is None:
                 args.device_memory = gpu.memory_bytes
+        elif args.attention in GPU_ONLY:
+            raise SpmdLoraError(f"--attention {args.attention} runs on CUDA GPUs only: plan it "
+                                f"for one with --target (e.g. --target h100), or use attention "
+                                f"auto, pallas, blockwise or xla")
         elif args.hosts != 1 or args.autotune_results:
             raise SpmdLoraError("--hosts and --autotune-results need --target (a GPU to "
                                 "compile for, e.g. --target h100)")
