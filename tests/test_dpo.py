@@ -175,7 +175,7 @@ def test_cli_dpo_run_on_the_bundled_sample_raises_reward_accuracy(tmp_path, caps
     out = tmp_path / "run"
     rc = cli.main(["train", "--model", str(model), "--data", str(asset_path("dpo_sample.jsonl")),
                    "--output-dir", str(out), "--objective", "dpo", "--beta", "0.1",
-                   "--max-seq-len", "64", "--batch-size", "8", "--max-steps", "12",
+                   "--max-seq-len", "128", "--batch-size", "8", "--max-steps", "12",
                    "--learning-rate", "1e-2", "--lora-rank", "8", "--lora-dropout", "0",
                    "--lora-targets", "all", "--no-census"])
     assert rc == 0, capsys.readouterr().err
