@@ -131,17 +131,11 @@ def lower_train_step(cfg, tp: int, dp: int = 1, *, max_seq_len: int, batch: int 
 
     cfg.check_tp(tp)
     mesh = mesh or plan_mesh(dp, tp, cp)
-    try:
-        step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
-                                cp_impl=cp_impl, attention=attention, remat=remat,
-                                ce_chunk_tokens=ce_chunk_tokens,
-                                sequence_parallel=sequence_parallel,
-                                mlp_chunk_tokens=mlp_chunk_tokens, offload_layers=offload_layers,
-                                preference=preference)
-    except ValueError as e:      # the DPO step refuses a layout it cannot run (e.g. cp > 1)
-        if preference is None:
-            raise
-        raise ConfigError(f"objective dpo: {e}") from None
+    step = build_train_step(cfg, mesh=mesh, optimizer=optimizer, lora=lora, tp=tp, cp=cp,
+                            cp_impl=cp_impl, attention=attention, remat=remat,
+                            ce_chunk_tokens=ce_chunk_tokens, sequence_parallel=sequence_parallel,
+                            mlp_chunk_tokens=mlp_chunk_tokens, offload_layers=offload_layers,
+                            preference=preference)
     params, lora_p, opt_state, batches, key = step.abstract_args(
         max_seq_len=max_seq_len, batch=batch, micro_batches=micro_batches, dtype=dtype,
         base_quant=base_quant)

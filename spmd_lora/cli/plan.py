@@ -18,7 +18,7 @@ from ..analysis.plan import (Budgets, choose_remat, ensure_host_devices, find_ma
                              print_plan, remat_label)
 from .parser import OneLineErrorParser, add_cli_flag, add_field_flag
 from ..analysis.buffers import format_peak
-from ..analysis.plan_dpo import dpo_preference, dpo_prompt_len, dpo_row_len, plan_dpo_memory
+from ..analysis.plan_dpo import dpo_prompt_len, dpo_row_len, plan_dpo_memory
 from ..kernels.registry import GPU_ONLY
 from ..analysis.gpu_targets import (ensure_plugin_can_start, quiet_xla_warnings,
                                     require_cuda_plugin, resolve_target, target_names)
@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         budgets = Budgets(device=budget, host=args.host_memory, key=key) if budget else None
         dpo = args.objective == "dpo"
         if dpo:                    # bad DPO settings: one error line before any compile
-            dpo_preference(args.dpo_layout)
             if args.batch % args.dp:
                 raise SpmdLoraError(f"--objective dpo splits whole pairs over dp: --batch-size "
                                     f"{args.batch} (pairs) must be a multiple of --dp {args.dp}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
+from ..kernels.registry import BRANCH_SEGMENT_IMPLS_MISSING
 from .fields import CHOICES, check_choice
 from .lora_config import LoraConfig
 from .sizes import parse_size
@@ -152,7 +153,7 @@ class TrainConfig:
         loss; the shared-prefix layout needs one of our own attention kernels."""
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
-        if self.dpo_layout == "shared-prefix" and self.attention in ("cudnn", "tokamax"):
+        if self.dpo_layout == "shared-prefix" and self.attention in BRANCH_SEGMENT_IMPLS_MISSING:
             raise ConfigError(f"attention {self.attention} cannot mask the shared-prefix layout "
                               f"(answers that see the prompt but not each other); use attention "
                               f"auto, pallas, blockwise or xla, or --dpo-layout separate")

@@ -136,9 +136,10 @@ def _chat_rows(rec, where, renderer: ChatRenderer, answers):
     if msgs[-1]["role"] == "assistant":
         raise DataError(f"{where}: field 'messages' must end with the turn the answers reply "
                         f"to (a user turn), not an assistant turn")
-    cut = len(renderer.render(msgs, add_generation_prompt=True))
+    prompt = renderer.render(msgs, add_generation_prompt=True)
+    cut = len(prompt)
     texts = [renderer.render(msgs + [{"role": "assistant", "content": a}]) for a in answers]
-    if any(not t.startswith(renderer.render(msgs, add_generation_prompt=True)) for t in texts):
+    if any(not t.startswith(prompt) for t in texts):
         raise ConfigError("the chat template renders a conversation differently from its "
                           "beginning (it is not prefix-stable), so the answers cannot be "
                           "split from the prompt; use a built-in chat_template (llama2, "

@@ -13,6 +13,7 @@ from ..config.lora_config import LoraConfig
 from ..config.model_config import ModelConfig
 from ..config.train_config import check_offload_layers
 from ..kernels import CP_IMPLS
+from ..kernels.registry import BRANCH_SEGMENT_IMPLS_MISSING
 from ..parallel.sequence import SeqLayout
 from ..errors import ConfigError
 
@@ -70,7 +71,7 @@ class ForwardOptions:
                 f"attention {self.attention_impl!r} has no context-parallel block kernel (it "
                 f"returns no log-sum-exp); with cp > 1 use one of {', '.join(CP_ATTENTION_IMPLS)}")
 
-        if self.branch_segments and self.attention_impl in ("cudnn", "tokamax"):
+        if self.branch_segments and self.attention_impl in BRANCH_SEGMENT_IMPLS_MISSING:
             raise ConfigError(f"attention {self.attention_impl!r} cannot mask the shared-prefix "
                               f"layout of objective dpo; use attention auto, pallas, blockwise "
                               f"or xla, or --dpo-layout separate")

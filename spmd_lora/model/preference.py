@@ -140,9 +140,10 @@ def preference_sums(params, lora, batch: dict, opts: ForwardOptions, pref: Prefe
     w = weights.astype(F32)
     if slots is None:
         counts = jnp.sum(w, axis=-1)                                        # [B]
-    else:
-        counts = jnp.stack([jnp.sum(w * (slots == j), axis=-1) for j in range(per_row)],
-                           axis=-1).reshape(-1)                             # [B * 2]
+    else:                            # completion b * per_row + slot, as sequence_logps sums
+        rows = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
+        counts = jax.ops.segment_sum(w.reshape(-1), (rows * per_row + slots).reshape(-1),
+                                     num_segments=w.shape[0] * per_row)     # [B * per_row]
     counts = jax.lax.psum(counts, CP)
     losses, metrics, valid = pair_losses(policy, reference, counts, pref)
     return jnp.sum(losses), ({k: jnp.sum(v) for k, v in metrics.items()}, jnp.sum(valid))
