@@ -190,6 +190,73 @@ def test_launcher_quotes_error_lines_and_folds_gloo_notes():
                      "loss [Gloo] Rank 1"]
 
 
+class _FakeClient:
+    def __init__(self):
+        self.kv = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.kv[key] = value
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_a_process_with_its_own_error_is_not_stopped_for_its_peers(monkeypatch, capsys):
+    """The race CI once lost: both processes fail alike; process 1's watchdog saw process 0's
+    failure while process 1 was printing its own error. A process that stood down (its own
+    error, about to be reported) is not ended by its watchdog; one that is stopped because
+    process 0 failed still marks itself failed, so process 0 (which waits for its peers) exits
+    at once; only an unreachable coordinator is not written to."""
+    import threading
+
+    class Dog:
+        me, stopped, client = 1, threading.Event(), _FakeClient()
+
+        def publish(self, value):
+            self.client.key_value_set(f"spmd_lora/alive/{self.me}", value)
+
+    def exit_(status):
+        raise _Exited(status)
+
+    monkeypatch.setattr(distributed.os, "_exit", exit_)
+    for reachable, marked in ((True, "failed:stopped"), (False, None)):
+        dog = Dog()
+        dog.stopped, dog.client = threading.Event(), _FakeClient()
+        monkeypatch.setitem(distributed._state, "watchdog", dog)
+        monkeypatch.setattr(distributed, "_ending", threading.Lock())
+        with pytest.raises(_Exited, match=str(distributed.EXIT_PEER_LOST)):
+            distributed._stop("process 0 failed (no model)", coordinator_reachable=reachable)
+        assert dog.client.kv.get("spmd_lora/alive/1") == marked
+        assert "error: process 0 failed (no model); stopping process" in capsys.readouterr().err
+    dog.stopped = threading.Event()
+    monkeypatch.setattr(distributed, "_ending", threading.Lock())
+    distributed.stand_down()
+    distributed._stop("process 0 failed (no model)")          # returns: it stood down
+    assert capsys.readouterr().err == ""
+
+
+def test_launcher_reports_the_cause_when_the_victims_line_was_joined(monkeypatch):
+    """A victim's "error: process 0 failed (...)" line joined to its own error line by another
+    thread still counts: the launcher waits for process 0 (the cause) beyond the short grace
+    it gives a peer that vanished, and reports it."""
+    class Proc:
+        def __init__(self, pid, code, after):
+            self.pid, self.code, self.at, self.returncode = pid, code, time.monotonic() + after, None
+
+        def poll(self):
+            if self.returncode is None and time.monotonic() >= self.at:
+                self.returncode = self.code
+            return self.returncode
+
+    monkeypatch.setattr(launch, "VANISHED_CAUSE_GRACE", 0.2)
+    cause, victim = launch._Rank(0, Proc(10, 2, 0.8)), launch._Rank(1, Proc(11, 3, 0.0))
+    cause.saw("error: model directory not found: nope")
+    victim.saw("error: model directory not found: nopeerror: process 0 failed (model directory "
+               "not found: nope); stopping process 1")
+    assert launch._wait([cause, victim], cause_grace=5.0) is cause
+
+
 def test_bad_peer_timeout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SPMD_LORA_PEER_TIMEOUT", "soon")
     with pytest.raises(Exception, match="SPMD_LORA_PEER_TIMEOUT='soon' must be a positive"):

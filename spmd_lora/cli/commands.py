@@ -36,7 +36,7 @@ from ..export import export_merged
 from ..gguf_export import OUTTYPES, export_gguf, export_gguf_lora
 from ..plots import write_loss_plot
 from ..reporting import read_metrics
-from ..runtime.distributed import await_watchdog, finish, initialize_distributed
+from ..runtime.distributed import await_watchdog, finish, initialize_distributed, stand_down
 from ..tiny import asset_path, build_tiny_llama
 from ..tokenizer import load_tokenizer
 from ..train import train
@@ -423,10 +423,16 @@ def _guard_multi(fn) -> tuple[int, str]:
     import traceback
 
     errors = []
+
+    def own_error(text: str) -> None:
+        stand_down()                             # a peer's failure no longer replaces this one
+        errors.append(text)
+
     try:
-        status = _guard(fn, errors.append)
+        status = _guard(fn, own_error)
     except BaseException as e:                   # noqa: BLE001 - reported to the peers too
         await_watchdog(e)                        # a dead peer: the watchdog names it, exits
+        stand_down()
         traceback.print_exc()
         return 1, f"{type(e).__name__}: {e}".splitlines()[0]
     return status, (errors[-1] if errors else "")
@@ -454,9 +460,10 @@ def _guard(fn, on_error=None) -> int:
 
 
 def _user_error(text: str, on_error) -> int:
-    print(f"error: {text}", file=sys.stderr)
     if on_error is not None:
         on_error(text)
+    sys.stderr.write(f"error: {text}\n")        # one write: no other thread's line cuts it
+    sys.stderr.flush()
     return 2
 
 

@@ -51,6 +51,7 @@ EXIT_PEER_LOST = 3
 DEFAULT_PEER_TIMEOUT = 60.0
 _PREFIX = "spmd_lora/alive/"
 _state = {"watchdog": None, "agree_calls": 0}
+_ending = threading.Lock()      # one of _stop and stand_down decides how this process ends
 JAX_HEARTBEAT_FACTOR = 4   # JAX's heartbeat timeout, in peer timeouts (a backstop)
 
 
@@ -148,7 +149,7 @@ class _Watchdog(threading.Thread):
                 if now - unreachable_since > self.timeout and not self.stopped.is_set():
                     _stop(f"process 0 stopped responding (the coordination service it hosts "
                           f"has been unreachable for {self.timeout:.0f} s: "
-                          f"{str(e).splitlines()[0][:200]})")
+                          f"{str(e).splitlines()[0][:200]})", coordinator_reachable=False)
                 self.stopped.wait(self.interval)
                 continue
             for k in list(seen):
@@ -165,12 +166,14 @@ class _Watchdog(threading.Thread):
             self.stopped.wait(self.interval)
 
 
-def _stop(reason: str) -> None:
+def _stop(reason: str, coordinator_reachable: bool = True) -> None:
     """Print why, then end this process at once (peers may be stuck in a collective)."""
+    _ending.acquire()                 # never released: this process ends here
     dog = _state["watchdog"]
     if dog is not None and dog.stopped.is_set():
-        return                                        # finishing normally: nothing to stop
-    if dog is not None and not reason.startswith("process 0 "):
+        _ending.release()
+        return                          # finishing, or failing with its own error: not stopped
+    if dog is not None and coordinator_reachable:
         try:                          # process 0 waits for this before it exits (finish)
             dog.publish("failed:stopped")
         except Exception:
@@ -201,6 +204,15 @@ def await_watchdog(error: BaseException) -> None:
                      f"peer process stopped\n")
     sys.stderr.flush()
     time.sleep(dog.timeout + 2 * dog.interval)
+
+
+def stand_down() -> None:
+    """This process failed with its own error, which :func:`finish` is about to report: from
+    now on its watchdog no longer ends it for a peer's failure (which would replace its own
+    error and exit status with the peer's)."""
+    with _ending:
+        if _state["watchdog"] is not None:
+            _state["watchdog"].stopped.set()
 
 
 def finish(status: int, message: str = "") -> int:

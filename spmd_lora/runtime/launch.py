@@ -242,8 +242,10 @@ def run(command: list[str], nprocs: int, devices_per_process: int | None = None,
     return _exit_code(code)
 
 
-# a victim's line when its peer failed with an error (distributed._stop), not when it vanished
-_PEER_FAILED = re.compile(r"^error: process \d+ failed \(")
+# a victim's line when its peer failed with an error (distributed._stop), not when it vanished;
+# searched anywhere in the line, which another thread's output may have joined
+_PEER_FAILED = re.compile(r"error: process \d+ failed \(")
+VANISHED_CAUSE_GRACE = 10.0     # seconds a victim's vanished peer may take to be seen exiting
 
 
 def _victim(r: _Rank) -> bool:
@@ -255,7 +257,7 @@ def _wait(ranks: list[_Rank], cause_grace: float) -> _Rank | None:
     """Wait until all exit 0 (-> None) or one fails (-> the rank to report: the first seen to
     fail that was not only reacting to another's failure). After a victim, the cause is waited
     for up to ``cause_grace`` seconds when the victim says its peer failed with an error (that
-    peer may still be waiting for the others before it exits), else 10 s."""
+    peer may still be waiting for the others before it exits), else ``VANISHED_CAUSE_GRACE``."""
     ended: dict[int, float] = {}
 
     def failed():
@@ -274,7 +276,8 @@ def _wait(ranks: list[_Rank], cause_grace: float) -> _Rank | None:
             # a victim exits moments after the process it reacted to, or, when that one
             # failed with an error, possibly before it (see run): wait for that one
             reported_failure = any(_PEER_FAILED.search(r.last_line) for r in bad)
-            deadline = time.monotonic() + (cause_grace if reported_failure else 10.0)
+            deadline = time.monotonic() + (cause_grace if reported_failure
+                                           else VANISHED_CAUSE_GRACE)
             while all(_victim(r) for r in bad) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 bad = failed()
