@@ -134,12 +134,13 @@ def train(cfg: TrainConfig, progress_stream=None) -> dict:
     reporting.check_report_to(cfg.report_to)
     tokenizer = load_tokenizer(cfg.model)
     dpo = cfg.objective == "dpo"
-    if dpo:     # preference pairs, tokenized in memory (spmd_lora.data.preference), split
-        # into train / eval pairs as SFT splits its examples (the same seed, a pair whole)
+    if dpo:     # preference pairs from the tokenized-data cache (spmd_lora.data.pair_cache),
+        # split into train / eval pairs as SFT splits its examples (the same seed, a pair whole)
         pairs = data.load_pairs(cfg.data, tokenizer, cfg.max_seq_len,
-                                cfg.dpo_layout == "shared-prefix", cfg.chat_template)
+                                cfg.dpo_layout == "shared-prefix", cfg.chat_template,
+                                cfg.data_cache_dir, cfg.data_workers)
         train_ex, eval_ex = data.split_train_eval(pairs, cfg.eval_fraction, cfg.seed)
-        data_meta = {"data_digest": data.cache.data_digest(cfg.data), "template": "dpo"}
+        data_meta = {"data_digest": pairs.meta["data_digest"], "template": "dpo"}
         eval_records = []
     else:
         train_ex, eval_ex, data_meta = _prepare_data(cfg, tokenizer)

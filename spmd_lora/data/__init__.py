@@ -10,7 +10,8 @@ fixed-shape batches. One job per module:
   type, the special ids and the train / eval split;
 * :mod:`.cache`: the tokenized-data cache (memory-mapped, built by worker processes, atomic);
 * :mod:`.batching`: packing and the resumable :class:`BatchIterator`;
-* :mod:`.preference`: DPO preference pairs (prompt / chosen / rejected) and their batches.
+* :mod:`.preference`: DPO preference pairs (prompt / chosen / rejected) and their batches;
+  :mod:`.pair_cache` keeps them in the tokenized-data cache.
 """
 from .batching import BatchIterator, collate, eval_batches, pack_examples
 from .cache import TokenizedData, load_or_build
@@ -21,12 +22,13 @@ from .templates import (MIN_PARTIAL_PASSAGE_TOKENS, PROMPT_TEMPLATES, TEMPLATES,
                         infer_template)
 from .examples import DataWarning, Example, pad_token_id, split_train_eval
 from .tokenize import encode_prompt, load_dataset, tokenize_records
-from .preference import Pair, PairBatchIterator, load_pairs, tokenize_pairs
+from .preference import Pair, PairBatchIterator, tokenize_pairs
+from .pair_cache import TokenizedPairs, load_pairs
 
 __all__ = ["PROMPT_TEMPLATES", "TEMPLATES", "MIN_PARTIAL_PASSAGE_TOKENS", "DataWarning", "Record",
            "Example", "load_records", "iter_records", "infer_template", "format_prompt",
            "encode_prompt", "tokenize_records", "load_dataset", "pad_token_id",
            "split_train_eval", "pack_examples", "collate", "BatchIterator", "eval_batches",
            "BUILTIN_CHAT_TEMPLATES", "ChatRenderer", "chat_messages", "resolve_chat_template",
-           "TokenizedData", "load_or_build", "Pair", "PairBatchIterator", "load_pairs",
-           "tokenize_pairs"]
+           "TokenizedData", "load_or_build", "Pair", "PairBatchIterator", "TokenizedPairs",
+           "load_pairs", "tokenize_pairs"]

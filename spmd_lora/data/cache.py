@@ -27,6 +27,9 @@ cache: every later run, and every process of a multi-process run, would tokenize
 the user would not learn why; the message says to set ``data_cache_dir`` or
 ``$SPMD_LORA_CACHE``.
 
+:func:`cached_build` is the keyed, locked, atomic build itself, shared with DPO's
+preference pairs (:mod:`.pair_cache`, their own files layout and key).
+
 Host memory while training is the batch being assembled, plus ``lengths`` (4 bytes per
 example); the token files stay in the page cache, not in the process heap.
 """
@@ -155,21 +158,26 @@ def _chunks(records: Iterator, n: int) -> Iterator[tuple[list[dict], list[str], 
         yield batch, wheres, first
 
 
-# Worker-process state (set once per worker by _init_worker).
+# Worker-process state (set once per worker by _init_worker): the chunk function and its
+# arguments after (records, wheres).
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, max_seq_len, train_on_inputs, chat_template):
+def _init_worker(fn, args: tuple) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER.update(tokenizer=tokenizer, template=template, max_seq_len=max_seq_len,
-                   train_on_inputs=train_on_inputs, chat_template=chat_template)
+    _WORKER.update(fn=fn, args=args)
 
 
 def _work(chunk) -> tuple:
     records, wheres, _ = chunk
-    w = _WORKER
-    res = tokenize_chunk(records, w["tokenizer"], w["template"], w["max_seq_len"],
-                         w["train_on_inputs"], w["chat_template"], wheres=wheres)
+    return _WORKER["fn"](records, wheres, *_WORKER["args"])
+
+
+def _example_chunk(records, wheres, tokenizer, template, max_seq_len, train_on_inputs,
+                   chat_template) -> tuple:
+    """One chunk of SFT records -> (tokens, loss mask, lengths ``int32 [n]``, summary)."""
+    res = tokenize_chunk(records, tokenizer, template, max_seq_len, train_on_inputs,
+                         chat_template, wheres=wheres)
     lengths = np.array([len(e) for e in res.examples], dtype=np.int32)
     tokens = (np.concatenate([e.input_ids for e in res.examples]) if res.examples
               else np.zeros(0, np.int32))
@@ -179,8 +187,9 @@ def _work(chunk) -> tuple:
 
 
 def _results(chunks: Iterator, workers: int, init_args: tuple) -> Iterator[tuple]:
-    """Tokenized chunks in input order; with ``workers`` > 1 (and more than one chunk) from a
-    pool of spawned processes, at most ``2 * workers`` chunks in flight."""
+    """Tokenized chunks in input order (``init_args``: :func:`_init_worker`'s); with
+    ``workers`` > 1 (and more than one chunk) from a pool of spawned processes, at most
+    ``2 * workers`` chunks in flight."""
     first = next(chunks, None)
     second = next(chunks, None) if first is not None else None
     if first is None:
@@ -225,13 +234,8 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
     and errors are those of :func:`~.tokenize.tokenize_records`.
     """
     check_max_seq_len(max_seq_len)
-    root = ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir,
-                               "tokenized-data cache directory",
-                               hint="set data_cache_dir or $SPMD_LORA_CACHE to a writable directory")
-    records = iter_records(data)
-    first = next(records, None)
-    if first is None:
-        raise DataError(f"{data}: the dataset is empty (no records); add at least one record")
+    root = cache_root(cache_dir)
+    first, records = first_record(data)
     template = resolve_template(template, [first])
     check_template(template, chat_template)
     chat_text = None
@@ -241,6 +245,37 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
                   "tokenizer": tokenizer_fingerprint(tokenizer), "template": template,
                   "chat_template": chat_text, "max_seq_len": int(max_seq_len),
                   "train_on_inputs": bool(train_on_inputs)}
+    work = (_example_chunk, (tokenizer, template, int(max_seq_len), bool(train_on_inputs),
+                             chat_template))
+    final = cached_build(root, key_fields, data, records, work, workers,
+                         lambda summary: report(summary, template, int(max_seq_len)))
+    return TokenizedData.open(final)
+
+
+def cache_root(cache_dir) -> Path:
+    """The cache directory (created; refused when it cannot be written)."""
+    return ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir,
+                               "tokenized-data cache directory",
+                               hint="set data_cache_dir or $SPMD_LORA_CACHE to a writable directory")
+
+
+def first_record(data) -> tuple:
+    """(the dataset's first record, an iterator over all its records, that one first); an
+    empty dataset is refused."""
+    records = iter_records(data)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{data}: the dataset is empty (no records); add at least one record")
+    return first, _prepend(first, records)
+
+
+def cached_build(root: Path, key_fields: dict, data, records: Iterator, work: tuple,
+                 workers: int, report_summary) -> Path:
+    """The directory of the cache entry for ``key_fields``, built first if needed (one build
+    at a time per key; a killed build's leftovers removed): ``work`` = (chunk function, its
+    arguments after (records, wheres)), run by ``workers`` processes (0: ``min(cpu count,
+    8)``); each returns (tokens, loss mask, lengths rows, summary). ``report_summary(summary)``
+    gives the dataset-level warnings, on every load, and the error when nothing fits."""
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(),
                           digest_size=16).hexdigest()
     lock = open(root / f"{key}.lock", "w")
@@ -251,11 +286,9 @@ def load_or_build(data, tokenizer, template: str = "auto", max_seq_len: int = 20
             for dead in root.glob(f".tmp_{key}_*"):    # left by a killed build of this key
                 shutil.rmtree(dead, ignore_errors=True)
             workers = int(workers) or min(os.cpu_count() or 1, 8)
-            _build(final, data, _prepend(first, records), tokenizer, template, key_fields,
-                   chat_template, workers)
-    meta = json.loads((final / "meta.json").read_text())
-    report(meta["summary"], template, int(max_seq_len))
-    return TokenizedData.open(final)
+            _build(final, data, records, key_fields, work, workers, report_summary)
+    report_summary(json.loads((final / "meta.json").read_text())["summary"])
+    return final
 
 
 def _prepend(first, rest: Iterator) -> Iterator:
@@ -263,17 +296,15 @@ def _prepend(first, rest: Iterator) -> Iterator:
     yield from rest
 
 
-def _build(final: Path, data, records: Iterator, tokenizer, template: str, key_fields: dict,
-           chat_template: str | None, workers: int) -> None:
+def _build(final: Path, data, records: Iterator, key_fields: dict, work: tuple, workers: int,
+           report_summary) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=final.parent))
     bar = _progress(f"tokenizing {Path(data).name}")
     try:
         summary, all_lengths, total = None, [], 0
-        init = (tokenizer, template, key_fields["max_seq_len"], key_fields["train_on_inputs"],
-                chat_template)
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "loss_mask.bin", "wb") as fm:
             for tokens, mask, lengths, part in _results(_chunks(records, CHUNK_ROWS), workers,
-                                                        init):
+                                                        work):
                 ft.write(tokens.tobytes())
                 fm.write(mask.tobytes())
                 all_lengths.append(lengths)
@@ -284,7 +315,7 @@ def _build(final: Path, data, records: Iterator, tokenizer, template: str, key_f
             ft.flush(), fm.flush()
             os.fsync(ft.fileno()), os.fsync(fm.fileno())
         if not summary["examples"]:
-            report(summary, template, key_fields["max_seq_len"])   # the "nothing fits" error
+            report_summary(summary)                    # the "nothing fits" error
         np.save(tmp / "lengths.npy", np.concatenate(all_lengths))
         meta = {**key_fields, "data": str(data), "examples": int(sum(map(len, all_lengths))),
                 "tokens": total, "summary": summary}

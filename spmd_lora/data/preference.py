@@ -32,8 +32,9 @@ With packing (shared prefix only) several pairs share a row, pair k of the row i
 segments of group k, each seeing only its own prompt.
 
 A pair whose row (shared prefix) or longer row (separate) exceeds ``max_seq_len`` is skipped
-(one counted :class:`DataWarning`, as the other templates). Pairs are tokenized in memory
-(not through the tokenized-data cache).
+(one counted :class:`DataWarning`, as the other templates). :func:`tokenize_pair_chunk` does
+the work for a slice of records, :func:`report_pairs` the dataset-level warnings;
+:mod:`.pair_cache` stores the pairs in the tokenized-data cache.
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ from .batching import BatchIterator, collate
 from .chat import ChatRenderer, chat_messages
 from .examples import DataWarning, Example, encode_texts, make_example, special_ids
 from .rag_fit import fit_rag_prompt, rag_oracle_index
-from .records import load_records
 from .rows import where_of
 from .templates import get_str, rag_passages, rag_prompt
 
@@ -172,18 +172,22 @@ def _pair_len(n_prompt: int, answers, shared_prefix: bool) -> int:
     return n_prompt + max(len(a) for a in answers)
 
 
-def tokenize_pairs(records: Sequence[dict], tokenizer, max_seq_len: int,
-                   shared_prefix: bool = True, chat_template: str | None = None) -> list[Pair]:
-    """Records -> :class:`Pair` s (module docstring) for the layout ``shared_prefix``. A rag
-    row too long for ``max_seq_len`` has its passages fitted (as SFT's rag template); other
-    over-long pairs are skipped with one DataWarning, a DataError when none fits.
-    ``chat_template``: for ``messages`` rows (default: the tokenizer's)."""
+def tokenize_pair_chunk(records: Sequence[dict], tokenizer, max_seq_len: int,
+                        shared_prefix: bool = True, chat_template: str | None = None,
+                        wheres: Sequence[str] | None = None) -> tuple[list[Pair], dict]:
+    """Records -> (:class:`Pair` s, summary), no dataset-level warnings or errors (those are
+    :func:`report_pairs`'). A rag row too long for ``max_seq_len`` has its passages fitted
+    (as SFT's rag template); other over-long pairs are left out and counted. ``wheres``
+    names each record (default: its own position); ``chat_template``: for ``messages`` rows
+    (default: the tokenizer's). The summary has the keys of the SFT chunks' (records,
+    examples = pairs kept, too_long, n_too_long, shortest, shortened), so the cache merges
+    both alike."""
     bos, eos = special_ids(tokenizer)
     head = [] if bos is None else [bos]
     renderer = None
     pairs, too_long, shortened = [], [], 0
     for i, rec in enumerate(records):
-        where = where_of(rec, i)
+        where = where_of(rec, i) if wheres is None else wheres[i]
         kind = _kind(rec, where)
         texts = [_answer_text(rec, f, where) for f in PAIR_FIELDS]
         if kind == "chat":
@@ -210,27 +214,42 @@ def tokenize_pairs(records: Sequence[dict], tokenizer, max_seq_len: int,
             too_long.append((where, len(pair)))
             continue
         pairs.append(pair)
-    if not pairs:
+    summary = {"records": len(records), "examples": len(pairs), "too_long": too_long[:3],
+               "n_too_long": len(too_long), "shortest": min((n for _, n in too_long),
+                                                            default=None),
+               "shortened": shortened}
+    return pairs, summary
+
+
+def report_pairs(summary: dict, max_seq_len: int) -> None:
+    """Dataset-level outcome of :func:`tokenize_pair_chunk` (``summary``, or several merged):
+    a DataError when no pair fits, else one DataWarning each for skipped pairs and for rag
+    rows whose passages were shortened."""
+    too_long, n_too_long = summary["too_long"], summary["n_too_long"]
+    if not summary["examples"]:
         raise DataError(f"every preference pair is longer than max_seq_len={max_seq_len} "
                         f"(first: {too_long[0][0] if too_long else 'none'}, "
-                        f"{too_long[0][1] if too_long else 0} tokens); raise max_seq_len")
-    if too_long:
+                        f"{too_long[0][1] if too_long else 0} tokens; the shortest needs "
+                        f"{summary['shortest'] or 0}); raise max_seq_len")
+    if n_too_long:
         shown = "; ".join(f"{w} needs {n} tokens" for w, n in too_long[:3])
-        warnings.warn(f"skipped {len(too_long)} of {len(records)} preference pairs longer than "
-                      f"max_seq_len={max_seq_len} ({shown}{' ...' if len(too_long) > 3 else ''})",
-                      DataWarning, stacklevel=2)
-    if shortened:
-        warnings.warn(f"shortened the passages of {shortened} of {len(records)} rag preference "
-                      f"rows to fit max_seq_len={max_seq_len} (oracle passages kept longest)",
-                      DataWarning, stacklevel=2)
+        warnings.warn(f"skipped {n_too_long} of {summary['records']} preference pairs longer "
+                      f"than max_seq_len={max_seq_len} ({shown}{' ...' if n_too_long > 3 else ''})",
+                      DataWarning, stacklevel=3)
+    if summary["shortened"]:
+        warnings.warn(f"shortened the passages of {summary['shortened']} of {summary['records']} "
+                      f"rag preference rows to fit max_seq_len={max_seq_len} (oracle passages "
+                      f"kept longest)", DataWarning, stacklevel=3)
+
+
+def tokenize_pairs(records: Sequence[dict], tokenizer, max_seq_len: int,
+                   shared_prefix: bool = True, chat_template: str | None = None) -> list[Pair]:
+    """Records -> :class:`Pair` s in memory (module docstring): :func:`tokenize_pair_chunk`
+    and :func:`report_pairs`'s warnings / error."""
+    pairs, summary = tokenize_pair_chunk(records, tokenizer, max_seq_len, shared_prefix,
+                                         chat_template)
+    report_pairs(summary, max_seq_len)
     return pairs
-
-
-def load_pairs(path, tokenizer, max_seq_len: int, shared_prefix: bool = True,
-               chat_template: str | None = None) -> list[Pair]:
-    """The preference pairs of a dataset file (:func:`tokenize_pairs` of its records)."""
-    return tokenize_pairs(load_records(path), tokenizer, max_seq_len, shared_prefix,
-                          chat_template)
 
 
 def collate_shared(rows: Sequence[Sequence[Pair]], max_seq_len: int, pad_id: int = 0):
