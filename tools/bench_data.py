@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-pipeline benchmarks: the tokenized-data cache at scale, and host/device overlap.
 
-    python tools/bench_data.py scale --rows 20000 200000 [--workers 0] [--dir DIR]
+    python tools/bench_data.py scale --rows 20000 200000 [--workers 0] [--dir DIR] [--dpo]
     python tools/bench_data.py overlap [--steps 10] [--rounds 5]
 
 ``scale`` writes synthetic RAG rows (a question, five titled passages of bundled-corpus
@@ -15,6 +15,12 @@ each row count, each phase in a fresh subprocess:
   the process's RSS split into anonymous memory and file-backed (memmap) pages after 200
   batches. The growth of anonymous RSS from the smallest to the largest row count is what the
   cache is meant to keep flat.
+
+With ``--dpo`` the rows are RAG preference pairs (the same prompt, the answer as ``chosen``,
+"The passages do not say." as ``rejected``), read by ``load_pairs`` and ``PairBatchIterator``
+(shared-prefix layout), and a third phase, ``memory``, times the path without the cache (every
+run tokenizes the pairs in memory: ``tokenize_pairs`` in this process), to the first batch,
+with its RSS.
 
 ``overlap`` times the train step of the ``tiny`` config of ``tools/bench.py`` (2 layers,
 d=256, vocab 32000, S=256, batch 1, LoRA r=8 on all projections, fp32, tp=1) three ways:
@@ -61,8 +67,9 @@ def _rss_split() -> dict:
     return fields
 
 
-def write_rows(path: Path, n: int, seed: int = 0, passage_sentences: int = 8) -> None:
-    """``n`` synthetic RAG rows as JSONL (deterministic)."""
+def write_rows(path: Path, n: int, seed: int = 0, passage_sentences: int = 8,
+               dpo: bool = False) -> None:
+    """``n`` synthetic RAG rows (``dpo``: preference pairs) as JSONL (deterministic)."""
     import numpy as np
 
     from spmd_lora.tiny import asset_text
@@ -75,9 +82,12 @@ def write_rows(path: Path, n: int, seed: int = 0, passage_sentences: int = 8) ->
             contexts = [{"title": f"Town {i % 977} part {j}",
                          "text": " ".join(sentences[k] for k in row)}
                         for j, row in enumerate(pick)]
-            f.write(json.dumps({"question": f"In which year was town {i % 977} founded?",
-                                "contexts": contexts,
-                                "answer": f"It was founded in {1000 + i % 997}."}) + "\n")
+            answer = f"It was founded in {1000 + i % 997}."
+            row = {"question": f"In which year was town {i % 977} founded?",
+                   "contexts": contexts}
+            row.update({"chosen": answer, "rejected": "The passages do not say."} if dpo
+                       else {"answer": answer})
+            f.write(json.dumps(row) + "\n")
 
 
 def _tokenizer(work: Path):
@@ -90,12 +100,22 @@ def _tokenizer(work: Path):
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def phase_build(args) -> dict:
-    from spmd_lora.data import load_or_build
-    tok = _tokenizer(Path(args.dir))
-    t0 = time.perf_counter()
+def _load(args, tok):
+    """The cached examples (pairs with ``--dpo``) and their batch iterator."""
+    from spmd_lora.data import BatchIterator, PairBatchIterator, load_or_build, load_pairs
+    if args.dpo:
+        data = load_pairs(args.data, tok, MAX_SEQ_LEN, cache_dir=args.cache,
+                          workers=args.workers)
+        return data, PairBatchIterator(data, batch_size=4, max_seq_len=MAX_SEQ_LEN, seed=0)
     data = load_or_build(args.data, tok, "rag", MAX_SEQ_LEN, cache_dir=args.cache,
                          workers=args.workers)
+    return data, BatchIterator(data, batch_size=4, max_seq_len=MAX_SEQ_LEN, seed=0)
+
+
+def phase_build(args) -> dict:
+    tok = _tokenizer(Path(args.dir))
+    t0 = time.perf_counter()
+    data, _ = _load(args, tok)
     seconds = time.perf_counter() - t0
     return {"rows": data.meta["examples"], "tokens": data.meta["tokens"],
             "tokens_per_row": data.meta["tokens"] / max(1, data.meta["examples"]),
@@ -106,13 +126,10 @@ def phase_build(args) -> dict:
 def phase_start(args) -> dict:
     import numpy as np
 
-    from spmd_lora.data import BatchIterator, load_or_build
     tok = _tokenizer(Path(args.dir))
     rss0 = _rss_split()
     t0 = time.perf_counter()
-    data = load_or_build(args.data, tok, "rag", MAX_SEQ_LEN, cache_dir=args.cache,
-                         workers=args.workers)
-    it = BatchIterator(data, batch_size=4, max_seq_len=MAX_SEQ_LEN, seed=0)
+    data, it = _load(args, tok)
     first = next(it)
     seconds = time.perf_counter() - t0
     for _ in range(199):
@@ -122,10 +139,29 @@ def phase_start(args) -> dict:
             "rss_after_200_batches": _rss_split()}
 
 
+def phase_memory(args) -> dict:
+    """The pairs without the cache (``--dpo``): tokenized in this process on every run."""
+    import warnings
+
+    from spmd_lora.data import PairBatchIterator, load_records, tokenize_pairs
+    tok = _tokenizer(Path(args.dir))
+    rss0 = _rss_split()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pairs = tokenize_pairs(load_records(args.data), tok, MAX_SEQ_LEN)
+    next(PairBatchIterator(pairs, batch_size=4, max_seq_len=MAX_SEQ_LEN, seed=0))
+    return {"rows": len(pairs), "memory_start_to_first_batch_s": time.perf_counter() - t0,
+            "memory_rss_before": rss0, "memory_rss_after_first_batch": _rss_split()}
+
+
 def run_phase(phase: str, **kw) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "_phase", phase]
     for k, v in kw.items():
-        cmd += [f"--{k}", str(v)]
+        if isinstance(v, bool):
+            cmd += [f"--{k}"] if v else []
+        else:
+            cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr[-3000:]}")
@@ -139,19 +175,19 @@ def cmd_scale(args) -> dict:
     _tokenizer(work)
     results = []
     for n in args.rows:
-        data = work / f"rag_{n}.jsonl"
+        data = work / f"{'dpo' if args.dpo else 'rag'}_{n}.jsonl"
         if not data.exists():
             t0 = time.perf_counter()
-            write_rows(data, n)
+            write_rows(data, n, dpo=args.dpo)
             print(f"wrote {n} rows ({data.stat().st_size / 2**20:.0f} MiB) in "
                   f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
         cache = work / f"cache_{n}"
-        common = dict(dir=work, data=data, cache=cache, workers=args.workers)
-        build = run_phase("build", **common)
-        print(json.dumps(build), file=sys.stderr)
-        start = run_phase("start", **common)
-        print(json.dumps(start), file=sys.stderr)
-        results.append({"rows": n, "data_mib": data.stat().st_size / 2**20, **build, **start})
+        common = dict(dir=work, data=data, cache=cache, workers=args.workers, dpo=args.dpo)
+        phases = {}
+        for phase in ("build", "start") + (("memory",) if args.dpo else ()):
+            phases.update(run_phase(phase, **common))
+            print(json.dumps(phases), file=sys.stderr)
+        results.append({"rows": n, "data_mib": data.stat().st_size / 2**20, **phases})
     return {"scale": results}
 
 
@@ -250,12 +286,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_phase"]:
         ap = argparse.ArgumentParser()
-        ap.add_argument("phase", choices=("build", "start"))
+        ap.add_argument("phase", choices=("build", "start", "memory"))
         for name in ("dir", "data", "cache"):
             ap.add_argument(f"--{name}", required=True)
         ap.add_argument("--workers", type=int, default=0)
+        ap.add_argument("--dpo", action="store_true")
         args = ap.parse_args(argv[1:])
-        result = (phase_build if args.phase == "build" else phase_start)(args)
+        phase = {"build": phase_build, "start": phase_start, "memory": phase_memory}
+        result = phase[args.phase](args)
         print(MARK + json.dumps(result))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -264,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[20000, 200000])
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: auto)")
     p.add_argument("--dir", default=None, help="work dir (data, caches); default a temp dir")
+    p.add_argument("--dpo", action="store_true",
+                   help="preference pairs (load_pairs), and the in-memory path to compare")
     p = sub.add_parser("overlap")
     p.add_argument("--steps", type=int, default=10, help="steps per mode and round")
     p.add_argument("--rounds", type=int, default=5)
