@@ -200,9 +200,11 @@ def test_cache_errors(tok, tmp_path):
     assert os.path.isfile(ro)
 
 
-def test_bench_data_phases(tmp_path):
-    """tools/bench_data.py's synthetic rows are ~1.5k tokens and its phases report (run here
-    in-process on 30 rows; the script runs each phase in a fresh subprocess)."""
+@pytest.mark.parametrize("dpo", [False, True])
+def test_bench_data_phases(tmp_path, dpo):
+    """tools/bench_data.py's synthetic rows (``dpo``: preference pairs) are ~1.5k tokens and
+    its phases report (run here in-process on 30 rows; the script runs each phase in a fresh
+    subprocess); with ``dpo`` the path without the cache reads the same pairs."""
     import argparse
     import importlib.util
     from pathlib import Path
@@ -212,11 +214,13 @@ def test_bench_data_phases(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     data = tmp_path / "rows.jsonl"
-    bench.write_rows(data, 30)
+    bench.write_rows(data, 30, dpo=dpo)
     args = argparse.Namespace(dir=str(tmp_path), data=str(data), cache=str(tmp_path / "c"),
-                              workers=1)
+                              workers=1, dpo=dpo)
     built = bench.phase_build(args)
     assert built["rows"] == 30 and 1300 < built["tokens_per_row"] < 1800
     started = bench.phase_start(args)
     assert started["rows"] == 30 and started["start_to_first_batch_s"] < 5
     assert started["rss_after_200_batches"]["RssAnon"] > 0
+    if dpo:
+        assert bench.phase_memory(args)["rows"] == 30
