@@ -88,7 +88,7 @@ def test_field_flags_keep_their_defaults_in_every_command():
             required = fields[name] is dataclasses.MISSING
             assert action.default == (None if required else fields[name]), (command, name)
             checked += 1
-    assert checked == 24
+    assert checked == 29          # eval 20 (5 of them the DPO settings), generate 7, export 2
     assert parsers["generate"].parse_args(["--model", "m", "--prompt", "p"]).template is None
     assert plan.build_parser().parse_args(["--model", "m"]).max_seq_len == 4096
     args = parsers["profile"].parse_args(["--model", "m", "--max-seq-len", "8"])

@@ -24,10 +24,11 @@ from ..api import load_model
 from ..config.cli_flags import MANY_CPU_DEVICES
 from ..config.fields import flag, with_flag_names
 from ..config.files import ConfigFileError, read_config_file
-from ..config.train_config import TrainConfig
+from ..config.train_config import TrainConfig, check_preference_settings
 from ..dashboard.server import serve
 from ..engine.generate import generate_text
-from ..evaluate import evaluate
+from ..engine.factory import preference_loss
+from ..evaluate import evaluate, evaluate_preference
 from ..data.templates import resolve_template
 from ..rag_eval import (EVAL_MAX_NEW_TOKENS, check_eval_generate, evaluate_generation,
                         records_of_examples)
@@ -209,7 +210,10 @@ def cmd_dashboard(args) -> int:
 
 def cmd_eval(args) -> int:
     """Loss / perplexity of ``--data``; with ``--generate N`` (rag) also the generated answers'
-    metrics of its first N examples, as training's ``--eval-generate`` computes them."""
+    metrics of its first N examples, as training's ``--eval-generate`` computes them. With
+    ``--objective dpo``: :func:`_eval_preference`."""
+    if args.objective == "dpo":
+        return _eval_preference(args)
     check_eval_generate(args.generate, "rag", flag="--generate")        # >= 0
     records = None
     if args.generate:
@@ -237,6 +241,31 @@ def cmd_eval(args) -> int:
                                                max_prompt_tokens=args.max_seq_len,
                                                chat_template=args.chat_template)
         result.update(metrics, samples=samples)
+    _print_main(json.dumps(result))
+    return 0
+
+
+def _eval_preference(args) -> int:
+    """``eval --objective dpo``: the DPO loss and TRL's metrics (``rewards/*``, ``logps/*``,
+    means over pairs) of ``--data``'s preference pairs, policy = the base + ``--adapter``,
+    reference = the base: training's held-out evaluation (:func:`evaluate_preference`), on a
+    file. Pairs too long for ``--max-seq-len`` are skipped with a warning, as in training."""
+    check_preference_settings(args.beta, args.loss_type, args.label_smoothing)
+    for given, what in ((args.generate, "--generate (DPO scores pairs, it generates nothing)"),
+                        (args.train_on_inputs, "--train-on-inputs (the loss is on the answers)"),
+                        (args.template != "auto", "--template (a preference row's fields "
+                                                  "choose its prompt)")):
+        if given:
+            raise ConfigError(f"--objective dpo takes no {what}")
+    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
+                       sequence_parallel=args.sequence_parallel,
+                       mlp_chunk_tokens=args.mlp_chunk_tokens,
+                       base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
+    tokenizer = load_tokenizer(args.model)
+    pairs = data.tokenize_pairs(data.load_records(args.data), tokenizer, args.max_seq_len,
+                                args.dpo_layout == "shared-prefix", args.chat_template)
+    result = evaluate_preference(model, pairs, preference_loss(args), batch_size=args.batch_size,
+                                 pad_id=data.pad_token_id(tokenizer))
     _print_main(json.dumps(result))
     return 0
 
@@ -318,11 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
             add_field_flag(p, name)
         add_cli_flag(p, "--allow-many-cpu-devices", action="store_true")
 
-    p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset")
+    p = sub.add_parser("eval", help="mean token loss / perplexity of a dataset (objective dpo: "
+                                    "the DPO loss and reward metrics of preference pairs)")
     model_flags(p)
     add_field_flag(p, "data", required=True)
     for name in ("template", "max_seq_len", "batch_size", "train_on_inputs", "sequence_parallel",
-                 "mlp_chunk_tokens", "chat_template", "cp", "cp_impl"):
+                 "mlp_chunk_tokens", "chat_template", "cp", "cp_impl", "objective", "beta",
+                 "loss_type", "label_smoothing", "dpo_layout"):
         add_field_flag(p, name)
     add_cli_flag(p, "--generate", type=int, default=0)
     add_cli_flag(p, "--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)

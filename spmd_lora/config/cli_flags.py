@@ -103,6 +103,8 @@ CLI_HELP: dict[str, str] = {
                           "answers leave",
     "plan --batch-size": "rows per micro-batch, global (split over dp); objective dpo: "
                          "preference pairs",
+    "eval --batch-size": "examples per batch, global (split over dp); objective dpo: "
+                         "preference pairs",
     "profile --json": "write census, totals and timings here",
     "--time": "time each distinct collective",
     "--time-iters": "timed runs of each collective",

@@ -27,6 +27,18 @@ def check_offload_layers(offload_layers: int | None, remat: str,
         raise ConfigError(f"offload_layers must be {span}, got {offload_layers}")
 
 
+def check_preference_settings(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """ConfigError unless the DPO loss settings hold: ``beta`` > 0, ``label_smoothing`` in
+    [0, 0.5) and only with the sigmoid loss. The one check of TrainConfig and ``spmd-lora eval
+    --objective dpo``."""
+    if beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {loss_type}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every field is also a ``spmd-lora train`` flag (kebab-case); what each one means, and
@@ -139,20 +151,15 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)}")
 
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_preference_settings(self.beta, self.loss_type, self.label_smoothing)
         if self.objective == "dpo":
             self._check_dpo()
 
     def _check_dpo(self):
         """objective dpo (batch_size counts pairs, whole pairs per dp shard as the batch
         check says): packing only in the shared-prefix layout, no generation at evaluation
-        (held-out pairs are scored by the DPO loss); label smoothing only with the sigmoid
-        loss; the shared-prefix layout needs one of our own attention kernels."""
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"label_smoothing applies to loss_type sigmoid, not {self.loss_type}")
+        (held-out pairs are scored by the DPO loss); the shared-prefix layout needs one of our
+        own attention kernels."""
         if self.dpo_layout == "shared-prefix" and self.attention in BRANCH_SEGMENT_IMPLS_MISSING:
             raise ConfigError(f"attention {self.attention} cannot mask the shared-prefix layout "
                               f"(answers that see the prompt but not each other); use attention "
