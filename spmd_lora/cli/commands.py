@@ -223,10 +223,7 @@ def cmd_eval(args) -> int:
         records = data.load_records(args.data)
         check_eval_generate(args.generate, resolve_template(args.template, records),
                             flag="--generate")
-    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
-                       sequence_parallel=args.sequence_parallel,
-                       mlp_chunk_tokens=args.mlp_chunk_tokens,
-                       base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
+    model = _eval_model(args)
     tokenizer = load_tokenizer(args.model)
     examples = data.tokenize_records(data.load_records(args.data), tokenizer, args.template,
                                      args.max_seq_len, train_on_inputs=args.train_on_inputs,
@@ -245,6 +242,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_model(args):
+    """The model ``eval`` scores: the base and ``--adapter`` on the flags' mesh and layout."""
+    return load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
+                      sequence_parallel=args.sequence_parallel,
+                      mlp_chunk_tokens=args.mlp_chunk_tokens,
+                      base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
+
+
 def _eval_preference(args) -> int:
     """``eval --objective dpo``: the DPO loss and TRL's metrics (``rewards/*``, ``logps/*``,
     means over pairs) of ``--data``'s preference pairs, policy = the base + ``--adapter``,
@@ -257,10 +262,7 @@ def _eval_preference(args) -> int:
                                                   "choose its prompt)")):
         if given:
             raise ConfigError(f"--objective dpo takes no {what}")
-    model = load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, adapter=args.adapter,
-                       sequence_parallel=args.sequence_parallel,
-                       mlp_chunk_tokens=args.mlp_chunk_tokens,
-                       base_quant=args.base_quant, cp=args.cp, cp_impl=args.cp_impl)
+    model = _eval_model(args)
     tokenizer = load_tokenizer(args.model)
     pairs = data.tokenize_pairs(data.load_records(args.data), tokenizer, args.max_seq_len,
                                 args.dpo_layout == "shared-prefix", args.chat_template)

@@ -79,15 +79,9 @@ class TokenizedData:
 
     @classmethod
     def open(cls, directory: Path) -> "TokenizedData":
-        d = Path(directory)
-        meta = json.loads((d / "meta.json").read_text())
-        lengths = np.load(d / "lengths.npy")
-        total = int(meta["tokens"])
-        tokens = np.memmap(d / "tokens.bin", dtype=np.int32, mode="r", shape=(total,))
-        mask = np.memmap(d / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(total,))
-        starts = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        return cls(tokens, mask, starts, lengths, source=str(meta.get("data", d)), meta=meta)
+        meta, lengths, tokens, mask = open_entry(directory)
+        return cls(tokens, mask, starts_of(lengths), lengths,
+                   source=str(meta.get("data", directory)), meta=meta)
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -108,6 +102,24 @@ class TokenizedData:
         idx = np.asarray(indices, dtype=np.int64)
         return TokenizedData(self.tokens, self.loss_mask, self.starts[idx], self.lengths[idx],
                              self.source, self.meta)
+
+
+def open_entry(directory) -> tuple[dict, np.ndarray, np.memmap, np.memmap]:
+    """A built entry's files (module docstring): (meta, lengths, tokens ``int32 [T]`` and
+    loss mask ``uint8 [T]``, both memory-mapped read-only)."""
+    d = Path(directory)
+    meta = json.loads((d / "meta.json").read_text())
+    total = int(meta["tokens"])
+    return (meta, np.load(d / "lengths.npy"),
+            np.memmap(d / "tokens.bin", dtype=np.int32, mode="r", shape=(total,)),
+            np.memmap(d / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(total,)))
+
+
+def starts_of(lengths: np.ndarray) -> np.ndarray:
+    """Each item's first token in the flat files: the exclusive cumulative sum, ``int64``."""
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
 
 
 def default_cache_dir() -> Path:

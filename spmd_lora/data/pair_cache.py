@@ -21,17 +21,16 @@ passages are stored as fitted. Host memory is the batch's pairs plus 12 bytes pe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .cache import (cache_root, cached_build, data_digest, first_record,
-                    tokenizer_fingerprint)
+from .cache import (cache_root, cached_build, data_digest, first_record, open_entry,
+                    starts_of, tokenizer_fingerprint)
 from .chat import resolve_chat_template
 from .examples import Example
-from .preference import Pair, report_pairs, tokenize_pair_chunk
+from .preference import Pair, pair_row_len, report_pairs, tokenize_pair_chunk
 from .tokenize import check_max_seq_len
 
 PAIR_CACHE_VERSION = 1
@@ -52,21 +51,14 @@ class TokenizedPairs:
         self.tokens, self.loss_mask, self.starts, self.parts = tokens, loss_mask, starts, parts
         self.shared_prefix, self.source, self.meta = bool(shared_prefix), source, meta or {}
         prompt, chosen, rejected = (parts[:, k].astype(np.int64) for k in range(3))
-        self.lengths = (prompt + chosen + rejected + np.minimum(prompt, 1) if self.shared_prefix
-                        else prompt + np.maximum(chosen, rejected))
+        self.lengths = pair_row_len(prompt, chosen, rejected, self.shared_prefix)
 
     @classmethod
     def open(cls, directory: Path) -> "TokenizedPairs":
-        d = Path(directory)
-        meta = json.loads((d / "meta.json").read_text())
-        parts = np.load(d / "lengths.npy").reshape(-1, 3)
-        total = int(meta["tokens"])
-        tokens = np.memmap(d / "tokens.bin", dtype=np.int32, mode="r", shape=(total,))
-        mask = np.memmap(d / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(total,))
-        starts = np.zeros(len(parts), dtype=np.int64)
-        np.cumsum(parts.sum(axis=1)[:-1], out=starts[1:])
-        return cls(tokens, mask, starts, parts, meta["shared_prefix"],
-                   source=str(meta.get("data", d)), meta=meta)
+        meta, parts, tokens, mask = open_entry(directory)
+        parts = parts.reshape(-1, 3)
+        return cls(tokens, mask, starts_of(parts.sum(axis=1)), parts, meta["shared_prefix"],
+                   source=str(meta.get("data", directory)), meta=meta)
 
     def __len__(self) -> int:
         return int(self.parts.shape[0])

@@ -69,9 +69,9 @@ class Pair:
 
     def __len__(self) -> int:
         """The tokens of its longest row (what must fit in ``max_seq_len``)."""
-        if self.shared_prefix:
-            return len(self.chosen) + len(self.rejected) - max(self.prompt_len - 1, 0)
-        return max(len(self.chosen), len(self.rejected))
+        p = self.prompt_len
+        return int(pair_row_len(p, len(self.chosen) - p, len(self.rejected) - p,
+                                self.shared_prefix))
 
     @property
     def tokens(self) -> int:
@@ -165,11 +165,13 @@ def _fit_rag(rec, where, tokenizer, budget):
     return None if fit is None else (fit[0], fit[2])
 
 
-def _pair_len(n_prompt: int, answers, shared_prefix: bool) -> int:
-    """Tokens of a pair's longest row: one shared row, or the longer separate one."""
-    if shared_prefix:   # the prompt's last token leads each answer's segment
-        return n_prompt + sum(len(a) for a in answers) + min(n_prompt, 1)
-    return n_prompt + max(len(a) for a in answers)
+def pair_row_len(prompt, chosen, rejected, shared_prefix: bool):
+    """Tokens of a pair's longest batch row from the tokens of its prompt and of each answer
+    after it (ints, or arrays of them): one shared row (the prompt's last token leads each
+    answer's segment), or the longer of the two separate rows."""
+    if shared_prefix:
+        return prompt + chosen + rejected + np.minimum(prompt, 1)
+    return prompt + np.maximum(chosen, rejected)
 
 
 def tokenize_pair_chunk(records: Sequence[dict], tokenizer, max_seq_len: int,
@@ -200,8 +202,9 @@ def tokenize_pair_chunk(records: Sequence[dict], tokenizer, max_seq_len: int,
             else:
                 prompt = head + encode_texts(tokenizer, [rag_prompt(
                     get_str(rec, "question", where, "dpo"), rag_passages(rec, where))])[0]
-                if _pair_len(len(prompt), answers, shared_prefix) > max_seq_len:
-                    room = max_seq_len - _pair_len(1, answers, shared_prefix) + 1 - len(head)
+                sizes = [len(a) for a in answers]
+                if pair_row_len(len(prompt), *sizes, shared_prefix) > max_seq_len:
+                    room = max_seq_len - pair_row_len(1, *sizes, shared_prefix) + 1 - len(head)
                     fit = _fit_rag(rec, where, tokenizer, room) if room > 0 else None
                     if fit is not None:
                         prompt, shortened = head + fit[0], shortened + fit[1]
